@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO / "tests" / "fixtures"
+
+
+def _parity_root() -> Path | None:
+    """Upstream-computed goldens: $MOSS_PARITY_DIR, else ../shared/parity, else the copy in fixtures."""
+    candidates = [os.environ.get("MOSS_PARITY_DIR"), REPO.parent / "shared" / "parity", FIXTURES / "parity"]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return None
+
+
+def _audio_root() -> Path | None:
+    for candidate in (REPO.parent / "shared" / "audio", FIXTURES / "audio"):
+        if candidate.is_dir() and any(candidate.iterdir()):
+            return candidate
+    return None
+
+
+@pytest.fixture(scope="session")
+def parity_dir() -> Path:
+    root = _parity_root()
+    if root is None:
+        pytest.skip("parity goldens not found (set MOSS_PARITY_DIR or keep ../shared/parity)")
+    return root
+
+
+def parity_model_dir(root: Path, model: str) -> Path:
+    folder = root / model
+    if not folder.is_dir():
+        pytest.skip(f"parity goldens for {model} are not in {root}")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def audio_dir() -> Path:
+    root = _audio_root()
+    if root is None:
+        pytest.skip("real speech recordings not found (../shared/audio or tests/fixtures/audio)")
+    return root
