@@ -48,6 +48,8 @@ _MP3_FRAME = 1152
 # its declared duration; only a larger shortfall means the file was cut.
 _DECLARED_DURATION_SLACK_S = 0.1
 _DECLARED_DURATION_SLACK_FRACTION = 0.02
+# A wav data size this large (about 2 GiB) is a streaming placeholder, not a real length.
+_WAV_PLACEHOLDER_SIZE = 0x7FFF0000
 
 
 # --------------------------------------------------------------------------------------------------
@@ -247,7 +249,8 @@ def _check_wav_data_chunk(handle: IO[bytes], label: str, size: int) -> None:
     """Raise if a RIFF/WAVE file's data chunk is shorter than its header says.
 
     libsndfile silently reads what is there, so a cut download would otherwise pass as a short clip.
-    Sizes 0 and 0xFFFFFFFF mark streams written before their length was known; those are accepted.
+    Writers that stream to a pipe put a placeholder size in the header (0, 0xFFFFFFFF, espeak-ng's
+    0x7FFFF000); sizes that large or zero are accepted.
     """
     handle.seek(0)
     header = handle.read(12)
@@ -260,7 +263,8 @@ def _check_wav_data_chunk(handle: IO[bytes], label: str, size: int) -> None:
         body = offset + 8
         if chunk_id == b"data":
             available = size - body
-            if chunk_size not in (0, 0xFFFFFFFF) and available < chunk_size:
+            placeholder = chunk_size == 0 or chunk_size >= _WAV_PLACEHOLDER_SIZE
+            if not placeholder and available < chunk_size:
                 raise AudioError(
                     f"{label} is truncated: its data chunk declares {chunk_size} bytes but only "
                     f"{available} are present; re-export or re-download the file"

@@ -181,6 +181,17 @@ def test_wav_bytes_decode_back() -> None:
     np.testing.assert_array_equal(decode_audio_bytes(data, 16000), pcm16_to_float(float_to_pcm16(x)))
 
 
+@pytest.mark.parametrize("placeholder", [0x7FFFF000, 0xFFFFFFFF])
+def test_wav_streamed_to_a_pipe_with_placeholder_sizes_loads(placeholder: int) -> None:
+    """espeak-ng --stdout and ffmpeg pipes write a dummy length into the header; that is no truncation."""
+    x = _sine(440, 0.2, 16000)
+    data = bytearray(wav_bytes(x, 16000))
+    data_chunk = data.index(b"data")
+    data[4:8] = placeholder.to_bytes(4, "little")
+    data[data_chunk + 4 : data_chunk + 8] = placeholder.to_bytes(4, "little")
+    np.testing.assert_array_equal(decode_audio_bytes(bytes(data), 16000), pcm16_to_float(float_to_pcm16(x)))
+
+
 # ---------------------------------------------------------------------------------- PCM16 conversion
 
 
