@@ -1,0 +1,158 @@
+"""A Python WebRTC peer for a WebRTCServer: what a browser does, for tests, bots and load tools.
+
+``client.output`` is the microphone (write AudioChunks; they are sent paced at 20 ms), ``client.input``
+yields the agent's audio, ``client.events()`` the server's JSON events and ``send_control`` sends
+``interrupt`` / ``text`` / ``close`` messages over the data channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from moss_agent._optional import require
+from moss_agent.errors import TransportError
+from moss_agent.transports.capture import QueueAudioInput
+from moss_agent.transports.connection import JsonDict
+from moss_agent.transports.playback import PlaybackBuffer
+from moss_agent.transports.webrtc import (
+    LOOPBACK,
+    RTC_RATE,
+    filter_candidates,
+    make_paced_track,
+    pump_track,
+    restrict_ice_to_loopback,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class WebRTCClient:
+    """Connects to ``url`` (a WebRTCServer page URL) and exchanges audio and events with it."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        client_id: str = "",
+        input_rate: int = 24_000,
+        ice_servers: list[Any] | None = None,
+        loopback_only: bool = False,
+        timeout_s: float = 15.0,
+        on_frame: Callable[[Any], None] | None = None,
+    ) -> None:
+        self._url = url.rstrip("/")
+        self._token = token
+        self._client_id = client_id
+        self._ice_servers = list(ice_servers or [])
+        self._loopback_only = loopback_only
+        self._timeout_s = timeout_s
+        self._on_frame = on_frame
+        self.output = PlaybackBuffer(RTC_RATE)
+        self.input = QueueAudioInput(input_rate)
+        self.connection_id = ""
+        self._events: asyncio.Queue[JsonDict | None] = asyncio.Queue()
+        self._pc: Any = None
+        self._channel: Any = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.connected = asyncio.Event()
+
+    async def connect(self) -> None:
+        """Offer, get the answer, and wait until media and the data channel are up."""
+        aiortc = require("aiortc", "webrtc")
+        aiohttp = require("aiohttp", "webrtc")
+        if self._loopback_only:
+            restrict_ice_to_loopback()
+        pc = aiortc.RTCPeerConnection(aiortc.RTCConfiguration(iceServers=self._ice_servers))
+        self._pc = pc
+        pc.addTransceiver(make_paced_track(self.output), direction="sendrecv")
+        channel = pc.createDataChannel("events")
+        self._channel = channel
+        opened = asyncio.Event()
+        channel.on("open", opened.set)
+        channel.on("message", self._on_message)
+        channel.on("close", lambda: self._events.put_nowait(None))
+
+        @pc.on("track")  # type: ignore[untyped-decorator]
+        def _track(track: Any) -> None:
+            task = asyncio.get_running_loop().create_task(pump_track(track, self.input, self._on_frame), name="webrtc-client-inbound")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        await pc.setLocalDescription(await pc.createOffer())
+        sdp = pc.localDescription.sdp
+        if self._loopback_only:
+            sdp = filter_candidates(sdp, {LOOPBACK})
+        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        params = {"client": self._client_id} if self._client_id else {}
+        async with aiohttp.ClientSession() as http, http.post(
+            f"{self._url}/offer", json={"sdp": sdp, "type": "offer"}, headers=headers, params=params
+        ) as response:
+            body = await response.json(content_type=None)
+            if response.status != 200:
+                await pc.close()
+                raise TransportError(f"signaling refused ({response.status}): {body.get('message', body)}")
+        self.connection_id = body.get("connection_id", "")
+        answer = body["sdp"]
+        if self._loopback_only:
+            answer = filter_candidates(answer, {LOOPBACK})
+        await pc.setRemoteDescription(aiortc.RTCSessionDescription(sdp=answer, type="answer"))
+        try:
+            await asyncio.wait_for(opened.wait(), self._timeout_s)
+        except TimeoutError:
+            await self.close()
+            raise TransportError(f"the data channel did not open within {self._timeout_s} s") from None
+        self.connected.set()
+
+    def _on_message(self, raw: object) -> None:
+        try:
+            message = json.loads(raw) if isinstance(raw, str) else None
+        except ValueError:
+            message = None
+        if isinstance(message, dict):
+            self._events.put_nowait(message)
+        else:
+            logger.warning("non-JSON event from server dropped")
+
+    async def events(self) -> AsyncIterator[JsonDict]:
+        """The server's events until the connection closes."""
+        while True:
+            event = await self._events.get()
+            if event is None:
+                self._events.put_nowait(None)
+                return
+            yield event
+
+    async def send_control(self, message: JsonDict) -> None:
+        if self._channel is None or self._channel.readyState != "open":
+            raise TransportError("not connected; call connect() first")
+        self._channel.send(json.dumps(message))
+
+    async def send_raw(self, text: str) -> None:
+        """Send text as is (for tests of the server's input validation)."""
+        if self._channel is None:
+            raise TransportError("not connected; call connect() first")
+        self._channel.send(text)
+
+    async def close(self) -> None:
+        self.output.close()
+        if self._pc is not None:
+            await self._pc.close()
+        for task in list(self._tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.input.close()
+        self._events.put_nowait(None)
+
+    async def __aenter__(self) -> WebRTCClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
