@@ -1,0 +1,112 @@
+"""Parity of the Delay processor and model with upstream goldens (../shared/parity/delay)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moss_agent.models.delay.processor import Message, TTSProcessor
+from moss_agent.models.tts_loading import LoadedTTS, load_tts
+from tests.conftest import parity_model_dir
+
+
+@pytest.fixture(scope="module")
+def delay_dir(parity_dir: Path) -> Path:
+    return parity_model_dir(parity_dir, "delay")
+
+
+@pytest.fixture(scope="module")
+def goldens(delay_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(delay_dir / "goldens.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def cases(parity_dir: Path) -> dict[str, dict]:
+    manifest = json.loads((parity_dir / "manifest.json").read_text())
+    return {c["id"]: c for c in manifest["cases"] if c["id"].startswith(("delay.", "local."))}
+
+
+@pytest.fixture(scope="module")
+def loaded(delay_dir: Path) -> LoadedTTS:
+    return load_tts(delay_dir / "checkpoint", device="cpu", dtype="float32")
+
+
+def conversation_for(case: dict, proc: TTSProcessor, goldens: dict[str, torch.Tensor]) -> list[Message]:
+    """The messages a processor case describes (codes referenced by name in the goldens)."""
+    call = case["inputs"]["call"]
+    user = dict(call["build_user_message"])
+    if "reference" in user:
+        user["reference"] = [goldens[name] for name in user["reference"]]
+    messages = [proc.user_message(**user)]
+    if "build_assistant_message" in call:
+        (spec,) = call["build_assistant_message"]["audio_codes_list"]
+        names = spec[4:-1].split(", ") if spec.startswith("cat(") else [spec]
+        messages.append(proc.assistant_message([torch.cat([goldens[n] for n in names])]))
+    return messages
+
+
+def build_case(case_id: str, cases: dict, proc: TTSProcessor, goldens: dict):
+    case = cases[case_id]
+    call = case["inputs"]["call"]
+    if "conversations" in call:
+        convs = [conversation_for(cases[c], proc, goldens) for c in call["conversations"]]
+        modes = [cases[c]["inputs"]["mode"] for c in call["conversations"]]
+        return proc(convs, modes)
+    return proc([conversation_for(case, proc, goldens)], case["inputs"]["mode"])
+
+
+PROC_CASES = [
+    "delay.proc.text_only",
+    "delay.proc.reference",
+    "delay.proc.instruction",
+    "delay.proc.sound_effect",
+    "delay.proc.ttsd",
+    "delay.proc.ttsd_continuation",
+    "delay.proc.continuation",
+    "delay.proc.batch",
+]
+
+
+@pytest.mark.parametrize("case_id", PROC_CASES)
+def test_processor_ids_match_upstream(case_id, cases, goldens, loaded, delay_dir):
+    prompt = build_case(case_id, cases, loaded.processor, goldens)
+    assert torch.equal(prompt.input_ids, goldens[f"{case_id}.input_ids"])
+    assert torch.equal(prompt.attention_mask, goldens[f"{case_id}.attention_mask"])
+    contents = json.loads((delay_dir / "cases.json").read_text())["processor_contents"][case_id]
+    call = cases[case_id]["inputs"]["call"]
+    if "conversations" not in call:
+        built = [m.content for m in conversation_for(cases[case_id], loaded.processor, goldens)]
+        assert built == contents[0]
+
+
+@pytest.mark.parametrize("case", ["reference", "continuation"])
+def test_teacher_forced_matches_upstream(case, cases, goldens, loaded):
+    tol = cases[f"delay.teacher_forced.{case}"]["tolerance"]
+    ids = goldens[f"delay.proc.{case}.input_ids"]
+    mask = goldens[f"delay.proc.{case}.attention_mask"]
+    with torch.no_grad():
+        hidden = loaded.model(ids, mask)
+        text = loaded.model.text_logits(hidden[:, -1])
+        audio = loaded.model.audio_logits(hidden[:, -1])
+    prefix = f"delay.teacher_forced.{case}"
+    torch.testing.assert_close(
+        hidden, goldens[f"{prefix}.last_hidden_state"], atol=tol["last_hidden_state_atol"], rtol=0
+    )
+    expected_audio = goldens[f"{prefix}.audio_logits_last"]
+    finite = torch.isfinite(expected_audio)
+    assert torch.equal(torch.isfinite(audio), finite)
+    torch.testing.assert_close(audio[finite], expected_audio[finite], atol=tol["logits_atol"], rtol=0)
+    if f"{prefix}.text_logits_last" in goldens:
+        torch.testing.assert_close(text, goldens[f"{prefix}.text_logits_last"], atol=tol["logits_atol"], rtol=0)
+    else:
+        index = goldens[f"{prefix}.text_logits_last_top64_idx"]
+        torch.testing.assert_close(
+            text.gather(1, index), goldens[f"{prefix}.text_logits_last_top64"], atol=tol["logits_atol"], rtol=0
+        )
+        torch.testing.assert_close(
+            text.logsumexp(-1), goldens[f"{prefix}.text_logits_last_logsumexp"], atol=tol["logits_atol"], rtol=0
+        )
