@@ -1,0 +1,311 @@
+"""MOSS-Audio-Tokenizer: 24 kHz mono <-> 12.5 Hz residual codes, offline and batched streaming.
+
+Architecture and length rules follow /shared/reference/audio-tokenizer.md (upstream
+OpenMOSS/MOSS-Audio-Tokenizer); the multi-stream state API is our own.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moss_agent.errors import ConfigError
+from moss_agent.models.codec.config import CodecConfig, PatchConfig
+from moss_agent.models.codec.quantizer import ResidualQuantizer
+from moss_agent.models.codec.streaming import CodecStreamState, StageCache
+from moss_agent.models.codec.transformer import ProjectedTransformer, patch, unpatch
+
+
+class Patch(nn.Module):
+    """Parameterless patch (encoder) or un-patch (decoder) step; it keeps the stage indices of the keys."""
+
+    def __init__(self, size: int, downsample: bool) -> None:
+        super().__init__()
+        self.size = size
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return patch(x, self.size) if self.downsample else unpatch(x, self.size)
+
+
+def _build_stages(config: CodecConfig, encoder: bool) -> nn.ModuleList:
+    stages = config.encoder if encoder else config.decoder
+    return nn.ModuleList(
+        Patch(s.patch_size, downsample=encoder) if isinstance(s, PatchConfig) else ProjectedTransformer(s)
+        for s in stages
+    )
+
+
+class MossAudioTokenizer(nn.Module):
+    """The codec. Build it with :func:`moss_agent.models.codec.load_codec`.
+
+    Offline calls (``encode`` / ``decode``) use causal sliding-window attention from position 0.
+    Streaming calls (``encode_step`` / ``decode_step``) carry a :class:`CodecStreamState` with one
+    independent stream per batch row; they reproduce upstream streaming (ring caches of capacity =
+    window, written before attending), which differs from offline once a stage's window fills.
+    """
+
+    def __init__(self, config: CodecConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = _build_stages(config, encoder=True)
+        self.quantizer = ResidualQuantizer(config.quantizer)
+        self.decoder = _build_stages(config, encoder=False)
+        self._encoder_tokens = self._tokens_per_frame(self.encoder, config.frame_size, encoder=True)
+        self._decoder_tokens = self._tokens_per_frame(self.decoder, 1, encoder=False)
+
+    @staticmethod
+    def _tokens_per_frame(stages: nn.ModuleList, tokens: int, encoder: bool) -> list[int]:
+        """Tokens one codec frame becomes at each transformer stage (8/4/2/1 and 1/2/4/8 for the real chain)."""
+        counts = []
+        for stage in stages:
+            if isinstance(stage, Patch):
+                tokens = tokens // stage.size if encoder else tokens * stage.size
+            else:
+                counts.append(tokens)
+        return counts
+
+    # -- sizes ------------------------------------------------------------------------------------
+
+    @property
+    def sample_rate(self) -> int:
+        return self.config.sample_rate
+
+    @property
+    def frame_size(self) -> int:
+        """Samples per code frame (1920 = 80 ms at 24 kHz)."""
+        return self.config.frame_size
+
+    @property
+    def frame_rate(self) -> float:
+        return self.config.frame_rate
+
+    @property
+    def num_quantizers(self) -> int:
+        return self.config.quantizer.num_quantizers
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.quantizer.codebook_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Compute dtype of the transformers (the quantizer always runs in float32)."""
+        return self._transformers(self.decoder)[0].transformer.layers[0].norm1.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.quantizer.quantizers[0].codebook.weight.device
+
+    @staticmethod
+    def _transformers(stages: nn.ModuleList) -> list[ProjectedTransformer]:
+        return [s for s in stages if isinstance(s, ProjectedTransformer)]
+
+    # -- input checks -----------------------------------------------------------------------------
+
+    def _wave_batch(self, wav: torch.Tensor) -> torch.Tensor:
+        """[B, T] or [B, 1, T] float -> [B, T] on the codec's device (compute dtype)."""
+        if not isinstance(wav, torch.Tensor) or not wav.is_floating_point():
+            raise ConfigError("wav must be a float tensor of shape [B, T] or [B, 1, T]")
+        if wav.dim() == 3:
+            if wav.shape[1] != 1:
+                raise ConfigError(f"the codec is mono; wav has {wav.shape[1]} channels (shape {tuple(wav.shape)})")
+            wav = wav[:, 0]
+        if wav.dim() != 2:
+            raise ConfigError(f"wav must have shape [B, T] or [B, 1, T], got {tuple(wav.shape)}")
+        return wav.to(device=self.device, dtype=self.dtype)
+
+    def _lengths(self, lengths: torch.Tensor | list[int] | None, batch: int, full: int) -> torch.Tensor:
+        if lengths is None:
+            return torch.full((batch,), full, dtype=torch.long, device=self.device)
+        lengths = torch.as_tensor(lengths, dtype=torch.long).to(self.device)
+        if lengths.shape != (batch,):
+            raise ConfigError(f"lengths must have shape ({batch},), got {tuple(lengths.shape)}")
+        if bool((lengths < 0).any()) or bool((lengths > full).any()):
+            raise ConfigError(f"lengths must lie in [0, {full}], got {lengths.tolist()}")
+        return lengths
+
+    def _quantizer_count(self, num_quantizers: int | None) -> int:
+        if num_quantizers is None:
+            return self.num_quantizers
+        if not 1 <= num_quantizers <= self.num_quantizers:
+            raise ConfigError(f"num_quantizers must be in [1, {self.num_quantizers}], got {num_quantizers}")
+        return num_quantizers
+
+    def _check_codes(self, codes: torch.Tensor, check_values: bool) -> torch.Tensor:
+        if not isinstance(codes, torch.Tensor) or codes.dtype.is_floating_point or codes.dim() != 3:
+            shape = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
+            raise ConfigError(f"codes must be an integer tensor [nq, B, N], got {shape}")
+        if not 1 <= codes.shape[0] <= self.num_quantizers:
+            raise ConfigError(f"codes have {codes.shape[0]} codebooks; this codec has {self.num_quantizers}")
+        codes = codes.to(device=self.device, dtype=torch.long)
+        if check_values and codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
+            raise ConfigError(f"codes must lie in [0, {self.codebook_size}); got values outside it")
+        return codes
+
+    # -- offline ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_latents(
+        self, wav: torch.Tensor, lengths: torch.Tensor | list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """wav [B, T] or [B, 1, T] -> (latents [B, C, ceil(T/frame)] float32, frame lengths [B] = floor(len/frame)).
+
+        The input is zero-padded to whole frames; the floor lengths drop a trailing partial frame,
+        exactly as upstream (the padded frame is still present in the tensor).
+        """
+        samples = self._wave_batch(wav)
+        batch, total = samples.shape
+        lengths = self._lengths(lengths, batch, total)
+        padding = -total % self.frame_size
+        if padding:
+            samples = torch.nn.functional.pad(samples, (0, padding))
+        hidden = samples[:, :, None]
+        for stage in self.encoder:
+            hidden = stage(hidden)
+        return hidden.float().transpose(1, 2), lengths // self.frame_size
+
+    @torch.no_grad()
+    def encode(
+        self,
+        wav: torch.Tensor,
+        lengths: torch.Tensor | list[int] | None = None,
+        num_quantizers: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """wav [B, T] or [B, 1, T] (lengths [B] samples) -> (codes [nq, B, ceil(T/frame)], code_lengths [B])."""
+        count = self._quantizer_count(num_quantizers)
+        latents, code_lengths = self.encode_latents(wav, lengths)
+        return self.quantizer.encode(latents.transpose(1, 2), code_lengths, count), code_lengths
+
+    @torch.no_grad()
+    def decode(
+        self, codes: torch.Tensor, lengths: torch.Tensor | list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """codes [nq, B, N] (any prefix of the codebooks) -> (wav [B, 1, N*frame] float32, wav_lengths [B]).
+
+        ``lengths`` are valid frames per row; the transformers are causal, so padding after a row's
+        end never changes its valid samples.
+        """
+        if isinstance(codes, torch.Tensor) and codes.dim() == 2:
+            codes = codes[:, None]
+        codes = self._check_codes(codes, check_values=True)
+        _, batch, frames = codes.shape
+        lengths = self._lengths(lengths, batch, frames)
+        hidden = self.quantizer.decode(codes).to(self.dtype)
+        for stage in self.decoder:
+            hidden = stage(hidden)
+        return hidden.float().transpose(1, 2), lengths * self.frame_size
+
+    # -- streaming --------------------------------------------------------------------------------
+
+    def _init_state(self, kind: str, batch_size: int, device: torch.device | str | None) -> CodecStreamState:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        device = self.device if device is None else torch.device(device)
+        stages = self.encoder if kind == "encode" else self.decoder
+        tokens = self._encoder_tokens if kind == "encode" else self._decoder_tokens
+        caches = []
+        for stage, per_frame in zip(self._transformers(stages), tokens, strict=True):
+            config = stage.config
+            shape = (config.num_layers, batch_size, config.num_heads, stage.capacity, config.head_dim)
+            caches.append(StageCache(
+                torch.zeros(shape, dtype=self.dtype, device=device),
+                torch.zeros(shape, dtype=self.dtype, device=device),
+                per_frame,
+            ))
+        return CodecStreamState(kind, torch.zeros(batch_size, dtype=torch.long, device=device), caches)
+
+    def init_decode_state(self, batch_size: int, device: torch.device | str | None = None) -> CodecStreamState:
+        """Preallocated streaming state for ``batch_size`` independent decode streams (all at position 0)."""
+        return self._init_state("decode", batch_size, device)
+
+    def init_encode_state(self, batch_size: int, device: torch.device | str | None = None) -> CodecStreamState:
+        """Preallocated streaming state for ``batch_size`` independent encode streams."""
+        return self._init_state("encode", batch_size, device)
+
+    def _check_step(self, state: CodecStreamState, kind: str, batch: int, frames: int) -> None:
+        if not isinstance(state, CodecStreamState) or state.kind != kind:
+            raise ConfigError(f"{kind}_step needs the state from init_{kind}_state")
+        if batch != state.batch_size:
+            raise ConfigError(f"the state holds {state.batch_size} slots but the input has batch {batch}")
+        for cache, stage in zip(state.stages, self._transformers(self.encoder if kind == "encode"
+                                                                  else self.decoder), strict=True):
+            if frames * cache.tokens_per_frame > stage.capacity:
+                raise ConfigError(
+                    f"{frames} frames per step exceed a {stage.capacity}-token attention window; "
+                    f"feed at most {stage.capacity // cache.tokens_per_frame} frames per step"
+                )
+
+    def _run_step(
+        self,
+        stages: nn.ModuleList,
+        hidden: torch.Tensor,
+        state: CodecStreamState,
+        active: torch.Tensor | None,
+        frames: int,
+    ) -> torch.Tensor:
+        if active is not None:
+            active = active.to(device=state.device, dtype=torch.bool)
+        caches = iter(state.stages)
+        for stage in stages:
+            if isinstance(stage, Patch):
+                hidden = stage(hidden)
+                continue
+            cache = next(caches)
+            hidden = stage.step(hidden, state.frames * cache.tokens_per_frame, cache.keys, cache.values, active)
+        if active is None:
+            state.frames.add_(frames)
+        else:
+            state.frames.add_(active.long() * frames)
+        return hidden
+
+    @torch.no_grad()
+    def decode_step(
+        self, codes: torch.Tensor, state: CodecStreamState, active: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """codes [nq, B, T] -> wav [B, 1, T*frame] float32; continues every active slot's stream.
+
+        Inactive slots (``active[b]`` False) keep their state bit-identical and get zeros. Codes are
+        not range-checked here (that would synchronise); out-of-range codes fail inside the gather.
+        """
+        codes = self._check_codes(codes, check_values=False)
+        _, batch, frames = codes.shape
+        self._check_step(state, "decode", batch, frames)
+        hidden = self.quantizer.decode(codes).to(self.dtype)
+        wav = self._run_step(self.decoder, hidden, state, active, frames).float().transpose(1, 2)
+        if active is not None:
+            wav = wav * active.to(device=wav.device, dtype=wav.dtype)[:, None, None]
+        return wav
+
+    @torch.no_grad()
+    def encode_latents_step(
+        self, wav: torch.Tensor, state: CodecStreamState, active: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """wav [B, 1, T*frame] (whole frames) -> latents [B, C, T] float32; see :meth:`encode_step`."""
+        samples = self._wave_batch(wav)
+        batch, total = samples.shape
+        if total == 0 or total % self.frame_size:
+            raise ConfigError(
+                f"encode_step needs whole frames of {self.frame_size} samples, got {total}; "
+                "buffer partial audio with SampleFramer"
+            )
+        frames = total // self.frame_size
+        self._check_step(state, "encode", batch, frames)
+        hidden = self._run_step(self.encoder, samples[:, :, None], state, active, frames)
+        return hidden.float().transpose(1, 2)
+
+    @torch.no_grad()
+    def encode_step(
+        self,
+        wav: torch.Tensor,
+        state: CodecStreamState,
+        active: torch.Tensor | None = None,
+        num_quantizers: int | None = None,
+    ) -> torch.Tensor:
+        """wav [B, 1, T*frame] whole frames -> codes [nq, B, T]; inactive slots are untouched (codes 0)."""
+        count = self._quantizer_count(num_quantizers)
+        latents = self.encode_latents_step(wav, state, active)
+        codes = self.quantizer.encode(latents.transpose(1, 2), None, count)
+        if active is not None:
+            codes = codes * active.to(device=codes.device, dtype=codes.dtype)[None, :, None]
+        return codes
