@@ -1,0 +1,140 @@
+"""Language-model text sources: any OpenAI-compatible chat-completions endpoint, and an offline echo.
+
+Deltas are yielded the moment they arrive; the TTS stream does its own text pacing, so nothing is
+held back for sentence boundaries here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator
+from typing import Any, Protocol, runtime_checkable
+
+from moss_agent._optional import require
+from moss_agent.config import LLMConfig
+from moss_agent.errors import LLMError
+from moss_agent.streaming.clock import Clock, MonotonicClock
+from moss_agent.streaming.history import ChatMessage
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class LLM(Protocol):
+    """Anything that turns chat messages into a stream of text deltas; raises LLMError on failure."""
+
+    def stream(self, messages: list[ChatMessage]) -> AsyncIterator[str]: ...
+
+
+class OpenAIChatLLM:
+    """Streams chat completions from an OpenAI-compatible server with the ``openai`` package.
+
+    Failures (connection refused or reset, HTTP errors, a stalled stream past
+    ``config.idle_timeout_s``) raise ``LLMError`` with ``kind`` in ``connection``, ``status``,
+    ``timeout`` or ``protocol``; retries are left to the caller because a retried turn would repeat
+    words already spoken.
+    """
+
+    def __init__(self, config: LLMConfig | None = None, *, client: Any | None = None) -> None:
+        self.config = config or LLMConfig()
+        if client is None:
+            openai = require("openai", "llm")
+            client = openai.AsyncOpenAI(
+                base_url=self.config.base_url,
+                api_key=self.config.api_key,
+                timeout=self.config.request_timeout_s,
+                max_retries=0,
+            )
+        self._client = client
+
+    def _request_kwargs(self, messages: list[ChatMessage]) -> dict[str, Any]:
+        cfg = self.config
+        kwargs: dict[str, Any] = {"model": cfg.model, "messages": messages, "stream": True}
+        if cfg.temperature is not None:
+            kwargs["temperature"] = cfg.temperature
+        if cfg.top_p is not None:
+            kwargs["top_p"] = cfg.top_p
+        if cfg.max_tokens is not None:
+            kwargs["max_tokens"] = cfg.max_tokens
+        if cfg.extra_body:
+            kwargs["extra_body"] = dict(cfg.extra_body)
+        return kwargs
+
+    def _wrap(self, exc: Exception) -> LLMError:
+        openai = require("openai", "llm")
+        if isinstance(exc, TimeoutError | openai.APITimeoutError):
+            kind = "timeout"
+        elif isinstance(exc, openai.APIStatusError):
+            kind = "status"
+        elif isinstance(exc, openai.APIConnectionError):
+            kind = "connection"
+        else:
+            kind = "protocol"
+        status = getattr(exc, "status_code", None)
+        error = LLMError(
+            f"LLM request to {self.config.base_url} failed ({kind}"
+            + (f", HTTP {status}" if status else "")
+            + f"): {exc or type(exc).__name__}; check that the server is up and the model name is right"
+        )
+        error.kind = kind  # type: ignore[attr-defined]
+        error.status = status  # type: ignore[attr-defined]
+        return error
+
+    async def stream(self, messages: list[ChatMessage]) -> AsyncIterator[str]:
+        idle = self.config.idle_timeout_s
+        response: Any = None
+        try:
+            async with asyncio.timeout(idle):
+                response = await self._client.chat.completions.create(**self._request_kwargs(messages))
+            iterator = response.__aiter__()
+            while True:
+                try:
+                    async with asyncio.timeout(idle):
+                        chunk = await iterator.__anext__()
+                except StopAsyncIteration:
+                    return
+                if not chunk.choices:
+                    continue
+                delta = chunk.choices[0].delta.content
+                if delta:
+                    yield delta
+        except LLMError:
+            raise
+        except Exception as exc:  # every transport/protocol failure becomes one error type
+            raise self._wrap(exc) from exc
+        finally:
+            if response is not None:
+                close = getattr(response, "close", None)
+                if close is not None:
+                    try:
+                        await close()
+                    except Exception:
+                        log.debug("closing the LLM response failed", exc_info=True)
+
+    async def aclose(self) -> None:
+        close = getattr(self._client, "close", None)
+        if close is not None:
+            await close()
+
+
+class EchoResponder:
+    """OFFLINE DEMO RESPONDER, NOT A LANGUAGE MODEL: repeats the user's last message back.
+
+    Lets the voice pipeline run end to end without any LLM server; ``delay_s`` per word imitates
+    token streaming.
+    """
+
+    def __init__(self, prefix: str = "You said: ", delay_s: float = 0.0, clock: Clock | None = None) -> None:
+        self.prefix = prefix
+        self.delay_s = delay_s
+        self.clock = clock or MonotonicClock()
+
+    async def stream(self, messages: list[ChatMessage]) -> AsyncIterator[str]:
+        last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        reply = f"{self.prefix}{last_user}" if last_user else "I did not catch that. Could you say it again?"
+        for word in re.findall(r"\S+\s*", reply):
+            if self.delay_s:
+                await self.clock.sleep(self.delay_s)
+            yield word

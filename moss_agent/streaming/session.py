@@ -1,0 +1,621 @@
+"""One voice conversation: user audio in, LLM text through the speech engine, agent audio out.
+
+Ownership: a session runs one root task holding a TaskGroup; every other task (the turn worker,
+the listener, each turn's text and audio pumps, speech recognition) is a named child of it.
+Channels: queued turns ``reject`` beyond ``turn_queue_size``; text blocks its producer inside the
+SpeechStream; audio is paced by ``AudioOutput.write``; event subscribers drop their oldest events
+when they lag. Control (interrupt, close) is a direct call that cancels the pumps, so it never waits
+behind queued audio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import logging
+from collections.abc import AsyncIterable, AsyncIterator, Generator, Iterable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal
+
+import numpy as np
+
+from moss_agent.config import SessionConfig
+from moss_agent.errors import ConfigError, MossError, SessionClosedError
+from moss_agent.events import (
+    AudioChunk,
+    ErrorEvent,
+    Event,
+    FloatArray,
+    Interrupted,
+    Metrics,
+    TextDelta,
+    TurnEnded,
+    TurnStarted,
+    UserStartedSpeaking,
+    UserStoppedSpeaking,
+)
+from moss_agent.streaming.channels import Channel, ChannelClosedError
+from moss_agent.streaming.clock import Clock, MonotonicClock
+from moss_agent.streaming.history import ChatMessage, History
+from moss_agent.streaming.listen import EchoCanceller, Listener, Transcriber, Utterance, VoiceActivityModel
+from moss_agent.streaming.llm import LLM
+from moss_agent.streaming.metrics import SessionSummary, TurnTimeline
+from moss_agent.streaming.tts import Conversation, HeardResult, SpeechBackend, SpeechStream, UserTurn
+from moss_agent.streaming.turns import BargeIn, SpeechEnd, SpeechStart, TurnSignal
+from moss_agent.transports.base import AudioInput, AudioOutput
+
+log = logging.getLogger(__name__)
+
+TokenSource = AsyncIterable[str] | Iterable[str]
+
+
+@dataclass(frozen=True, slots=True)
+class TurnResult:
+    """How an agent turn ended. ``text`` was sent to the speech engine; ``heard_text`` reached the user."""
+
+    turn_id: int
+    text: str
+    heard_text: str
+    heard_s: float
+    audio_s: float
+    interrupted: bool
+    error: str | None = None
+    metrics: Metrics | None = None
+
+
+@dataclass(eq=False)
+class _Turn:
+    id: int
+    kind: Literal["say", "respond"]
+    text: str | None = None
+    tokens: TokenSource | None = None
+    user: UserTurn | None = None
+    timeline: TurnTimeline = field(init=False)
+    future: asyncio.Future[TurnResult] = field(init=False)
+    state: Literal["queued", "running", "done"] = "queued"
+    interrupt_requested: bool = False
+    heard_at_interrupt: float = 0.0
+    audio_started: bool = False
+    playing: bool = False
+    parts: list[str] = field(default_factory=list)
+    error: str | None = None
+    pumps: list[asyncio.Task[None]] = field(default_factory=list)
+    last_frame_span: int = 1
+
+    def __post_init__(self) -> None:
+        self.timeline = TurnTimeline(self.id)
+        self.future = asyncio.get_running_loop().create_future()
+
+
+class TurnHandle:
+    """A queued or running agent turn: ``await handle`` gives its :class:`TurnResult`."""
+
+    def __init__(self, session: Session, turn: _Turn) -> None:
+        self._session = session
+        self._turn = turn
+
+    @property
+    def id(self) -> int:
+        return self._turn.id
+
+    def done(self) -> bool:
+        return self._turn.future.done()
+
+    @property
+    def heard_s(self) -> float:
+        """Seconds of this turn the user has heard so far (from the output's playback position)."""
+        return self._session._played_s(self._turn)
+
+    async def interrupt(self) -> TurnResult:
+        """Stop this turn now (or drop it if still queued); returns what the user heard."""
+        return await self._session._interrupt_turn(self._turn)
+
+    def __await__(self) -> Generator[Any, None, TurnResult]:
+        return asyncio.shield(self._turn.future).__await__()
+
+
+class EventStream:
+    """Events of one subscriber, from the moment :meth:`Session.events` was called until close."""
+
+    def __init__(self, session: Session, channel: Channel[Event]) -> None:
+        self._session = session
+        self._channel = channel
+
+    @property
+    def dropped(self) -> int:
+        return self._channel.dropped
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        try:
+            return await self._channel.get()
+        except ChannelClosedError:
+            raise StopAsyncIteration from None
+
+    def close(self) -> None:
+        self._session._subscribers.discard(self._channel)
+        self._channel.close()
+
+
+class Session:
+    """A voice conversation bound to one engine slot.
+
+    >>> async with Session(backend, llm=OpenAIChatLLM(cfg.llm), output=speaker, input=mic,
+    ...                    vad=SileroVad(), stt=recognizer, config=cfg) as session:
+    ...     await session.say("Hello! How can I help?")
+    ...     async for event in session.events(): ...
+
+    Without ``input`` the session is driven by :meth:`say` and :meth:`respond`; without ``output``
+    agent audio arrives as ``AudioChunk`` events, paced by the slowest subscriber.
+    """
+
+    def __init__(
+        self,
+        backend: SpeechBackend,
+        *,
+        llm: LLM | None = None,
+        output: AudioOutput | None = None,
+        input: AudioInput | None = None,
+        vad: VoiceActivityModel | None = None,
+        stt: Transcriber | None = None,
+        echo_canceller: EchoCanceller | None = None,
+        config: SessionConfig | None = None,
+        voice_prompt: FloatArray | None = None,
+        clock: Clock | None = None,
+        name: str = "session",
+    ) -> None:
+        self.config = config or SessionConfig()
+        if input is not None and vad is None:
+            raise ConfigError("a Session with an audio input needs a vad (e.g. moss_agent.speech.vad.SileroVad())")
+        if self.config.turns.echo_mode == "aec" and input is not None and echo_canceller is None:
+            raise ConfigError("echo_mode='aec' needs an echo_canceller; use 'half_duplex' without one")
+        self.backend = backend
+        self.llm = llm
+        self.output = output
+        self.input = input
+        self.vad = vad
+        self.stt = stt
+        self.echo_canceller = echo_canceller
+        self.voice_prompt = voice_prompt
+        self.clock = clock or MonotonicClock()
+        self.name = name
+        self.summary = SessionSummary()
+        self.stale_chunks_dropped = 0
+        self._history = History(self.config.llm.system_prompt, self.config.history)
+        self._ids = itertools.count(1)
+        self._subscribers: set[Channel[Event]] = set()
+        self._conversation: Conversation | None = None
+        self._root: asyncio.Task[None] | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._children: set[asyncio.Task[Any]] = set()
+        self._queue: Channel[_Turn] | None = None
+        self._current: _Turn | None = None
+        self._pending_user: list[Utterance] = []
+        self._listener: Listener | None = None
+        self._ready = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Session:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Claim an engine slot and start the session's tasks."""
+        if self._root is not None or self._closed:
+            raise SessionClosedError(f"session {self.name!r} was already started")
+        if self.output is not None and self.output.sample_rate != self.backend.sample_rate:
+            raise ConfigError(
+                f"output runs at {self.output.sample_rate} Hz but the speech backend at "
+                f"{self.backend.sample_rate} Hz; open the output at the backend's rate (transports resample)"
+            )
+        self._conversation = await self.backend.open_conversation(
+            system_prompt=self.config.speech_system_prompt, voice_prompt=self.voice_prompt
+        )
+        self._queue = Channel(self.config.turn_queue_size, "reject", name=f"{self.name}-turns")
+        if self.input is not None and self.vad is not None:
+            self._listener = Listener(
+                self.input,
+                self.vad,
+                self.config,
+                agent_speaking=self._agent_speaking,
+                on_signal=self._on_signal,
+                echo_canceller=self.echo_canceller,
+            )
+        self._root = asyncio.create_task(self._run(), name=f"{self.name}-root")
+        await self._ready.wait()
+
+    async def _run(self) -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                self._spawn(self._turn_worker(), "turns")
+                if self._listener is not None:
+                    self._spawn(self._listener.run(), "listen")
+                self._ready.set()
+                await self._stop.wait()
+                for task in list(self._children):
+                    task.cancel()
+        except Exception as exc:
+            log.exception("session failed", extra={"session": self.name})
+            self._emit(ErrorEvent(f"session {self.name!r} failed: {exc}", fatal=True))
+            raise
+        finally:
+            self._tg = None
+            self._ready.set()
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        if self._tg is None:
+            coro.close()
+            raise SessionClosedError(f"session {self.name!r} is not running")
+        task = self._tg.create_task(coro, name=f"{self.name}-{name}")
+        self._children.add(task)
+        task.add_done_callback(self._children.discard)
+        return task
+
+    async def aclose(self) -> None:
+        """Stop speaking, drop queued turns, stop every task, free the engine slot. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._queue is not None:
+            self._queue.close()
+            while len(self._queue):
+                self._finish_unstarted(await self._queue.get())
+        if self._current is not None:
+            with contextlib.suppress(MossError):
+                await self._interrupt_turn(self._current)
+        self._stop.set()
+        if self._root is not None:
+            with contextlib.suppress(Exception):
+                await self._root
+        if self._conversation is not None:
+            try:
+                await self._conversation.aclose()
+            finally:
+                self._conversation = None
+        for channel in list(self._subscribers):
+            channel.close()
+        self._subscribers.clear()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # ------------------------------------------------------------------ public API
+
+    def say(self, text: str) -> TurnHandle:
+        """Speak ``text`` as an agent turn (queued behind the current one); it joins the history."""
+        if not text.strip():
+            raise ConfigError("say() needs non-empty text")
+        return self._enqueue(_Turn(next(self._ids), "say", text=text))
+
+    def respond(
+        self,
+        tokens: TokenSource | None = None,
+        *,
+        user_text: str | None = None,
+        user_audio: FloatArray | None = None,
+        user_sample_rate: int = 24000,
+    ) -> TurnHandle:
+        """Start an agent turn from ``tokens`` (any iterable of text deltas), or from the LLM on the history.
+
+        ``user_text``/``user_audio`` add a user turn first (a typed message, or an utterance the
+        caller detected itself); otherwise the user utterances heard since the last turn are used.
+        """
+        if tokens is None and self.llm is None:
+            raise ConfigError("respond() without tokens needs an llm: Session(backend, llm=OpenAIChatLLM(...))")
+        user = None
+        if user_text is not None or user_audio is not None:
+            user = UserTurn(user_text or "", user_audio, user_sample_rate)
+        return self._enqueue(_Turn(next(self._ids), "respond", tokens=tokens, user=user))
+
+    async def interrupt(self) -> TurnResult | None:
+        """Stop the agent now and drop queued turns; returns the interrupted turn's result, if any."""
+        if self._queue is not None:
+            while len(self._queue):
+                self._finish_unstarted(await self._queue.get())
+        current = self._current
+        if current is None:
+            return None
+        return await self._interrupt_turn(current)
+
+    def events(self) -> EventStream:
+        """Subscribe to events from now on; iterate with ``async for``; ends when the session closes."""
+        channel: Channel[Event] = Channel(self.config.event_queue_size, "drop_oldest", name=f"{self.name}-events")
+        if self._closed:
+            channel.close()
+        else:
+            self._subscribers.add(channel)
+        return EventStream(self, channel)
+
+    @property
+    def history(self) -> list[ChatMessage]:
+        """The messages the LLM gets next (system prompt first, trimmed to the history budget)."""
+        return self._history.messages()
+
+    def add_user_message(self, text: str) -> None:
+        """Add typed user text to the history without starting a turn."""
+        self._history.add("user", text)
+
+    @property
+    def conversation(self) -> Conversation | None:
+        return self._conversation
+
+    # ------------------------------------------------------------------ events
+
+    def _emit(self, event: Event) -> None:
+        for channel in list(self._subscribers):
+            if not channel.closed:
+                channel.put_nowait(event)
+
+    async def _emit_audio(self, chunk: AudioChunk) -> None:
+        for channel in list(self._subscribers):
+            await channel.wait_for_room()
+            if not channel.closed:
+                channel.put_nowait(chunk)
+
+    # ------------------------------------------------------------------ turns
+
+    def _enqueue(self, turn: _Turn) -> TurnHandle:
+        if self._closed or self._queue is None:
+            turn.future.cancel()
+            raise SessionClosedError(f"session {self.name!r} is not running; use 'async with Session(...)'")
+        self._queue.put_nowait(turn)
+        return TurnHandle(self, turn)
+
+    def _finish_unstarted(self, turn: _Turn) -> None:
+        turn.state = "done"
+        if not turn.future.done():
+            turn.future.set_result(TurnResult(turn.id, "", "", 0.0, 0.0, interrupted=True))
+
+    async def _turn_worker(self) -> None:
+        assert self._queue is not None
+        async for turn in self._queue:
+            if turn.state != "queued":
+                continue
+            self._current = turn
+            try:
+                await self._run_turn(turn)
+            finally:
+                self._current = None
+
+    def _user_turn(self, turn: _Turn) -> UserTurn | None:
+        """The explicit user turn, else what the listener heard since the last agent turn."""
+        if turn.user is not None:
+            if turn.user.text:
+                self._history.add("user", turn.user.text)
+            self._pending_user.clear()
+            return turn.user
+        if not self._pending_user:
+            return None
+        heard, self._pending_user = self._pending_user, []
+        audio = np.concatenate([u.audio for u in heard]).astype(np.float32)
+        return UserTurn(" ".join(u.text for u in heard if u.text), audio, heard[0].sample_rate)
+
+    async def _run_turn(self, turn: _Turn) -> None:
+        assert self._conversation is not None
+        turn.state = "running"
+        user = self._user_turn(turn)
+        self._emit(TurnStarted(turn.id))
+        stream: SpeechStream | None = None
+        heard: HeardResult | None = None
+        try:
+            try:
+                stream = await self._conversation.start_turn(user, turn.id)
+            except MossError as exc:
+                turn.error = str(exc)
+                self._emit(ErrorEvent(f"could not start the speech turn: {exc}", turn.id))
+                return
+            if not turn.interrupt_requested:
+                async with asyncio.TaskGroup() as tg:
+                    turn.pumps = [
+                        tg.create_task(self._pump_text(turn, stream), name=f"{self.name}-turn{turn.id}-text"),
+                        tg.create_task(self._pump_audio(turn, stream), name=f"{self.name}-turn{turn.id}-audio"),
+                    ]
+            if turn.interrupt_requested:
+                heard = await stream.interrupt(turn.heard_at_interrupt)
+        except MossError as exc:
+            turn.error = str(exc)
+            self._emit(ErrorEvent(f"speech turn failed: {exc}", turn.id))
+        finally:
+            turn.playing = False
+            if stream is not None:
+                with contextlib.suppress(MossError):
+                    await stream.aclose()
+            self._finish_turn(turn, heard)
+
+    def _finish_turn(self, turn: _Turn, heard: HeardResult | None) -> None:
+        tl = turn.timeline
+        tl.end = self.clock.now()
+        text = "".join(turn.parts)
+        if turn.interrupt_requested:
+            heard_text = heard.text if heard is not None else ""
+            heard_s = heard.audio_s if heard is not None else 0.0
+            tl.interrupted = True
+            self._emit(Interrupted(turn.id, heard_s, heard_text))
+        else:
+            heard_text = text
+            heard_s = self._played_s(turn)
+            self._emit(TurnEnded(turn.id, text, tl.audio_s))
+        tl.heard_s = heard_s
+        self._history.add("assistant", heard_text)
+        metrics = tl.event()
+        self.summary.add(metrics)
+        if turn.error:
+            self.summary.errors += 1
+        self._emit(metrics)
+        turn.state = "done"
+        if not turn.future.done():
+            turn.future.set_result(
+                TurnResult(turn.id, text, heard_text, heard_s, tl.audio_s, turn.interrupt_requested, turn.error, metrics)
+            )
+
+    async def _text_source(self, turn: _Turn) -> AsyncIterator[str]:
+        if turn.kind == "say":
+            assert turn.text is not None
+            yield turn.text
+            return
+        if turn.tokens is not None:
+            if isinstance(turn.tokens, AsyncIterable):
+                async for delta in turn.tokens:
+                    yield delta
+            else:
+                for delta in turn.tokens:
+                    yield delta
+            return
+        assert self.llm is not None
+        turn.timeline.llm_request = self.clock.now()
+        async for delta in self.llm.stream(self._history.messages()):
+            if turn.timeline.llm_first_token is None:
+                turn.timeline.llm_first_token = self.clock.now()
+            yield delta
+
+    async def _pump_text(self, turn: _Turn, stream: SpeechStream) -> None:
+        try:
+            async for delta in self._text_source(turn):
+                if not delta:
+                    continue
+                if turn.timeline.tts_first_text is None:
+                    turn.timeline.tts_first_text = self.clock.now()
+                turn.parts.append(delta)
+                self._emit(TextDelta(delta, turn.id))
+                await stream.push_text(delta)
+        except Exception as exc:  # LLM, user token source or engine: end the turn with what was spoken
+            turn.error = str(exc)
+            kind = getattr(exc, "kind", type(exc).__name__)
+            log.warning("turn text source failed", extra={"turn_id": turn.id, "kind": kind})
+            self._emit(ErrorEvent(f"turn {turn.id} text failed: {exc}", turn.id, detail={"kind": kind}))
+        self._emit(TextDelta("", turn.id, final=True))
+        try:
+            await stream.end_input()
+        except MossError as exc:
+            self._fail_turn(turn, exc)
+
+    def _fail_turn(self, turn: _Turn, exc: MossError) -> None:
+        """The engine or the output failed mid-turn: keep what was heard, stop the rest."""
+        turn.error = turn.error or str(exc)
+        log.warning("turn failed", extra={"turn_id": turn.id, "error": type(exc).__name__})
+        self._emit(ErrorEvent(f"turn {turn.id} failed: {exc}", turn.id, detail={"kind": type(exc).__name__}))
+        self._request_interrupt(turn)
+
+    async def _pump_audio(self, turn: _Turn, stream: SpeechStream) -> None:
+        try:
+            await self._play(turn, stream)
+        except MossError as exc:
+            self._fail_turn(turn, exc)
+
+    async def _play(self, turn: _Turn, stream: SpeechStream) -> None:
+        tl = turn.timeline
+        previous_frame = -1
+        async for chunk in stream:
+            if chunk.turn_id != turn.id or turn.interrupt_requested:
+                self.stale_chunks_dropped += 1
+                continue
+            now = self.clock.now()
+            if tl.first_audio is None:
+                tl.first_audio = now
+            tl.last_audio = now
+            tl.audio_s += chunk.duration_s
+            if chunk.frame_index >= 0:
+                if previous_frame >= 0:
+                    turn.last_frame_span = max(1, chunk.frame_index - previous_frame)
+                previous_frame = chunk.frame_index
+                tl.frames = chunk.frame_index + turn.last_frame_span
+            if self.echo_canceller is not None:
+                self.echo_canceller.feed_far(chunk.pcm)
+            turn.audio_started = turn.playing = True
+            if self.output is not None:
+                await self.output.write(chunk)
+            else:
+                await self._emit_audio(chunk)
+            if tl.first_output is None:
+                tl.first_output = self.clock.now()
+        if self.output is not None:
+            await self.output.flush()
+        turn.playing = False
+
+    def _played_s(self, turn: _Turn) -> float:
+        if self.output is not None:
+            return self.output.played_s(turn.id)
+        return turn.timeline.audio_s
+
+    async def _interrupt_turn(self, turn: _Turn) -> TurnResult:
+        if turn.state == "queued":
+            self._finish_unstarted(turn)
+        else:
+            self._request_interrupt(turn)
+        return await asyncio.shield(turn.future)
+
+    def _request_interrupt(self, turn: _Turn) -> None:
+        if turn.state != "running" or turn.interrupt_requested:
+            return
+        # Read the playback position before clearing, so it is exactly what left the speaker.
+        turn.heard_at_interrupt = self._played_s(turn)
+        turn.interrupt_requested = True
+        turn.playing = False
+        if self.output is not None:
+            self.output.clear()
+        current = asyncio.current_task()
+        for pump in turn.pumps:
+            if pump is not current:
+                pump.cancel()
+
+    # ------------------------------------------------------------------ listening
+
+    def _agent_speaking(self) -> bool:
+        turn = self._current
+        return turn is not None and turn.playing
+
+    def _on_signal(self, signal: TurnSignal, utterance: Utterance | None) -> None:
+        if isinstance(signal, SpeechStart):
+            self._emit(UserStartedSpeaking(signal.at_s))
+            turn = self._current
+            if turn is not None and not turn.audio_started and not signal.during_agent:
+                # The user spoke before the agent made a sound: the reply being prepared is stale.
+                self._spawn(self._interrupt_turn(turn), f"preempt{turn.id}")
+        elif isinstance(signal, BargeIn):
+            turn = self._current
+            if turn is not None and not turn.interrupt_requested:
+                log.info("barge-in", extra={"turn_id": turn.id, "at_s": signal.at_s})
+                self._spawn(self._interrupt_turn(turn), f"barge-in{turn.id}")
+        elif isinstance(signal, SpeechEnd):
+            self._emit(UserStoppedSpeaking(signal.at_s, signal.duration_s))
+            if utterance is not None and not signal.backchannel:
+                self._spawn(self._finish_utterance(utterance, self.clock.now()), "stt")
+
+    async def _finish_utterance(self, utterance: Utterance, user_end: float) -> None:
+        text = ""
+        stt_start = self.clock.now()
+        if self.stt is not None:
+            try:
+                text = (await self.stt.transcribe(utterance.audio, utterance.sample_rate)).strip()
+            except MossError as exc:
+                self._emit(ErrorEvent(f"speech recognition failed: {exc}", detail={"kind": "stt"}))
+                return
+        stt_end = self.clock.now()
+        if text:
+            self._emit(TextDelta(text, -1, role="user", final=True))
+        if self._closed:
+            return
+        if not self.config.auto_respond or self.llm is None:
+            self._history.add("user", text)
+            self._pending_user.append(dataclasses.replace(utterance, text=text))
+            return
+        if self.stt is not None and not text:
+            return  # noise the recognizer found no words in
+        handle = self.respond(user_text=text, user_audio=utterance.audio, user_sample_rate=utterance.sample_rate)
+        tl = handle._turn.timeline
+        tl.user_end, tl.stt_start, tl.stt_end = user_end, stt_start, stt_end

@@ -1,0 +1,188 @@
+"""A fake speech engine implementing the ``moss_agent.streaming.tts`` protocols without any model.
+
+Each text character becomes one codec frame (80 ms by default) of a sine tone whose pitch is
+unique to the conversation, so tests can tell sessions apart by ear (FFT) as well as by turn id.
+Frames are paced like a real engine: a time to first audio after the first text, then
+``frame_s * rtf`` of compute per frame on the given clock. The conversation keeps a text context
+that is cut back to what was heard on interrupt, like the real engine's KV cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+
+import numpy as np
+
+from moss_agent.errors import EngineError, OverloadError, SessionClosedError
+from moss_agent.events import AudioChunk, FloatArray
+from moss_agent.streaming.clock import Clock, MonotonicClock
+from moss_agent.streaming.tts import HeardResult, UserTurn
+
+
+class FakeSpeechBackend:
+    """Deterministic tone "speech"; ``max_slots`` conversations at once (more raise OverloadError)."""
+
+    def __init__(
+        self,
+        *,
+        sample_rate: int = 24000,
+        frame_s: float = 0.08,
+        frames_per_chunk: int = 1,
+        rtf: float = 0.25,
+        ttfa_s: float = 0.05,
+        max_slots: int = 64,
+        text_buffer_chars: int = 64,
+        base_hz: float = 200.0,
+        step_hz: float = 50.0,
+        clock: Clock | None = None,
+    ) -> None:
+        self.sample_rate = sample_rate
+        self.frame_s = frame_s
+        self.frame_samples = round(frame_s * sample_rate)
+        self.frames_per_chunk = frames_per_chunk
+        self.rtf = rtf
+        self.ttfa_s = ttfa_s
+        self.max_slots = max_slots
+        self.text_buffer_chars = text_buffer_chars
+        self.base_hz = base_hz
+        self.step_hz = step_hz
+        self.clock = clock or MonotonicClock()
+        self.active: set[FakeConversation] = set()
+        self._slot_ids = itertools.count()
+
+    def tone_hz(self, slot: int) -> float:
+        return self.base_hz + self.step_hz * slot
+
+    async def open_conversation(
+        self, *, system_prompt: str | None = None, voice_prompt: FloatArray | None = None
+    ) -> FakeConversation:
+        if len(self.active) >= self.max_slots:
+            raise OverloadError(f"all {self.max_slots} fake engine slots are busy; close a session first")
+        conversation = FakeConversation(self, next(self._slot_ids), system_prompt, voice_prompt)
+        self.active.add(conversation)
+        return conversation
+
+
+class FakeConversation:
+    """One slot: keeps ``context`` [(role, text)] and every ``UserTurn`` it was given."""
+
+    def __init__(
+        self, backend: FakeSpeechBackend, slot: int, system_prompt: str | None, voice_prompt: FloatArray | None
+    ) -> None:
+        self.backend = backend
+        self.sample_rate = backend.sample_rate
+        self.slot = slot
+        self.tone_hz = backend.tone_hz(slot)
+        self.system_prompt = system_prompt
+        self.voice_prompt = voice_prompt
+        self.context: list[tuple[str, str]] = []
+        self.user_turns: list[UserTurn] = []
+        self.turn_ids: list[int] = []
+        self.closed = False
+        self._stream: FakeSpeechStream | None = None
+
+    async def start_turn(self, user: UserTurn | None, turn_id: int) -> FakeSpeechStream:
+        if self.closed:
+            raise SessionClosedError("this fake conversation was closed")
+        if self._stream is not None and not self._stream.closed:
+            raise EngineError(
+                f"turn {self._stream.turn_id} is still open on this conversation; aclose() it before starting another"
+            )
+        if user is not None:
+            self.user_turns.append(user)
+            if user.text:
+                self.context.append(("user", user.text))
+        self.turn_ids.append(turn_id)
+        self._stream = FakeSpeechStream(self, turn_id)
+        return self._stream
+
+    async def aclose(self) -> None:
+        if self._stream is not None:
+            await self._stream.aclose()
+        self.closed = True
+        self.backend.active.discard(self)
+
+
+class FakeSpeechStream:
+    """One turn: characters in, one tone frame per character out, paced on the backend's clock."""
+
+    def __init__(self, conversation: FakeConversation, turn_id: int) -> None:
+        self.conversation = conversation
+        self.turn_id = turn_id
+        self.backend = conversation.backend
+        self.text = ""  # everything pushed
+        self.frames = 0  # frames generated so far = characters spoken
+        self.closed = False
+        self.ended = False
+        self.interrupted = False
+        self._changed = asyncio.Event()
+
+    def _pending(self) -> int:
+        return len(self.text) - self.frames
+
+    async def push_text(self, delta: str) -> None:
+        if self.ended or self.closed:
+            raise EngineError(f"push_text after end_input or close on turn {self.turn_id}")
+        self.text += delta
+        self._changed.set()
+        while self._pending() > self.backend.text_buffer_chars and not (self.closed or self.interrupted):
+            self._changed.clear()
+            await self._changed.wait()
+
+    async def end_input(self) -> None:
+        self.ended = True
+        self._changed.set()
+
+    def __aiter__(self) -> FakeSpeechStream:
+        return self
+
+    async def __anext__(self) -> AudioChunk:
+        backend = self.backend
+        while True:
+            if self.interrupted or self.closed:
+                raise StopAsyncIteration
+            if self._pending() > 0:
+                break
+            if self.ended:
+                self._finish()
+                raise StopAsyncIteration
+            self._changed.clear()
+            await self._changed.wait()
+        count = min(self._pending(), backend.frames_per_chunk)
+        if self.frames == 0:
+            await backend.clock.sleep(backend.ttfa_s)
+        await backend.clock.sleep(backend.frame_s * backend.rtf * count)
+        if self.interrupted or self.closed:
+            raise StopAsyncIteration
+        first = self.frames
+        self.frames += count
+        self._changed.set()
+        return AudioChunk(self._tone(first, count), backend.sample_rate, self.turn_id, first)
+
+    def _tone(self, first_frame: int, count: int) -> FloatArray:
+        n = self.backend.frame_samples
+        t = np.arange(first_frame * n, (first_frame + count) * n, dtype=np.float64) / self.backend.sample_rate
+        return (0.3 * np.sin(2 * math.pi * self.conversation.tone_hz * t)).astype(np.float32)
+
+    def _finish(self) -> None:
+        if not self.closed:
+            self.conversation.context.append(("assistant", self.text[: self.frames]))
+            self.closed = True
+
+    async def interrupt(self, heard_s: float | None = None) -> HeardResult:
+        if self.closed and not self.interrupted:
+            raise SessionClosedError(f"turn {self.turn_id} already finished")
+        frames = self.frames if heard_s is None else min(self.frames, int(heard_s / self.backend.frame_s + 1e-6))
+        if not self.interrupted:
+            self.interrupted = True
+            self.conversation.context.append(("assistant", self.text[:frames]))
+            self._heard = HeardResult(frames, self.text[:frames], frames * self.backend.frame_s)
+        self.closed = True
+        self._changed.set()
+        return self._heard
+
+    async def aclose(self) -> None:
+        if not self.closed:
+            await self.interrupt(None)
