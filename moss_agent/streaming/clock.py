@@ -70,6 +70,8 @@ class ManualClock:
     async def advance(self, seconds: float) -> None:
         """Move time forward, waking each due sleeper at its own deadline and letting it run."""
         target = self._now + seconds
+        for _ in range(5):  # let tasks that were just started register their sleeps first
+            await asyncio.sleep(0)
         while self._sleepers and self._sleepers[0][0] <= target:
             deadline, _, future = heapq.heappop(self._sleepers)
             self._now = max(self._now, deadline)

@@ -116,11 +116,16 @@ class TurnDetector:
         elif self._state is _State.SPEAKING and probability >= cfg.silence_threshold:
             self._last_voice_end = end
         if self._state is _State.SPEAKING:
-            if not self._barged and self._may_interrupt(t, agent_speaking):
-                overlap_from = max(self._speech_start, self._agent_since if self._agent_since is not None else t)
-                if end - overlap_from >= cfg.min_interrupt_s:
+            voiced_now = probability >= cfg.silence_threshold
+            if voiced_now and not self._barged and self._may_interrupt(t, agent_speaking):
+                listening_since = self._agent_since if self._agent_since is not None else t
+                if cfg.echo_mode == "aec":
+                    listening_since += cfg.aec_warmup_s
+                overlap_from = max(self._speech_start, listening_since)
+                # Count only voiced time: a cough followed by silence must not ripen into a barge-in.
+                if self._last_voice_end - overlap_from >= cfg.min_interrupt_s:
                     self._barged = True
-                    signals.append(BargeIn(end))
+                    signals.append(BargeIn(self._last_voice_end))
             silent_for = end - self._last_voice_end
             too_long = end - self._speech_start >= cfg.max_utterance_s
             if silent_for >= cfg.hang_s or too_long:
