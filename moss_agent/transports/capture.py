@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import numpy as np
 
-from moss_agent.audio import StreamResampler
+from moss_agent.audio import StreamResampler, pcm16_to_float
 from moss_agent.errors import AudioError, ConfigError
 from moss_agent.events import AudioChunk, FloatArray
 
@@ -103,3 +104,14 @@ class QueueAudioInput:
                 self._queue.put_nowait(None)
                 return
             yield chunk
+
+
+def av_frame_to_mono(frame: Any) -> FloatArray:
+    """A decoded PyAV AudioFrame (any sample format and layout) as mono float32 [samples]."""
+    data = frame.to_ndarray()
+    channels = len(frame.layout.channels)
+    samples = pcm16_to_float(data) if data.dtype == np.int16 else data.astype(np.float32)
+    # Planar frames are [channels, samples]; packed ones [1, samples * channels] interleaved.
+    if frame.format.is_planar:
+        return np.asarray(samples.reshape(channels, -1).mean(axis=0), dtype=np.float32)
+    return np.asarray(samples.reshape(-1, channels).mean(axis=1), dtype=np.float32)

@@ -27,10 +27,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from moss_agent._optional import require
-from moss_agent.audio import float_to_pcm16, pcm16_to_float
+from moss_agent.audio import float_to_pcm16
 from moss_agent.errors import ConfigError, TransportError
-from moss_agent.events import FloatArray
-from moss_agent.transports.capture import QueueAudioInput
+from moss_agent.transports.capture import QueueAudioInput, av_frame_to_mono
 from moss_agent.transports.connection import (
     Connection,
     ConnectionHandler,
@@ -60,7 +59,7 @@ def restrict_ice_to_loopback() -> None:
     host address lookup and ignores connectivity checks that do not come from 127.0.0.1, so the only
     pair that can succeed is 127.0.0.1 <-> 127.0.0.1. Idempotent.
     """
-    ice = require("aioice.ice", "webrtc")
+    ice: Any = require("aioice.ice", "webrtc")
     if getattr(ice, "_moss_loopback_only", False):
         return
     original_request_received = ice.Connection.request_received
@@ -123,16 +122,6 @@ def make_paced_track(buffer: PlaybackBuffer, *, pacer: FramePacer | None = None)
     return PacedAudioTrack()
 
 
-def frame_to_mono(frame: Any) -> FloatArray:
-    """A decoded PyAV AudioFrame as mono float32 [samples]."""
-    data = frame.to_ndarray()
-    channels = len(frame.layout.channels)
-    samples = pcm16_to_float(data) if data.dtype == np.int16 else data.astype(np.float32)
-    # Planar frames are [channels, samples]; packed ones [1, samples * channels] interleaved.
-    mono = samples.reshape(channels, -1).mean(axis=0) if frame.format.is_planar else samples.reshape(-1, channels).mean(axis=1)
-    return np.asarray(mono, dtype=np.float32)
-
-
 async def pump_track(track: Any, sink: QueueAudioInput, on_frame: Callable[[Any], None] | None = None) -> None:
     """Feed every frame of a remote audio track into ``sink`` until the track ends; then close it.
 
@@ -147,7 +136,7 @@ async def pump_track(track: Any, sink: QueueAudioInput, on_frame: Callable[[Any]
                 return
             if on_frame is not None:
                 on_frame(frame)
-            sink.feed(frame_to_mono(frame), frame.sample_rate)
+            sink.feed(av_frame_to_mono(frame), frame.sample_rate)
     finally:
         sink.close()
 
@@ -238,7 +227,7 @@ class WebRTCServer:
 
     async def start(self) -> str:
         """Bind and serve; returns the page URL."""
-        web = require("aiohttp.web", "webrtc")
+        web: Any = require("aiohttp.web", "webrtc")
         require("aiortc", "webrtc")
         if self._loopback_only:
             restrict_ice_to_loopback()
@@ -271,13 +260,22 @@ class WebRTCServer:
         await self.stop()
 
     async def _page(self, request: web.Request) -> web.StreamResponse:
-        return require("aiohttp.web", "webrtc").FileResponse(WEB_DIR / "index.html")
+        return self._static("index.html")
 
     async def _script(self, request: web.Request) -> web.StreamResponse:
-        return require("aiohttp.web", "webrtc").FileResponse(WEB_DIR / "app.js")
+        return self._static("app.js")
+
+    def _static(self, name: str) -> web.StreamResponse:
+        aio_web: Any = require("aiohttp.web", "webrtc")
+        response: web.StreamResponse = aio_web.FileResponse(WEB_DIR / name, headers={"Cache-Control": "no-store"})
+        return response
 
     async def _offer(self, request: web.Request) -> web.StreamResponse:
-        web = require("aiohttp.web", "webrtc")
+        response: web.StreamResponse = await self._answer_offer(request)
+        return response
+
+    async def _answer_offer(self, request: web.Request) -> Any:
+        web: Any = require("aiohttp.web", "webrtc")
         if self._token is not None and not hmac.compare_digest(
             _bearer_token(request).encode(), self._token.encode()
         ):

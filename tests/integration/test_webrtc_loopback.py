@@ -12,63 +12,22 @@ import pytest
 pytest.importorskip("aiortc")
 aiohttp = pytest.importorskip("aiohttp")
 
-from transport_signals import dominant_hz, rms, tone_chunks, windows_dominated_by  # noqa: E402
+from transport_signals import (  # noqa: E402
+    agent_tone_hz,
+    dominant_hz,
+    mic_tone_hz,
+    tone_agent,
+    tone_chunks,
+    windows_dominated_by,
+)
 
 from moss_agent.errors import TransportError  # noqa: E402
-from moss_agent.transports.connection import Connection  # noqa: E402
 from moss_agent.transports.webrtc import WebRTCServer  # noqa: E402
 from moss_agent.transports.webrtc_client import WebRTCClient  # noqa: E402
 
 TOKEN = "test-token-123"
 RATE = 24_000
 TIMEOUT_S = 30
-
-
-def agent_tone_hz(client_id: str) -> float:
-    """The agent answers each client with its own tone, so cross-talk would show."""
-    return 300.0 + 100.0 * int(client_id)
-
-
-def mic_tone_hz(client_id: str) -> float:
-    return 1000.0 + 200.0 * int(client_id)
-
-
-async def tone_agent(conn: Connection) -> None:
-    """A real handler: speaks a per-client tone (turn 1), reports what it hears, and on ``interrupt``
-    clears the output and answers with turn 2 at twice the frequency while turn 1 keeps writing."""
-    freq = agent_tone_hz(conn.client_id)
-    heard: list[np.ndarray] = []
-    await conn.send_event({"type": "hello", "client": conn.client_id, "connection": conn.id})
-
-    async def listen() -> None:
-        async for chunk in conn.input:
-            heard.append(chunk.pcm)
-
-    async def speak(turn_id: int, hz: float, seconds: float) -> None:
-        for chunk in tone_chunks(hz, seconds, RATE, turn_id):
-            await conn.output.write(chunk)
-
-    tasks = [asyncio.create_task(listen()), asyncio.create_task(speak(1, freq, 8.0))]
-    try:
-        async for message in conn.control:
-            if message["type"] == "text" and message["text"] == "report":
-                pcm = np.concatenate(heard) if heard else np.zeros(0, np.float32)
-                tail = pcm[-RATE // 2 :]
-                await conn.send_event(
-                    {"type": "report", "seconds": len(pcm) / RATE, "hz": dominant_hz(tail, RATE), "rms": rms(tail)}
-                )
-            elif message["type"] == "interrupt":
-                conn.output.clear()
-                await conn.send_event({"type": "interrupted", "heard_s": conn.output.played_s(1)})
-                tasks.append(asyncio.create_task(speak(2, 2 * freq, 1.5)))
-            elif message["type"] == "close":
-                break
-    finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
 
 @pytest.fixture

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import re
+
 import numpy as np
 
 from moss_agent.events import AudioChunk
+from moss_agent.transports.connection import Connection
+
+RATE = 24_000
 
 
 def tone(freq_hz: float, seconds: float, rate: int, amplitude: float = 0.3, phase_s: float = 0.0) -> np.ndarray:
@@ -56,3 +63,54 @@ def windows_dominated_by(pcm: np.ndarray, rate: int, freq_hz: float, window_s: f
         if rms(window) > 0.01 and band_energy(window, rate, freq_hz) > 0.5:
             count += 1
     return count
+
+
+def _number(client_id: str) -> int:
+    return int(re.sub(r"\D", "", client_id) or 0)
+
+
+def agent_tone_hz(client_id: str) -> float:
+    """The agent answers each client with its own tone, so cross-talk would show."""
+    return 300.0 + 100.0 * _number(client_id)
+
+
+def mic_tone_hz(client_id: str) -> float:
+    return 1000.0 + 200.0 * _number(client_id)
+
+
+async def tone_agent(conn: Connection) -> None:
+    """A real handler: speaks a per-client tone (turn 1), reports what it hears, and on ``interrupt``
+    clears the output and answers with turn 2 at twice the frequency while turn 1 keeps writing."""
+    freq = agent_tone_hz(conn.client_id)
+    heard: list[np.ndarray] = []
+    await conn.send_event({"type": "hello", "client": conn.client_id, "connection": conn.id, **conn.info})
+
+    async def listen() -> None:
+        async for chunk in conn.input:
+            heard.append(chunk.pcm)
+
+    async def speak(turn_id: int, hz: float, seconds: float) -> None:
+        for chunk in tone_chunks(hz, seconds, RATE, turn_id):
+            await conn.output.write(chunk)
+
+    tasks = [asyncio.create_task(listen()), asyncio.create_task(speak(1, freq, 8.0))]
+    try:
+        async for message in conn.control:
+            if message["type"] == "text" and message["text"] == "report":
+                pcm = np.concatenate(heard) if heard else np.zeros(0, np.float32)
+                tail = pcm[-RATE // 2 :]
+                await conn.send_event(
+                    {"type": "report", "seconds": len(pcm) / RATE, "hz": dominant_hz(tail, RATE), "rms": rms(tail)}
+                )
+            elif message["type"] == "interrupt":
+                conn.output.clear()
+                await conn.send_event({"type": "interrupted", "heard_s": conn.output.played_s(1)})
+                tasks.append(asyncio.create_task(speak(2, 2 * freq, 1.5)))
+            elif message["type"] == "close":
+                break
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -1,0 +1,558 @@
+"""MQTT transport: workers that serve sessions through one broker, and the client a device runs.
+
+``MqttWorker(handler, settings).run()`` joins the MQTT 5 shared subscription
+``$share/<group>/<root>/c/+/request``: the broker hands each session request to one worker, so
+capacity grows by starting workers. Per session the worker subscribes to the session's ``up``
+topics, calls ``handler(conn)`` and plays ``conn.output`` paced in 20 ms packets on ``down/audio``.
+A worker's last will (``<root>/w/<id>/status`` ``online: false``) tells its clients when it dies;
+its shared-subscription membership ends with its connection, so new sessions go to the others.
+
+``MqttClient(settings)`` is the device side: ``open_session()`` returns an ``MqttClientSession``
+with ``send_audio``, ``send_control``, ``audio`` (AudioInput of the agent's voice) and ``events()``.
+Topic scheme and payloads: ``mqtt_protocol`` and docs/mqtt.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import signal
+import ssl
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from moss_agent._optional import require
+from moss_agent.errors import ConfigError, TransportError
+from moss_agent.events import FloatArray
+from moss_agent.transports.capture import QueueAudioInput
+from moss_agent.transports.connection import (
+    Connection,
+    ConnectionHandler,
+    JsonDict,
+    error_event,
+    parse_control,
+)
+from moss_agent.transports.mqtt_protocol import (
+    FRAME_S,
+    AudioDecoder,
+    AudioEncoder,
+    Topics,
+    check_audio_format,
+    check_name,
+    check_topic_root,
+    decode_json,
+    encode_json,
+    parse_session_request,
+)
+from moss_agent.transports.playback import FramePacer, PlaybackBuffer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    """Where the broker is and who we are to it."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+    topic_root: str = "moss/v1"
+    keepalive_s: int = 10
+    tls_context: ssl.SSLContext | None = None
+
+    def client(self, identifier: str, will: tuple[str, bytes] | None = None) -> Any:
+        aiomqtt = require("aiomqtt", "mqtt")
+        return aiomqtt.Client(
+            self.host,
+            self.port,
+            username=self.username,
+            password=self.password,
+            identifier=identifier,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            will=aiomqtt.Will(will[0], will[1], qos=1) if will else None,
+            clean_start=True,
+            keepalive=self.keepalive_s,
+            tls_context=self.tls_context,
+        )
+
+
+def _connect_error(exc: Exception, settings: MqttSettings) -> TransportError:
+    return TransportError(
+        f"could not connect to the MQTT broker at {settings.host}:{settings.port} as "
+        f"{settings.username!r}: {exc}. Check the address, username and password."
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# worker
+
+
+class MqttWorker:
+    """Serves sessions from the shared request subscription; one ``handler(conn)`` task per session."""
+
+    def __init__(
+        self,
+        handler: ConnectionHandler,
+        settings: MqttSettings,
+        *,
+        worker_id: str | None = None,
+        group: str = "moss-workers",
+        input_rate: int = 24_000,
+        max_sessions: int = 64,
+        playback_buffer_s: float = 1.0,
+    ) -> None:
+        self._handler = handler
+        self._settings = settings
+        self._topics = Topics(check_topic_root(settings.topic_root))
+        self.worker_id = check_name(worker_id or uuid.uuid4().hex[:12], "worker id")
+        self._group = check_name(group, "group")
+        self._input_rate = input_rate
+        self._max_sessions = max_sessions
+        self._playback_buffer_s = playback_buffer_s
+        self._sessions: dict[tuple[str, str], _WorkerSession] = {}
+        self._client: Any = None
+        self._tasks: asyncio.TaskGroup | None = None
+        self.ready = asyncio.Event()
+
+    @property
+    def session_count(self) -> int:
+        return len(self._sessions)
+
+    async def run(self) -> None:
+        """Serve until cancelled; then tell every client this worker is gone."""
+        status = self._topics.worker_status(self.worker_id)
+        offline = encode_json({"worker": self.worker_id, "online": False})
+        mqtt_error = require("aiomqtt", "mqtt").MqttError
+        client = self._settings.client(f"moss-worker-{self.worker_id}", will=(status, offline))
+        try:
+            await client.__aenter__()
+        except mqtt_error as exc:
+            raise _connect_error(exc, self._settings) from exc
+        self._client = client
+        try:
+            await client.subscribe(self._topics.shared_requests(self._group), qos=1)
+            await client.publish(status, encode_json({"worker": self.worker_id, "online": True}), qos=1)
+            self.ready.set()
+            logger.info("mqtt worker ready", extra={"worker": self.worker_id})
+            async with asyncio.TaskGroup() as tasks:
+                self._tasks = tasks
+                async for message in client.messages:
+                    self._dispatch(str(message.topic), bytes(message.payload))
+        finally:
+            for session in list(self._sessions.values()):
+                session.hang_up()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.publish(status, offline, qos=1), 2)
+            with contextlib.suppress(Exception):
+                await client.__aexit__(None, None, None)
+
+    def _dispatch(self, topic: str, payload: bytes) -> None:
+        levels = self._topics.parse(topic)
+        if len(levels) == 3 and levels[0] == "c" and levels[2] == "request":
+            self._on_request(levels[1], payload)
+        elif len(levels) == 6 and levels[0] == "c" and levels[2] == "s" and levels[4] == "up":
+            session = self._sessions.get((levels[1], levels[3]))
+            if session is not None:
+                session.on_up(levels[5], payload)
+        elif len(levels) == 3 and levels[0] == "c" and levels[2] == "status":
+            for (client_id, _), session in list(self._sessions.items()):
+                if client_id == levels[1]:
+                    session.hang_up()
+
+    def _on_request(self, client_id: str, payload: bytes) -> None:
+        try:
+            message = decode_json(payload, "session request")
+            session_id, codec, rate = parse_session_request(message)
+        except TransportError as exc:
+            self._publish_soon(self._topics.client_event(client_id), error_event(str(exc)))
+            return
+        key = (client_id, session_id)
+        if key in self._sessions:
+            return  # a retried request this worker already serves
+        if len(self._sessions) >= self._max_sessions:
+            self._publish_soon(
+                self._topics.client_event(client_id),
+                {**error_event("all sessions of this worker are busy; retry", code="busy"), "session": session_id},
+            )
+            return
+        session = _WorkerSession(self, client_id, session_id, codec, rate)
+        self._sessions[key] = session
+        assert self._tasks is not None
+        self._tasks.create_task(session.run(), name=f"mqtt-session-{client_id}-{session_id}")
+
+    def _publish_soon(self, topic: str, message: JsonDict) -> None:
+        assert self._tasks is not None
+        self._tasks.create_task(self._publish_quietly(topic, encode_json(message), 1), name="mqtt-publish")
+
+    async def _publish_quietly(self, topic: str, payload: bytes, qos: int) -> None:
+        try:
+            await self._client.publish(topic, payload, qos=qos)
+        except Exception as exc:  # a lost broker ends run(); a single publish failure must not
+            logger.warning("mqtt publish failed", extra={"topic": topic, "error": repr(exc)})
+
+
+class _WorkerSession:
+    def __init__(self, worker: MqttWorker, client_id: str, session_id: str, codec: str, rate: int) -> None:
+        self._worker = worker
+        self._topics = worker._topics
+        self.client_id = client_id
+        self.session_id = session_id
+        self.codec = codec
+        self.rate = rate
+        self._decoder = AudioDecoder(codec, rate)
+        self.input = QueueAudioInput(worker._input_rate)
+        self.output = PlaybackBuffer(rate, max_buffer_s=worker._playback_buffer_s)
+        self.conn = Connection(
+            f"{client_id}/{session_id}",
+            self.input,
+            self.output,
+            self._send_event,
+            client_id=client_id,
+            info={"session": session_id, "worker": worker.worker_id, "codec": codec, "sample_rate": rate},
+        )
+
+    async def _send_event(self, message: JsonDict) -> None:
+        await self._worker._publish_quietly(
+            self._topics.down_event(self.client_id, self.session_id), encode_json(message), 1
+        )
+
+    def on_up(self, kind: str, payload: bytes) -> None:
+        try:
+            if kind == "audio":
+                pcm, _ = self._decoder.decode(payload)
+                if len(pcm):
+                    self.input.feed(pcm, self.rate)
+            elif kind == "control":
+                message = parse_control(decode_json(payload, "control message"))
+                self.conn.deliver_control(message)
+                if message["type"] == "close":
+                    self.hang_up()
+            else:
+                raise TransportError(f"unknown up topic {kind!r}; use 'audio' or 'control'")
+        except TransportError as exc:
+            self._worker._publish_soon(
+                self._topics.down_event(self.client_id, self.session_id), error_event(str(exc))
+            )
+
+    def hang_up(self) -> None:
+        """The client left (or the worker stops): end input and control; the handler winds down."""
+        self.input.close()
+        self.output.close()
+        self.conn.mark_closed()
+
+    async def run(self) -> None:
+        client = self._worker._client
+        up = self._topics.up_filter(self.client_id, self.session_id)
+        status = self._topics.client_status(self.client_id)
+        try:
+            await client.subscribe(up, qos=1)
+            await client.subscribe(status, qos=1)
+            await self._send_event(
+                {
+                    "type": "session.started",
+                    "session": self.session_id,
+                    "worker": self._worker.worker_id,
+                    "codec": self.codec,
+                    "sample_rate": self.rate,
+                }
+            )
+            async with asyncio.TaskGroup() as tasks:
+                sender = tasks.create_task(self._send_audio(), name=f"mqtt-audio-{self.conn.id}")
+                try:
+                    await self._worker._handler(self.conn)
+                except Exception as exc:
+                    logger.exception("connection handler failed", extra={"connection": self.conn.id})
+                    await self._send_event(error_event(f"the agent failed: {exc}", code="internal", fatal=True))
+                finally:
+                    sender.cancel()
+            await self._send_event({"type": "session.ended", "session": self.session_id})
+        finally:
+            self.hang_up()
+            self._worker._sessions.pop((self.client_id, self.session_id), None)
+            with contextlib.suppress(Exception):
+                await client.unsubscribe(up)
+            if not any(c == self.client_id for c, _ in self._worker._sessions):
+                with contextlib.suppress(Exception):
+                    await client.unsubscribe(status)
+
+    async def _send_audio(self) -> None:
+        """The session's clock: every 20 ms, publish one packet of queued agent audio (if any)."""
+        frame = round(self.rate * FRAME_S)
+        pacer = FramePacer(frame, self.rate)
+        encoder = AudioEncoder(self.codec, self.rate)
+        topic = self._topics.down_audio(self.client_id, self.session_id)
+        client = self._worker._client
+        while not self.output.closed:
+            await pacer.next()
+            if self.output.queued_s == 0:
+                continue
+            pcm, turn_id = self.output.pull(frame)
+            for packet in encoder.encode(pcm, turn_id):
+                await client.publish(topic, packet, qos=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# device side
+
+
+class MqttClientSession:
+    """One conversation with a worker, as the device sees it."""
+
+    def __init__(self, owner: MqttClient, session_id: str, codec: str, sample_rate: int) -> None:
+        self._owner = owner
+        self.id = session_id
+        self.codec = codec
+        self.sample_rate = sample_rate
+        self.worker_id = ""
+        self.audio = QueueAudioInput(sample_rate)
+        """The agent's voice as an AudioInput at ``sample_rate`` (play it on the device)."""
+        self.started: asyncio.Future[JsonDict] = asyncio.get_running_loop().create_future()
+        self.ended = asyncio.Event()
+        self._events: asyncio.Queue[JsonDict | None] = asyncio.Queue()
+        self._encoder = AudioEncoder(codec, sample_rate)
+        self._decoder = AudioDecoder(codec, sample_rate)
+
+    async def send_audio(self, pcm: FloatArray, turn_id: int = -1) -> None:
+        """Microphone audio, mono float32 [n] at ``sample_rate``; sent in 20 ms packets."""
+        topic = self._owner._topics.up_audio(self._owner.client_id, self.id)
+        for packet in self._encoder.encode(pcm, turn_id):
+            await self._owner.mqtt.publish(topic, packet, qos=0)
+
+    async def send_control(self, message: JsonDict) -> None:
+        """``{"type": "interrupt"}``, ``{"type": "text", "text": ...}``, ``{"type": "close"}``..."""
+        topic = self._owner._topics.up_control(self._owner.client_id, self.id)
+        await self._owner.mqtt.publish(topic, encode_json(message), qos=1)
+
+    async def interrupt(self) -> None:
+        await self.send_control({"type": "interrupt"})
+
+    async def events(self) -> AsyncIterator[JsonDict]:
+        """The worker's events for this session; ends when the session ends or its worker dies."""
+        while True:
+            event = await self._events.get()
+            if event is None:
+                self._events.put_nowait(None)
+                return
+            yield event
+
+    async def close(self) -> None:
+        if not self.ended.is_set():
+            with contextlib.suppress(Exception):
+                await self.send_control({"type": "close"})
+        self._end()
+
+    def _on_audio(self, payload: bytes) -> None:
+        try:
+            pcm, _ = self._decoder.decode(payload)
+        except TransportError as exc:
+            self._events.put_nowait(error_event(f"bad audio from the worker: {exc}"))
+            return
+        if len(pcm):
+            self.audio.feed(pcm, self.sample_rate)
+
+    def _on_event(self, event: JsonDict) -> None:
+        kind = event.get("type")
+        if kind == "session.started":
+            self.worker_id = str(event.get("worker", ""))
+            if not self.started.done():
+                self.started.set_result(event)
+            return
+        self._events.put_nowait(event)
+        if kind == "session.ended" or (kind == "error" and event.get("fatal")):
+            self._end()
+
+    def _end(self) -> None:
+        if self.ended.is_set():
+            return
+        self.ended.set()
+        self.audio.close()
+        self._events.put_nowait(None)
+        self._owner._sessions.pop(self.id, None)
+
+
+class MqttClient:
+    """A device's connection: ``async with MqttClient(settings) as c: s = await c.open_session()``."""
+
+    def __init__(self, settings: MqttSettings, *, client_id: str | None = None) -> None:
+        chosen = client_id or settings.username
+        if not chosen:
+            raise ConfigError("MqttClient needs a client_id (by default the broker username)")
+        self.client_id = check_name(chosen, "client id")
+        self._settings = settings
+        self._topics = Topics(check_topic_root(settings.topic_root))
+        self._sessions: dict[str, MqttClientSession] = {}
+        self._client_events: asyncio.Queue[JsonDict] = asyncio.Queue()
+        self._reader: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._mqtt: Any = None
+
+    @property
+    def mqtt(self) -> Any:
+        """The underlying aiomqtt client (for extra topics of your own)."""
+        if self._mqtt is None:
+            raise TransportError("not connected; use 'async with MqttClient(...)'")
+        return self._mqtt
+
+    async def __aenter__(self) -> MqttClient:
+        will = (self._topics.client_status(self.client_id), encode_json({"online": False}))
+        client = self._settings.client(f"moss-client-{self.client_id}-{uuid.uuid4().hex[:6]}", will=will)
+        try:
+            await client.__aenter__()
+        except require("aiomqtt", "mqtt").MqttError as exc:
+            raise _connect_error(exc, self._settings) from exc
+        self._mqtt = client
+        await client.subscribe(self._topics.down_filter(self.client_id), qos=1)
+        await client.subscribe(self._topics.client_event(self.client_id), qos=1)
+        await client.subscribe(self._topics.all_worker_status(), qos=1)
+        self._reader = asyncio.create_task(self._read(), name=f"mqtt-client-{self.client_id}")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for session in list(self._sessions.values()):
+            await session.close()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        with contextlib.suppress(Exception):
+            await self._mqtt.__aexit__(None, None, None)
+        self._mqtt = None
+
+    async def open_session(
+        self, *, codec: str = "opus", sample_rate: int = 24_000, timeout_s: float = 5.0, attempts: int = 3
+    ) -> MqttClientSession:
+        """Ask the worker pool for a session; retried (with a new id) if no worker answers in time."""
+        check_audio_format(codec, sample_rate)
+        for _ in range(attempts):
+            session = MqttClientSession(self, uuid.uuid4().hex[:12], codec, sample_rate)
+            self._sessions[session.id] = session
+            request = {"type": "session.request", "session": session.id, "codec": codec, "sample_rate": sample_rate}
+            await self.mqtt.publish(self._topics.request(self.client_id), encode_json(request), qos=1)
+            try:
+                await asyncio.wait_for(asyncio.shield(session.started), timeout_s)
+                return session
+            except TimeoutError:
+                self._sessions.pop(session.id, None)
+            except TransportError:
+                self._sessions.pop(session.id, None)
+                raise
+        raise TransportError(f"no worker answered {attempts} session requests; are workers running?")
+
+    async def client_events(self) -> AsyncIterator[JsonDict]:
+        """Events not tied to a session (e.g. a rejected request)."""
+        while True:
+            yield await self._client_events.get()
+
+    async def _read(self) -> None:
+        async for message in self.mqtt.messages:
+            try:
+                self._route(str(message.topic), bytes(message.payload))
+            except TransportError as exc:
+                self._client_events.put_nowait(error_event(str(exc)))
+
+    def _route(self, topic: str, payload: bytes) -> None:
+        levels = self._topics.parse(topic)
+        if len(levels) == 3 and levels[0] == "w" and levels[2] == "status":
+            status = decode_json(payload, "worker status")
+            if status.get("online") is False:
+                for session in list(self._sessions.values()):
+                    if session.worker_id == levels[1]:
+                        session._on_event(
+                            error_event(f"worker {levels[1]} went away; open a new session", code="worker_lost", fatal=True)
+                        )
+        elif len(levels) == 3 and levels[2] == "event":
+            event = decode_json(payload, "event")
+            pending = self._sessions.get(str(event.get("session", "")))
+            if pending is not None and not pending.started.done():
+                pending.started.set_exception(TransportError(str(event.get("message", event))))
+            else:
+                self._client_events.put_nowait(event)
+        elif len(levels) == 6 and levels[2] == "s" and levels[4] == "down":
+            session = self._sessions.get(levels[3])
+            if levels[5] == "audio":
+                if session is not None:
+                    session._on_audio(payload)
+                return
+            event = decode_json(payload, "event")
+            if session is not None:
+                session._on_event(event)
+            elif event.get("type") == "session.started":
+                # A late answer to a request we gave up on: release that worker's session.
+                task = asyncio.create_task(self._close_orphan(levels[3]), name="mqtt-close-orphan")
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    async def _close_orphan(self, session_id: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.mqtt.publish(
+                self._topics.up_control(self.client_id, session_id), encode_json({"type": "close"}), qos=1
+            )
+
+
+# ---------------------------------------------------------------------------------------------------
+# worker process entry point
+
+
+def _load_handler(spec: str) -> ConnectionHandler:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"--handler must look like 'package.module:function', got {spec!r}")
+    handler: ConnectionHandler = getattr(importlib.import_module(module_name), attr)
+    return handler
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    settings = MqttSettings(
+        host=args.host,
+        port=args.port,
+        username=args.username,
+        password=os.environ.get(args.password_env),
+        topic_root=args.topic_root,
+    )
+    worker = MqttWorker(
+        _load_handler(args.handler), settings, worker_id=args.worker_id, group=args.group, input_rate=args.input_rate
+    )
+    task = asyncio.create_task(worker.run(), name="mqtt-worker")
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    ready = asyncio.create_task(worker.ready.wait())
+    await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if worker.ready.is_set():
+        print(f"ready {worker.worker_id}", flush=True)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m moss_agent.transports.mqtt --handler pkg.mod:func ...``: run one worker process."""
+    parser = argparse.ArgumentParser(description="Serve moss_agent sessions over MQTT (one worker).")
+    parser.add_argument("--handler", required=True, help="async def handler(conn), as module:function")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=1883)
+    parser.add_argument("--username")
+    parser.add_argument("--password-env", default="MOSS_MQTT_PASSWORD", help="environment variable with the password")
+    parser.add_argument("--topic-root", default="moss/v1")
+    parser.add_argument("--group", default="moss-workers")
+    parser.add_argument("--worker-id")
+    parser.add_argument("--input-rate", type=int, default=24_000)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    try:
+        asyncio.run(_serve(args))
+    except TransportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

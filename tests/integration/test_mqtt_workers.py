@@ -1,0 +1,126 @@
+"""MQTT scale-out against a real mosquitto: 2 worker processes, 6 clients, one worker killed mid-run."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("aiomqtt")
+
+from mqtt_broker import Broker, run_broker
+from transport_signals import (
+    RATE,
+    agent_tone_hz,
+    mic_tone_hz,
+    tone,
+    windows_dominated_by,
+)
+
+from moss_agent.transports.mqtt import MqttClient, MqttClientSession, MqttSettings
+
+REPO = Path(__file__).resolve().parents[2]
+CLIENTS = [f"dev{i}" for i in range(6)]
+TIMEOUT_S = 45
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory):
+    users = {"worker": "worker-secret", **{c: f"pw-{c}" for c in CLIENTS}}
+    with run_broker(tmp_path_factory.mktemp("mosquitto"), users) as running:
+        yield running
+
+
+def settings_for(broker: Broker, user: str) -> MqttSettings:
+    return MqttSettings(host=broker.host, port=broker.port, username=user, password=broker.passwords[user])
+
+
+def start_worker(broker: Broker, worker_id: str) -> subprocess.Popen[str]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "integration"), str(REPO)]),
+        "MOSS_MQTT_PASSWORD": broker.passwords["worker"],
+    }
+    command = [
+        sys.executable, "-m", "moss_agent.transports.mqtt",
+        "--handler", "transport_signals:tone_agent",
+        "--port", str(broker.port), "--username", "worker", "--worker-id", worker_id,
+    ]  # fmt: skip
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
+async def wait_ready(proc: subprocess.Popen[str], worker_id: str) -> None:
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 20)
+    assert line.strip() == f"ready {worker_id}", f"worker did not start: {line!r}"
+
+
+async def next_event(session: MqttClientSession, kind: str) -> dict:
+    async for event in session.events():
+        if event["type"] == kind:
+            return event
+    raise AssertionError(f"session ended before a {kind!r} event")
+
+
+async def converse(session: MqttClientSession, client_id: str) -> dict:
+    """Send the microphone tone, hear this client's own agent tone, and get the agent's report."""
+    hello = await next_event(session, "hello")
+    assert hello["client"] == client_id
+    mic = tone(mic_tone_hz(client_id), 1.0, RATE)
+    for start in range(0, len(mic), 2400):
+        await session.send_audio(mic[start : start + 2400])
+    heard: list[np.ndarray] = []
+    async for chunk in session.audio:
+        heard.append(chunk.pcm)
+        if windows_dominated_by(np.concatenate(heard), RATE, agent_tone_hz(client_id)) >= 5:
+            break
+    report: dict = {}
+    while report.get("seconds", 0.0) < 0.6:
+        await session.send_control({"type": "text", "text": "report"})
+        report = await next_event(session, "report")
+    pcm = np.concatenate(heard)
+    for other in set(CLIENTS) - {client_id}:
+        assert windows_dominated_by(pcm, RATE, agent_tone_hz(other)) == 0, "heard another client's audio"
+    assert abs(report["hz"] - mic_tone_hz(client_id)) < 20, report
+    return report
+
+
+async def test_two_worker_processes_serve_six_clients_and_survive_a_killed_worker(broker: Broker) -> None:
+    workers = {wid: start_worker(broker, wid) for wid in ("w1", "w2")}
+    try:
+        async with asyncio.timeout(TIMEOUT_S), contextlib.AsyncExitStack() as stack:
+            await asyncio.gather(*(wait_ready(proc, wid) for wid, proc in workers.items()))
+            clients = [await stack.enter_async_context(MqttClient(settings_for(broker, c))) for c in CLIENTS]
+            sessions = await asyncio.gather(*(c.open_session(codec="opus") for c in clients))
+            served_by = {c: s.worker_id for c, s in zip(CLIENTS, sessions, strict=True)}
+            assert set(served_by.values()) == {"w1", "w2"}, f"the broker should spread sessions: {served_by}"
+            await asyncio.gather(*(converse(s, c) for c, s in zip(CLIENTS, sessions, strict=True)))
+
+            workers["w1"].kill()
+            orphaned = [i for i, c in enumerate(CLIENTS) if served_by[c] == "w1"]
+            for i in orphaned:
+                error = await next_event(sessions[i], "error")
+                assert error["code"] == "worker_lost" and error["fatal"]
+                await asyncio.wait_for(sessions[i].ended.wait(), 5)
+            for i in set(range(len(CLIENTS))) - set(orphaned):
+                assert not sessions[i].ended.is_set()
+
+            # New sessions of the orphaned clients go to the surviving worker and work end to end.
+            retried = await asyncio.gather(*(clients[i].open_session(codec="pcm16") for i in orphaned))
+            assert {s.worker_id for s in retried} == {"w2"}
+            await asyncio.gather(*(converse(s, CLIENTS[i]) for i, s in zip(orphaned, retried, strict=True)))
+    finally:
+        for proc in workers.values():
+            if proc.poll() is None:
+                proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
