@@ -53,14 +53,24 @@ class SamplingParams:
 
 # Recommended decoding per checkpoint (model cards); text-stream settings are the generate defaults.
 PRESETS: dict[str, SamplingParams] = {
-    "moss-tts": SamplingParams(audio_temperature=1.7, audio_top_p=0.8, audio_top_k=25, audio_repetition_penalty=1.0),
-    "moss-ttsd": SamplingParams(audio_temperature=1.1, audio_top_p=0.9, audio_top_k=50, audio_repetition_penalty=1.1),
+    "moss-tts": SamplingParams(
+        audio_temperature=1.7, audio_top_p=0.8, audio_top_k=25, audio_repetition_penalty=1.0
+    ),
+    "moss-ttsd": SamplingParams(
+        audio_temperature=1.1, audio_top_p=0.9, audio_top_k=50, audio_repetition_penalty=1.1
+    ),
     "voice-generator": SamplingParams(
         audio_temperature=1.5, audio_top_p=0.6, audio_top_k=50, audio_repetition_penalty=1.1
     ),
-    "sound-effect": SamplingParams(audio_temperature=1.5, audio_top_p=0.6, audio_top_k=50, audio_repetition_penalty=1.2),
+    "sound-effect": SamplingParams(
+        audio_temperature=1.5, audio_top_p=0.6, audio_top_k=50, audio_repetition_penalty=1.2
+    ),
     "moss-tts-local": SamplingParams(
-        audio_temperature=1.0, audio_top_p=0.95, audio_top_k=50, audio_repetition_penalty=1.1, repetition_scope="sample"
+        audio_temperature=1.0,
+        audio_top_p=0.95,
+        audio_top_k=50,
+        audio_repetition_penalty=1.1,
+        repetition_scope="sample",
     ),
 }
 

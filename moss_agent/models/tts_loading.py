@@ -65,7 +65,10 @@ def build_model(
     if state_dict is None:
         state_dict = _random_state_dict(expected, device=device, dtype=dtype)
     check_state_dict(expected, state_dict, source=source)
-    cast = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state_dict.items()}
+    cast = {
+        k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+        for k, v in state_dict.items()
+    }
     model.load_state_dict(cast, strict=True, assign=True)
     _rebuild_buffers(model, device)
     model.eval().requires_grad_(False)

@@ -101,12 +101,20 @@ def test_teacher_forced_matches_upstream(case, cases, goldens, loaded):
     assert torch.equal(torch.isfinite(audio), finite)
     torch.testing.assert_close(audio[finite], expected_audio[finite], atol=tol["logits_atol"], rtol=0)
     if f"{prefix}.text_logits_last" in goldens:
-        torch.testing.assert_close(text, goldens[f"{prefix}.text_logits_last"], atol=tol["logits_atol"], rtol=0)
+        torch.testing.assert_close(
+            text, goldens[f"{prefix}.text_logits_last"], atol=tol["logits_atol"], rtol=0
+        )
     else:
         index = goldens[f"{prefix}.text_logits_last_top64_idx"]
         torch.testing.assert_close(
-            text.gather(1, index), goldens[f"{prefix}.text_logits_last_top64"], atol=tol["logits_atol"], rtol=0
+            text.gather(1, index),
+            goldens[f"{prefix}.text_logits_last_top64"],
+            atol=tol["logits_atol"],
+            rtol=0,
         )
         torch.testing.assert_close(
-            text.logsumexp(-1), goldens[f"{prefix}.text_logits_last_logsumexp"], atol=tol["logits_atol"], rtol=0
+            text.logsumexp(-1),
+            goldens[f"{prefix}.text_logits_last_logsumexp"],
+            atol=tol["logits_atol"],
+            rtol=0,
         )

@@ -15,7 +15,12 @@ from moss_agent.errors import CheckpointError
 ARCH_DELAY = "delay"
 ARCH_LOCAL = "local"
 
-_LOCAL_FIELDS = ("local_hidden_size", "local_ffn_hidden_size", "local_num_layers", "additional_mlp_ffn_hidden_size")
+_LOCAL_FIELDS = (
+    "local_hidden_size",
+    "local_ffn_hidden_size",
+    "local_num_layers",
+    "additional_mlp_ffn_hidden_size",
+)
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,9 @@ class TTSModelConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], *, source: str = "config.json") -> TTSModelConfig:
         if "language_config" not in raw or not isinstance(raw["language_config"], dict):
-            raise CheckpointError(f"{source} has no language_config; is this a MOSS-TTS Delay/Local checkpoint?")
+            raise CheckpointError(
+                f"{source} has no language_config; is this a MOSS-TTS Delay/Local checkpoint?"
+            )
         model_type = raw.get("model_type")
         if model_type not in (None, "moss_tts_delay"):
             raise CheckpointError(
@@ -73,7 +80,13 @@ class TTSModelConfig:
         if present_local and len(present_local) != len(_LOCAL_FIELDS):
             missing = sorted(set(_LOCAL_FIELDS) - set(present_local))
             raise CheckpointError(f"{source} is a Local checkpoint but lacks {', '.join(missing)}")
-        for key in ("hidden_size", "vocab_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        for key in (
+            "hidden_size",
+            "vocab_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+        ):
             if key not in raw["language_config"]:
                 raise CheckpointError(f"{source}: language_config lacks {key}")
         extra = {k: v for k, v in raw.items() if k not in names}

@@ -84,7 +84,9 @@ def generate_delay(
 
     # Per-sample state.
     last_text = text_prompt[:, -1]
-    continuing = (last_text == cfg.audio_start_token_id) | (last_text == cfg.audio_assistant_gen_slot_token_id)
+    continuing = (last_text == cfg.audio_start_token_id) | (
+        last_text == cfg.audio_assistant_gen_slot_token_id
+    )
     last_start = last_index(text_prompt, cfg.audio_start_token_id)
     is_audio = continuing & (last_start >= 0)
     audio_len = torch.where(is_audio, prompt_len - last_start, 0)
@@ -93,8 +95,14 @@ def generate_delay(
 
     vocab = model.text_logits(torch.zeros(1, cfg.hidden_size, device=device, dtype=model.dtype)).shape[-1]
     outside_audio_ban = torch.zeros(vocab, dtype=torch.bool, device=device)
-    outside_audio_ban[[cfg.pad_token_id, cfg.audio_assistant_gen_slot_token_id,
-                       cfg.audio_assistant_delay_slot_token_id, cfg.audio_end_token_id]] = True
+    outside_audio_ban[
+        [
+            cfg.pad_token_id,
+            cfg.audio_assistant_gen_slot_token_id,
+            cfg.audio_assistant_delay_slot_token_id,
+            cfg.audio_end_token_id,
+        ]
+    ] = True
     inside_audio_ban = torch.ones(vocab, dtype=torch.bool, device=device)
     inside_audio_ban[[cfg.audio_assistant_gen_slot_token_id, cfg.audio_assistant_delay_slot_token_id]] = False
 

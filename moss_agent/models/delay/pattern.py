@@ -60,7 +60,9 @@ def check_codes(codes: object, n_vq: int, audio_vocab_size: int, *, what: str) -
     if not isinstance(codes, torch.Tensor):
         raise ConfigError(f"{what} must be a tensor of codec codes [T, {n_vq}], got {type(codes).__name__}")
     if codes.dtype.is_floating_point or codes.dtype == torch.bool:
-        raise ConfigError(f"{what} must hold integer codec codes, got dtype {codes.dtype}; encode audio first")
+        raise ConfigError(
+            f"{what} must hold integer codec codes, got dtype {codes.dtype}; encode audio first"
+        )
     if codes.dim() != 2 or codes.shape[1] != n_vq:
         raise ConfigError(
             f"{what} must have shape [T, {n_vq}] (frames, codebooks), got {tuple(codes.shape)}; "
@@ -69,5 +71,7 @@ def check_codes(codes: object, n_vq: int, audio_vocab_size: int, *, what: str) -
     if codes.shape[0] == 0:
         raise ConfigError(f"{what} is empty (0 frames); give at least one frame of audio")
     if int(codes.min()) < 0 or int(codes.max()) >= audio_vocab_size:
-        raise ConfigError(f"{what} holds codes outside [0, {audio_vocab_size}); pad codes are not allowed here")
+        raise ConfigError(
+            f"{what} holds codes outside [0, {audio_vocab_size}); pad codes are not allowed here"
+        )
     return codes.to(device="cpu", dtype=torch.long)

@@ -93,7 +93,9 @@ class TTSProcessor:
 
         path = Path(folder) / "tokenizer.json"
         if not path.is_file():
-            raise CheckpointError(f"{folder} has no tokenizer.json; copy the tokenizer files next to the weights")
+            raise CheckpointError(
+                f"{folder} has no tokenizer.json; copy the tokenizer files next to the weights"
+            )
         return cls(Tokenizer.from_file(str(path)), config)
 
     # ------------------------------------------------------------------ messages
@@ -149,7 +151,9 @@ class TTSProcessor:
 
     # ------------------------------------------------------------------ prompts
 
-    def __call__(self, conversations: list[list[Message]], mode: Mode | list[Mode] = "generation") -> BatchPrompt:
+    def __call__(
+        self, conversations: list[list[Message]], mode: Mode | list[Mode] = "generation"
+    ) -> BatchPrompt:
         """Build and left-pad a batch; ``mode`` may be one value or one per conversation."""
         modes = [mode] * len(conversations) if isinstance(mode, str) else list(mode)
         if len(modes) != len(conversations):
@@ -173,7 +177,9 @@ class TTSProcessor:
         if mode == "generation" and (len(conversation) % 2 == 0 or last_role != "user"):
             raise ConfigError("generation mode needs an odd number of messages ending with a user message")
         if mode == "continuation" and (len(conversation) % 2 == 1 or last_role != "assistant"):
-            raise ConfigError("continuation mode needs user/assistant pairs ending with an assistant audio message")
+            raise ConfigError(
+                "continuation mode needs user/assistant pairs ending with an assistant audio message"
+            )
         if mode == "continuation" and not conversation[-1].audio:
             raise ConfigError("continuation mode needs audio codes in the last assistant message")
         parts = []
@@ -216,7 +222,9 @@ class TTSProcessor:
         ids = torch.tensor(self.tokenizer.encode(text).ids, dtype=torch.long)  # type: ignore[attr-defined]
         starts = (ids == config.audio_start_token_id).nonzero().flatten().tolist()
         if len(starts) != len(audio):
-            raise ConfigError(f"the {message.role} text holds audio start/end markers of its own; remove them")
+            raise ConfigError(
+                f"the {message.role} text holds audio start/end markers of its own; remove them"
+            )
         audio_rows = ids.new_full((len(ids), n_vq), config.audio_pad_code)
         for start, codes in zip(starts, audio, strict=True):
             block = apply_delay(codes, config.audio_pad_code) if self.delayed else codes

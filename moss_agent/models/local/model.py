@@ -67,7 +67,13 @@ class LocalTransformer(nn.Module):
         cos = x.new_ones(1, 1, self.head_dim)
         sin = x.new_zeros(1, 1, self.head_dim)
         for layer in self.layers:
-            x = layer(x, attention_mask=None, position_embeddings=(cos, sin), cache=cache, use_cache=cache is not None)
+            x = layer(
+                x,
+                attention_mask=None,
+                position_embeddings=(cos, sin),
+                cache=cache,
+                use_cache=cache is not None,
+            )
         return self.norm(x)
 
 
@@ -81,7 +87,9 @@ class _Backbone(nn.Module):
             [nn.Embedding(config.vocab_size, hidden)]
             + [nn.Embedding(config.audio_vocab_size + 1, hidden) for _ in range(config.n_vq)]
         )
-        self.language_model = Qwen3Model(config.qwen3_config())  # its embed_tokens is unused, kept for the keys
+        self.language_model = Qwen3Model(
+            config.qwen3_config()
+        )  # its embed_tokens is unused, kept for the keys
 
 
 class MossTTSLocalModel(nn.Module):
@@ -104,7 +112,9 @@ class MossTTSLocalModel(nn.Module):
         )
         self.local_transformer = LocalTransformer(local_config)
         self.speech_embedding_to_local_mlp = SwiGLU(hidden, adapter, local)
-        self.local_to_speech_embedding_mlps = nn.ModuleList(SwiGLU(local, adapter, hidden) for _ in range(channels))
+        self.local_to_speech_embedding_mlps = nn.ModuleList(
+            SwiGLU(local, adapter, hidden) for _ in range(channels)
+        )
         self.layer_norm_before_lm_heads = nn.ModuleList(PlainRMSNorm(hidden) for _ in range(channels))
         self.lm_heads = nn.ModuleList(
             [nn.Linear(hidden, config.vocab_size, bias=False)]
@@ -192,7 +202,9 @@ class MossTTSLocalModel(nn.Module):
         logits = [self.channel_logits(c, local_out[:, :, c]) for c in range(channels)]
         losses = torch.stack(
             [
-                F.cross_entropy(lg.float().reshape(-1, lg.shape[-1]), labels[..., c].reshape(-1), ignore_index=-100)
+                F.cross_entropy(
+                    lg.float().reshape(-1, lg.shape[-1]), labels[..., c].reshape(-1), ignore_index=-100
+                )
                 for c, lg in enumerate(logits)
             ]
         )
