@@ -1,0 +1,118 @@
+"""MQTT isolation and input validation against a real mosquitto with a password file and topic ACLs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+pytest.importorskip("aiomqtt")
+
+import aiomqtt
+from mqtt_broker import Broker, run_broker
+from transport_signals import RATE, tone, tone_agent
+
+from moss_agent.errors import TransportError
+from moss_agent.transports.mqtt import MqttClient, MqttClientSession, MqttSettings, MqttWorker
+from moss_agent.transports.mqtt_protocol import AudioHeader, Topics, encode_audio_packet
+
+TIMEOUT_S = 30
+TOPICS = Topics()
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory):
+    users = {"worker": "worker-secret", "dev1": "pw-dev1", "dev2": "pw-dev2", "dev3": "pw-dev3"}
+    with run_broker(tmp_path_factory.mktemp("mosquitto"), users) as running:
+        yield running
+
+
+def settings_for(broker: Broker, user: str, password: str | None = None) -> MqttSettings:
+    return MqttSettings(
+        host=broker.host, port=broker.port, username=user, password=password or broker.passwords[user]
+    )
+
+
+@pytest.fixture
+async def worker(broker: Broker):
+    serving = MqttWorker(tone_agent, settings_for(broker, "worker"), worker_id="solo")
+    task = asyncio.create_task(serving.run())
+    await asyncio.wait_for(serving.ready.wait(), 10)
+    yield serving
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def next_event(session: MqttClientSession, kind: str) -> dict:
+    async for event in session.events():
+        if event["type"] == kind:
+            return event
+    raise AssertionError(f"session ended before a {kind!r} event")
+
+
+@pytest.mark.parametrize(("user", "password"), [("dev1", "wrong"), ("mallory", "anything")])
+async def test_unauthorised_clients_are_refused(broker: Broker, user: str, password: str) -> None:
+    with pytest.raises(TransportError, match="could not connect"):
+        async with MqttClient(MqttSettings(host=broker.host, port=broker.port, username=user, password=password)):
+            pass
+
+
+async def test_a_client_cannot_read_or_write_another_clients_topics(broker: Broker, worker: MqttWorker) -> None:
+    async with asyncio.timeout(TIMEOUT_S), MqttClient(settings_for(broker, "dev1")) as victim:
+        session = await victim.open_session(codec="pcm16")
+        spy = aiomqtt.Client(
+            broker.host, broker.port, username="dev2", password=broker.passwords["dev2"],
+            protocol=aiomqtt.ProtocolVersion.V5,
+        )  # fmt: skip
+        async with spy:
+            # mosquitto may grant the SUBACK; its ACL then filters every delivery, which is what matters.
+            await spy.subscribe(TOPICS.down_audio("dev1", session.id), qos=0)
+            await spy.subscribe("moss/v1/c/+/request", qos=0)
+            await spy.subscribe("moss/v1/#", qos=0)
+            await spy.subscribe(TOPICS.client_event("dev2"), qos=1)
+            # The victim hears its agent while the spy listens ...
+            async for _ in session.audio:
+                break
+            # ... and the spy's own marker, published after that, is the only thing it ever receives.
+            await spy.publish(TOPICS.client_event("dev2"), b'{"type":"marker"}', qos=1)
+            # A forged control message in the victim's name is dropped by the broker.
+            await spy.publish(TOPICS.up_control("dev1", session.id), b'{"type":"close"}', qos=1)
+            async for message in spy.messages:
+                assert str(message.topic) == TOPICS.client_event("dev2"), f"leaked {message.topic}"
+                break
+        await session.send_control({"type": "text", "text": "report"})
+        assert (await next_event(session, "report"))["type"] == "report"
+        assert not session.ended.is_set()
+
+
+async def test_malformed_payloads_get_error_events_and_the_session_keeps_working(
+    broker: Broker, worker: MqttWorker
+) -> None:
+    async with asyncio.timeout(TIMEOUT_S), MqttClient(settings_for(broker, "dev3")) as client:
+        session = await client.open_session(codec="opus")
+        mqtt = client.mqtt
+        bad_audio = [
+            b"xx",
+            b"NOPE" + bytes(20),
+            encode_audio_packet(AudioHeader("pcm16", RATE, 0), b"\x00\x01" * 480),  # wrong codec for the session
+            encode_audio_packet(AudioHeader("opus", RATE, 1), b"\xff\xfe garbage"),
+        ]
+        for payload in bad_audio:
+            await mqtt.publish(TOPICS.up_audio("dev3", session.id), payload, qos=1)
+            assert (await next_event(session, "error"))["code"] == "bad_request"
+        for payload in (b"{oops", b"[1,2]", b'{"type":"self-destruct"}', b'{"type":"text","text":5}'):
+            await mqtt.publish(TOPICS.up_control("dev3", session.id), payload, qos=1)
+            assert (await next_event(session, "error"))["code"] == "bad_request"
+        await mqtt.publish(TOPICS.request("dev3"), b'{"type":"session.request","session":"a/b"}', qos=1)
+        async for event in client.client_events():
+            assert event["type"] == "error" and "session id" in event["message"]
+            break
+        # Still alive: good audio is heard and reported.
+        await session.send_audio(tone(1500.0, 0.8, RATE))
+        report: dict = {}
+        while report.get("seconds", 0.0) < 0.5:
+            await session.send_control({"type": "text", "text": "report"})
+            report = await next_event(session, "report")
+        assert abs(report["hz"] - 1500.0) < 20
