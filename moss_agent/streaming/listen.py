@@ -61,20 +61,24 @@ VAD_WINDOW = 512
 
 
 class AudioRing:
-    """The last ``capacity`` samples of a stream, addressed by absolute sample position."""
+    """The last ``capacity`` samples of a stream, addressed by absolute sample position (circular, no copies on append)."""
 
     def __init__(self, capacity: int) -> None:
         self._buffer = np.zeros(capacity, dtype=np.float32)
         self.end = 0  # absolute position one past the newest sample
 
     def append(self, pcm: FloatArray) -> None:
-        n = len(pcm)
         cap = len(self._buffer)
-        if n >= cap:
-            self._buffer[:] = pcm[-cap:]
-        else:
-            self._buffer = np.roll(self._buffer, -n)
-            self._buffer[-n:] = pcm
+        n = len(pcm)
+        if n == 0:
+            return
+        if n > cap:
+            pcm, self.end = pcm[-cap:], self.end + n - cap
+            n = cap
+        head = self.end % cap
+        first = min(n, cap - head)
+        self._buffer[head : head + first] = pcm[:first]
+        self._buffer[: n - first] = pcm[first:]
         self.end += n
 
     def slice(self, start: int, stop: int) -> FloatArray:
@@ -84,8 +88,8 @@ class AudioRing:
         stop = min(stop, self.end)
         if stop <= start:
             return np.zeros(0, dtype=np.float32)
-        offset = self.end - cap
-        return self._buffer[start - offset : stop - offset].copy()
+        index = np.arange(start, stop) % cap
+        return self._buffer[index]
 
 
 @dataclass(frozen=True, slots=True)

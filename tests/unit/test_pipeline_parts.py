@@ -151,3 +151,18 @@ async def test_fake_speaker_plays_on_its_clock_and_clear_drops_unplayed_audio() 
     assert speaker.played_s(2) == pytest.approx(0.5)
     assert len(speaker.played_audio(2)) == 12000
     await speaker.aclose()
+
+
+def test_audio_ring_keeps_the_newest_samples_by_absolute_position() -> None:
+    from moss_agent.streaming.listen import AudioRing
+
+    ring = AudioRing(10)
+    signal = np.arange(37, dtype=np.float32)
+    for start in range(0, 37, 4):
+        ring.append(signal[start : start + 4])
+    ring.append(np.zeros(0, dtype=np.float32))
+    assert ring.end == 37
+    np.testing.assert_array_equal(ring.slice(30, 37), signal[30:37])
+    np.testing.assert_array_equal(ring.slice(0, 37), signal[27:37])  # older samples are gone
+    ring.append(np.arange(100, 125, dtype=np.float32))  # longer than the ring
+    np.testing.assert_array_equal(ring.slice(0, ring.end), np.arange(115, 125, dtype=np.float32))

@@ -1,0 +1,66 @@
+"""Shared pieces for the pipeline integration tests: backends to run against, speech, a transcriber.
+
+The ``speech_backend`` fixture is parametrized: add an entry to ``BACKENDS`` (e.g. the real engine
+on a tiny checkpoint) and every pipeline test runs against it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+
+from moss_agent.events import Event, FloatArray
+from moss_agent.streaming.clock import Clock
+from moss_agent.streaming.session import EventStream
+from moss_agent.testing.backend import FakeSpeechBackend
+
+SPEED = 20.0  # the fake engine, speaker and microphone run this many times faster than real time
+
+
+def fake_backend(clock: Clock) -> FakeSpeechBackend:
+    return FakeSpeechBackend(clock=clock, rtf=0.25, ttfa_s=0.05)
+
+
+BACKENDS: dict[str, Callable[[Clock], Any]] = {"fake": fake_backend}
+
+
+class HttpTranscriber:
+    """Speech recognition over the OpenAI transcriptions API (what a deployment would call)."""
+
+    def __init__(self, base_url: str) -> None:
+        import openai
+
+        self._client = openai.AsyncOpenAI(base_url=base_url, api_key="test", max_retries=0)
+
+    async def transcribe(self, pcm: FloatArray, sample_rate: int) -> str:
+        buffer = io.BytesIO()
+        sf.write(buffer, pcm, sample_rate, format="WAV", subtype="PCM_16")
+        result = await self._client.audio.transcriptions.create(
+            model="whisper-1", file=("utterance.wav", buffer.getvalue(), "audio/wav")
+        )
+        return str(result.text)
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+
+def dominant_hz(pcm: FloatArray, sample_rate: int) -> float:
+    spectrum = np.abs(np.fft.rfft(pcm.astype(np.float64)))
+    return float(np.argmax(spectrum) * sample_rate / len(pcm))
+
+
+async def next_event(events: EventStream, kind: type, timeout: float = 20.0, **match: Any) -> Any:
+    """The next event of ``kind`` whose attributes equal ``match`` (others are skipped)."""
+
+    async def find() -> Event:
+        async for event in events:
+            if isinstance(event, kind) and all(getattr(event, k) == v for k, v in match.items()):
+                return event
+        raise AssertionError(f"the session closed before a {kind.__name__} {match}")
+
+    return await asyncio.wait_for(find(), timeout)
