@@ -51,7 +51,7 @@ def run(loaded: LoadedTTS, goldens: dict, prompt: str, **kwargs):
 
 @pytest.mark.parametrize("case", ["reference", "continuation", "batch"])
 def test_greedy_generation_matches_upstream(case, loaded, goldens, generation_cases):
-    results = run(loaded, goldens, case, upstream_trailing_frame=True)
+    results = run(loaded, goldens, case, upstream_compatible=True)
     expected = generation_cases[f"delay.generate.{case}"]
     assert len(results) == len(expected)
     for index, (result, facts) in enumerate(zip(results, expected, strict=True)):
@@ -70,7 +70,7 @@ def test_greedy_generation_matches_upstream(case, loaded, goldens, generation_ca
 
 @pytest.mark.parametrize("case", ["reference", "continuation"])
 def test_fixed_flush_has_no_trailing_junk_frame(case, loaded, goldens):
-    (upstream,) = run(loaded, goldens, case, upstream_trailing_frame=True)
+    (upstream,) = run(loaded, goldens, case, upstream_compatible=True)
     (fixed,) = run(loaded, goldens, case)
     n_vq = loaded.config.n_vq
     text = fixed.rows[:, 0].tolist()

@@ -5,7 +5,7 @@ Each step the text channel is either forced (delay-slot flush, then ``<|audio_en
 under masks (outside audio: no pad / slots / audio_end; inside audio: only gen or delay slot), and
 codebook k is sampled once the audio span is k rows old and until the flush has passed it.
 
-Documented departures (``upstream_trailing_frame=False``, the default): upstream samples every
+Documented departures (``upstream_compatible=False``, the default): upstream samples every
 codebook on the row where the model picks the first delay slot, so it emits one junk frame after
 the last real one and a one-row-longer flush than training used. Here that row already counts as
 the first flush row (codebooks >= 1 only), giving the training layout: T gen rows, n-1 delay rows.
@@ -62,7 +62,7 @@ def generate_delay(
     params: SamplingParams | None = None,
     max_new_tokens: int = 2000,
     generator: torch.Generator | None = None,
-    upstream_trailing_frame: bool = False,
+    upstream_compatible: bool = False,
 ) -> list[GeneratedSample]:
     """input_ids: [B, L, 1 + n_vq] left padded; attention_mask: [B, L] bool.
 
@@ -143,7 +143,7 @@ def generate_delay(
         stopped = stopped | (text == cfg.im_end_token_id)
 
         new_flush = (flush == _NOT_FLUSHING) & (text == cfg.audio_assistant_delay_slot_token_id)
-        if not upstream_trailing_frame:
+        if not upstream_compatible:
             flush = torch.where(new_flush, 1, flush)
         started = audio_len[:, None] > rows_per_step
         not_flushed = (flush == _NOT_FLUSHING)[:, None] | (rows_per_step >= flush[:, None])
@@ -158,7 +158,7 @@ def generate_delay(
             | (text == cfg.audio_assistant_delay_slot_token_id)
         )
         audio_len = torch.where(text == cfg.audio_end_token_id, 0, audio_len + grows.long())
-        if upstream_trailing_frame:
+        if upstream_compatible:
             flush = torch.where(new_flush, 0, flush)
         flush = torch.where(flush != _NOT_FLUSHING, flush + 1, flush)
         flush = torch.where((flush > n_vq) & (flush != _NOT_FLUSHING), _NOT_FLUSHING, flush)
