@@ -11,6 +11,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ class SileroVad:
     frame_duration_s: float = window / sample_rate
 
     def __init__(self) -> None:
-        self._model = _load_model()
+        self._model: Any = _load_model()  # TorchScript module with reset_states()
         self._pending = np.zeros(0, dtype=np.float32)
         self._lock = threading.Lock()
 
@@ -75,7 +76,7 @@ class SileroVad:
         return int(self._pending.shape[0])
 
 
-def _load_model() -> torch.nn.Module:
+def _load_model() -> Any:
     # silero_vad calls torch.set_num_threads(1) when imported; that would slow every other CPU
     # model in this thread, so the setting is put back.
     threads = torch.get_num_threads()
