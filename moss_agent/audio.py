@@ -42,8 +42,10 @@ SampleFormat = Literal["pcm16", "float32"]
 ResampleQuality = Literal["QQ", "LQ", "MQ", "HQ", "VHQ"]
 
 _PCM16_SCALE = 32768.0
-# One MPEG audio frame: mp3 length headers (Xing/LAME) may be off by this much on an intact file.
-_MP3_FRAME = 1152
+# An mp3's declared length comes from its Xing/LAME header or, without one, an estimate from the
+# file size; allow a couple of MPEG frames (1152 samples each) or 2 % before calling it truncated.
+_MP3_LENGTH_SLACK_FRAMES = 2 * 1152
+_MP3_LENGTH_SLACK_FRACTION = 0.02
 # AAC encoder priming (2112 samples) and container rounding make a decoded m4a a little shorter than
 # its declared duration; only a larger shortfall means the file was cut.
 _DECLARED_DURATION_SLACK_S = 0.1
@@ -234,7 +236,9 @@ def _decode_soundfile(handle: IO[bytes], label: str, size: int) -> tuple[np.ndar
         raise AudioError(f"cannot decode {label}: the file is corrupt ({exc})") from None
 
     read = samples.shape[0]
-    tolerance = _MP3_FRAME if audio_format == "MP3" else 0
+    tolerance = 0
+    if audio_format == "MP3":
+        tolerance = max(_MP3_LENGTH_SLACK_FRAMES, int(_MP3_LENGTH_SLACK_FRACTION * declared))
     if read + tolerance < declared:
         raise AudioError(
             f"{label} is truncated: its header declares {declared} frames but only {read} could be "
@@ -393,7 +397,10 @@ def _as_mono_float(x: np.ndarray, label: str) -> np.ndarray:
     samples = np.asarray(x)
     if samples.ndim != 1:
         raise AudioError(f"{label} must be mono with shape [T], got shape {samples.shape}")
-    if samples.dtype.kind not in "fiu":
-        raise AudioError(f"{label} must be numeric, got dtype {samples.dtype}")
+    if samples.dtype.kind != "f":
+        raise AudioError(
+            f"{label} must be float samples in [-1, 1], got dtype {samples.dtype}; "
+            "convert PCM16 with pcm16_to_float"
+        )
     _check_finite(samples, label)
     return np.ascontiguousarray(samples, dtype=np.float32)

@@ -63,13 +63,15 @@ class OpenAITranscriber:
     """Transcribe through ``POST {base_url}/audio/transcriptions`` (OpenAI, or any compatible server).
 
     The utterance is sent as a 16 kHz PCM16 wav built in memory. ``language`` is an ISO-639-1 hint
-    such as "en"; ``prompt`` biases the vocabulary. Requires the ``llm`` extra (the openai package).
+    such as "en"; ``prompt`` biases the vocabulary. ``base_url`` is explicit (for OpenAI itself:
+    "https://api.openai.com/v1") so that nothing is read from the environment. Requires the ``llm``
+    extra (the openai package).
     """
 
     def __init__(
         self,
-        base_url: str | None = None,
-        api_key: str = "not-needed",
+        base_url: str,
+        api_key: str,
         model: str = "whisper-1",
         language: str | None = None,
         timeout: float = 30.0,
@@ -99,7 +101,7 @@ class OpenAITranscriber:
             options["language"] = self.language
         if self.prompt:
             options["prompt"] = self.prompt
-        where = self.base_url or "the OpenAI API"
+        where = self.base_url
         openai = self._openai
         try:
             result = await self._client.audio.transcriptions.create(response_format="json", **options)
@@ -124,6 +126,9 @@ class OpenAITranscriber:
         text = result if isinstance(result, str) else getattr(result, "text", None)
         if not isinstance(text, str):
             raise STTError(f"the transcription endpoint at {where} returned no text: {result!r}")
+        logger.debug(
+            "utterance transcribed", extra={"audio_s": audio.size / RECOGNIZER_RATE, "chars": len(text)}
+        )
         return text.strip()
 
     async def aclose(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -131,3 +133,18 @@ def test_bad_input_raises_audio_error(vad: SileroVad, pcm: np.ndarray, message: 
     with pytest.raises(AudioError, match=message):
         vad.probabilities(pcm)
     assert vad.pending_samples == 0
+
+
+def test_vad_leaves_torch_thread_count_alone() -> None:
+    """silero_vad sets torch to one thread on import; other CPU models in the process must not slow down."""
+    code = (
+        "import torch\n"
+        "torch.set_num_threads(2)\n"
+        "from moss_agent.speech.vad import SileroVad\n"
+        "import numpy as np\n"
+        "vad = SileroVad()\n"
+        "vad.probabilities(np.zeros(2048, dtype=np.float32))\n"
+        "print(torch.get_num_threads())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "2"

@@ -4,6 +4,8 @@ conversion, wav writing, and a clear AudioError for every kind of bad input."""
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import av
@@ -362,5 +364,17 @@ def test_non_finite_or_misshaped_samples_are_rejected(tmp_path: Path) -> None:
         write_wav(tmp_path / "bad.wav", x, 16000)
     with pytest.raises(AudioError, match="shape"):
         resample(np.zeros((2, 100), dtype=np.float32), 16000, 24000)
+    with pytest.raises(AudioError, match="pcm16_to_float"):
+        StreamResampler(16000, 24000).process(np.zeros(320, dtype=np.int16))
     with pytest.raises(AudioError, match="cannot write"):
         write_wav(tmp_path / "missing_dir" / "out.wav", np.zeros(10, dtype=np.float32), 16000)
+
+
+def test_audio_and_speech_recognition_do_not_import_torch() -> None:
+    """The asyncio side (transports, pipeline) uses these modules and must stay torch-free."""
+    code = (
+        "import sys, moss_agent.audio, moss_agent.speech, moss_agent.speech.stt, moss_agent.testing.speech\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
