@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from moss_agent.audio import StreamResampler
 from moss_agent.config import SessionConfig
 from moss_agent.errors import ConfigError, MossError, SessionClosedError
 from moss_agent.events import (
@@ -197,6 +198,9 @@ class Session:
         self._current: _Turn | None = None
         self._pending_user: list[Utterance] = []
         self._listener: Listener | None = None
+        self._far_resampler = (
+            StreamResampler(backend.sample_rate, echo_canceller.sample_rate) if echo_canceller is not None else None
+        )
         self._ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._closed = False
@@ -534,8 +538,8 @@ class Session:
                     turn.last_frame_span = max(1, chunk.frame_index - previous_frame)
                 previous_frame = chunk.frame_index
                 tl.frames = chunk.frame_index + turn.last_frame_span
-            if self.echo_canceller is not None:
-                self.echo_canceller.feed_far(chunk.pcm)
+            if self.echo_canceller is not None and self._far_resampler is not None:
+                self.echo_canceller.feed_far(self._far_resampler.process(chunk.pcm))
             turn.audio_started = turn.playing = True
             if self.output is not None:
                 await self.output.write(chunk)
