@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from moss_agent.errors import CheckpointError
+from moss_agent.errors import CheckpointError, ConfigError
+from moss_agent.models.batch_sampling import SamplingParams, preset
 from moss_agent.models.delay.config import ARCH_DELAY, ARCH_LOCAL, TTSModelConfig
+from moss_agent.models.delay.generation import GeneratedSample, generate_delay
 from moss_agent.models.delay.model import MossTTSDelayModel
-from moss_agent.models.delay.processor import TTSProcessor
+from moss_agent.models.delay.processor import BatchPrompt, TTSProcessor
+from moss_agent.models.delay.requests import Request, prepare_batch
 from moss_agent.models.loading import (
     check_state_dict,
     load_safetensors,
@@ -21,6 +25,7 @@ from moss_agent.models.loading import (
     read_config,
     resolve_checkpoint,
 )
+from moss_agent.models.local.generation import generate_local
 from moss_agent.models.local.model import MossTTSLocalModel
 
 log = logging.getLogger(__name__)
@@ -40,6 +45,49 @@ class LoadedTTS:
     @property
     def architecture(self) -> str:
         return self.config.architecture
+
+    def prepare(self, requests: Sequence[Request]) -> BatchPrompt:
+        """Validated requests -> left-padded prompt batch."""
+        return prepare_batch(self.processor, requests)
+
+    def generate(
+        self,
+        prompt: BatchPrompt | Sequence[Request],
+        *,
+        params: SamplingParams | None = None,
+        max_new_tokens: int = 2000,
+        generator: torch.Generator | None = None,
+        upstream_compatible: bool = False,
+        n_vq_for_inference: int | None = None,
+    ) -> list[GeneratedSample]:
+        """Generate for a prompt batch (or requests); one GeneratedSample per item, in order.
+
+        ``params`` defaults to the architecture's recommended preset ("moss-tts" / "moss-tts-local").
+        """
+        if not isinstance(prompt, BatchPrompt):
+            prompt = self.prepare(prompt)
+        if isinstance(self.model, MossTTSLocalModel):
+            return generate_local(
+                self.model,
+                prompt.input_ids,
+                prompt.attention_mask,
+                params=params or preset("moss-tts-local"),
+                max_new_tokens=max_new_tokens,
+                n_vq_for_inference=n_vq_for_inference,
+                generator=generator,
+                upstream_compatible=upstream_compatible,
+            )
+        if n_vq_for_inference is not None:
+            raise ConfigError("n_vq_for_inference is a Local model option; Delay models use all codebooks")
+        return generate_delay(
+            self.model,
+            prompt.input_ids,
+            prompt.attention_mask,
+            params=params or preset("moss-tts"),
+            max_new_tokens=max_new_tokens,
+            generator=generator,
+            upstream_compatible=upstream_compatible,
+        )
 
 
 def model_class(config: TTSModelConfig) -> type[TTSModel]:
