@@ -106,6 +106,7 @@ class MqttWorker:
         worker_id: str | None = None,
         group: str = "moss-workers",
         input_rate: int = 24_000,
+        output_rate: int = 24_000,
         max_sessions: int = 64,
         playback_buffer_s: float = 1.0,
     ) -> None:
@@ -115,6 +116,7 @@ class MqttWorker:
         self.worker_id = check_name(worker_id or uuid.uuid4().hex[:12], "worker id")
         self._group = check_name(group, "group")
         self._input_rate = input_rate
+        self._output_rate = output_rate
         self._max_sessions = max_sessions
         self._playback_buffer_s = playback_buffer_s
         self._sessions: dict[tuple[str, str], _WorkerSession] = {}
@@ -209,7 +211,7 @@ class _WorkerSession:
         self.rate = rate
         self._decoder = AudioDecoder(codec, rate)
         self.input = QueueAudioInput(worker._input_rate)
-        self.output = PlaybackBuffer(rate, max_buffer_s=worker._playback_buffer_s)
+        self.output = PlaybackBuffer(rate, sample_rate=worker._output_rate, max_buffer_s=worker._playback_buffer_s)
         self.conn = Connection(
             f"{client_id}/{session_id}",
             self.input,

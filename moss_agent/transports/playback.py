@@ -30,18 +30,21 @@ logger = logging.getLogger(__name__)
 
 
 class PlaybackBuffer:
-    """Thread-safe FIFO of agent audio at ``sample_rate``; implements AudioOutput.
+    """Thread-safe FIFO of agent audio played at ``play_rate``; implements AudioOutput.
 
+    ``sample_rate`` is the rate producers are expected to write (default: ``play_rate``); chunks at
+    any rate are accepted and resampled to ``play_rate``, the rate ``pull`` counts samples in.
     ``write``/``flush``/``clear`` run on the event loop; ``pull`` may run on any thread.
     """
 
-    def __init__(self, sample_rate: int, *, max_buffer_s: float = 1.0) -> None:
-        if sample_rate <= 0:
-            raise ConfigError(f"sample_rate must be positive, got {sample_rate}")
+    def __init__(self, play_rate: int, *, sample_rate: int | None = None, max_buffer_s: float = 1.0) -> None:
+        if play_rate <= 0 or (sample_rate is not None and sample_rate <= 0):
+            raise ConfigError(f"sample rates must be positive, got {play_rate} and {sample_rate}")
         if max_buffer_s <= 0:
             raise ConfigError(f"max_buffer_s must be positive, got {max_buffer_s}")
-        self.sample_rate = sample_rate
-        self._max_samples = int(max_buffer_s * sample_rate)
+        self.play_rate = play_rate
+        self.sample_rate = sample_rate or play_rate
+        self._max_samples = int(max_buffer_s * play_rate)
         self._lock = threading.Lock()
         self._segments: collections.deque[tuple[int, FloatArray]] = collections.deque()
         self._queued = 0
@@ -115,7 +118,7 @@ class PlaybackBuffer:
 
     def played_s(self, turn_id: int) -> float:
         with self._lock:
-            return self._played.get(turn_id, 0) / self.sample_rate
+            return self._played.get(turn_id, 0) / self.play_rate
 
     def on_progress(self, callback: PlaybackCallback) -> None:
         self._callbacks.append(callback)
@@ -124,7 +127,7 @@ class PlaybackBuffer:
     def queued_s(self) -> float:
         """Seconds written but not yet pulled."""
         with self._lock:
-            return self._queued / self.sample_rate
+            return self._queued / self.play_rate
 
     # -- clock side (any thread) ---------------------------------------------------------------------
 
@@ -165,7 +168,7 @@ class PlaybackBuffer:
             self._queued += len(pcm)
 
     def _resample(self, pcm: FloatArray, from_rate: int, turn_id: int) -> FloatArray:
-        if from_rate == self.sample_rate:
+        if from_rate == self.play_rate:
             return pcm
         if from_rate <= 0:
             raise AudioError(f"AudioChunk.sample_rate must be positive, got {from_rate}")
@@ -173,7 +176,7 @@ class PlaybackBuffer:
         if self._resampler_key != key:
             # A new turn (or rate) starts a fresh stream; the old stream's tail belongs to its turn.
             self._drain_resampler()
-            self._resampler = StreamResampler(from_rate, self.sample_rate)
+            self._resampler = StreamResampler(from_rate, self.play_rate)
             self._resampler_key = key
         assert self._resampler is not None
         return np.asarray(self._resampler.process(pcm), dtype=np.float32)
@@ -209,7 +212,7 @@ class PlaybackBuffer:
         if not progressed:
             return
         for turn_id, samples in progressed.items():
-            seconds = samples / self.sample_rate
+            seconds = samples / self.play_rate
             for callback in self._callbacks:
                 try:
                     callback(turn_id, seconds)

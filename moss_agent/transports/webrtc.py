@@ -99,8 +99,8 @@ def make_paced_track(buffer: PlaybackBuffer, *, pacer: FramePacer | None = None)
     because aiortc's Opus encoder upmixes mono with a -3 dB gain.
     """
     av = require("av", "webrtc")
-    if buffer.sample_rate != RTC_RATE:
-        raise ConfigError(f"a WebRTC track plays 48 kHz audio; the buffer is at {buffer.sample_rate} Hz")
+    if buffer.play_rate != RTC_RATE:
+        raise ConfigError(f"a WebRTC track plays 48 kHz audio; the buffer plays at {buffer.play_rate} Hz")
     paced = pacer or FramePacer(FRAME_SAMPLES, RTC_RATE)
     time_base = fractions.Fraction(1, RTC_RATE)
 
@@ -181,7 +181,8 @@ class WebRTCServer:
 
     ``token=None`` disables authentication (only sensible on 127.0.0.1). ``loopback_only`` keeps ICE
     on 127.0.0.1 (tests, local demos); ``ice_servers`` is a list of ``aiortc.RTCIceServer`` (STUN/
-    TURN) for real networks and defaults to none.
+    TURN) for real networks and defaults to none. ``input_rate`` is the rate ``conn.input`` yields;
+    ``output_rate`` the rate ``conn.output`` advertises (any rate is accepted and resampled to 48 kHz).
     """
 
     def __init__(
@@ -192,6 +193,7 @@ class WebRTCServer:
         host: str = "127.0.0.1",
         port: int = 0,
         input_rate: int = 24_000,
+        output_rate: int = 24_000,
         ice_servers: list[Any] | None = None,
         loopback_only: bool = False,
         max_peers: int = 32,
@@ -206,6 +208,7 @@ class WebRTCServer:
         self._host = host
         self._port = port
         self._input_rate = input_rate
+        self._output_rate = output_rate
         self._ice_servers = list(ice_servers or [])
         self._loopback_only = loopback_only
         self._max_peers = max_peers
@@ -324,7 +327,9 @@ class _Peer:
         self._server = server
         self._pc = aiortc.RTCPeerConnection(aiortc.RTCConfiguration(iceServers=server._ice_servers))
         self._events = EventChannel()
-        self.output = PlaybackBuffer(RTC_RATE, max_buffer_s=server._playback_buffer_s)
+        self.output = PlaybackBuffer(
+            RTC_RATE, sample_rate=server._output_rate, max_buffer_s=server._playback_buffer_s
+        )
         self.input = QueueAudioInput(server._input_rate)
         self.conn = Connection(peer_id, self.input, self.output, self._events.send, client_id=client_id)
         self.client_stats: JsonDict = {}

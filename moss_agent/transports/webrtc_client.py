@@ -41,6 +41,7 @@ class WebRTCClient:
         token: str | None = None,
         client_id: str = "",
         input_rate: int = 24_000,
+        output_rate: int = 24_000,
         ice_servers: list[Any] | None = None,
         loopback_only: bool = False,
         timeout_s: float = 15.0,
@@ -53,7 +54,7 @@ class WebRTCClient:
         self._loopback_only = loopback_only
         self._timeout_s = timeout_s
         self._on_frame = on_frame
-        self.output = PlaybackBuffer(RTC_RATE)
+        self.output = PlaybackBuffer(RTC_RATE, sample_rate=output_rate)
         self.input = QueueAudioInput(input_rate)
         self.connection_id = ""
         self._events: asyncio.Queue[JsonDict | None] = asyncio.Queue()
