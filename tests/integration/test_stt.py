@@ -9,6 +9,9 @@ import socket
 import numpy as np
 import pytest
 
+pytest.importorskip("pocketsphinx", reason="the [stt] extra (pocketsphinx) is not installed")
+pytest.importorskip("openai", reason="the [llm] extra (openai) is not installed")
+
 from moss_agent.errors import STTError
 from moss_agent.speech.stt import OpenAITranscriber, PocketSphinxRecognizer, SpeechRecognizer
 from moss_agent.testing.openai_server import FakeOpenAIServer

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,12 @@ import pytest
 
 from moss_agent.audio import StreamResampler, load_audio, resample
 from moss_agent.errors import AudioError
+
+# find_spec, not importorskip: importing silero_vad directly would set torch to one thread for the
+# rest of the test session (SileroVad undoes that, a bare import does not).
+if importlib.util.find_spec("silero_vad") is None:
+    pytest.skip("the [vad] extra (silero-vad) is not installed", allow_module_level=True)
+
 from moss_agent.speech.vad import SileroVad
 from moss_agent.testing.speech import ESPEAK_MISSING_REASON, espeak_ng_path, silence, synthesize_speech
 
