@@ -67,9 +67,10 @@ def resolve_device(spec: DeviceSpec, kind: str) -> dict[str, Any]:
         default = sd.default.device[0 if kind == "input" else 1]
         chosen = next((d for d in devices if d["index"] == default), devices[0])
     elif isinstance(spec, int) and not isinstance(spec, bool):
-        chosen = next((d for d in devices if d["index"] == spec), None)
-        if chosen is None:
+        by_index = [d for d in devices if d["index"] == spec]
+        if not by_index:
             raise TransportError(f"no {kind} device with index {spec}; {kind} devices are: {available}")
+        chosen = by_index[0]
     elif isinstance(spec, str):
         exact = [d for d in devices if d["name"].lower() == spec.lower()]
         partial = [d for d in devices if spec.lower() in d["name"].lower()]

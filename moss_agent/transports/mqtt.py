@@ -478,14 +478,14 @@ class MqttClient:
             else:
                 self._client_events.put_nowait(event)
         elif len(levels) == 6 and levels[2] == "s" and levels[4] == "down":
-            session = self._sessions.get(levels[3])
+            target = self._sessions.get(levels[3])
             if levels[5] == "audio":
-                if session is not None:
-                    session._on_audio(payload)
+                if target is not None:
+                    target._on_audio(payload)
                 return
             event = decode_json(payload, "event")
-            if session is not None:
-                session._on_event(event)
+            if target is not None:
+                target._on_event(event)
             elif event.get("type") == "session.started":
                 # A late answer to a request we gave up on: release that worker's session.
                 task = asyncio.create_task(self._close_orphan(levels[3]), name="mqtt-close-orphan")

@@ -26,7 +26,10 @@ from moss_agent.errors import TransportError
 from moss_agent.transports.local import LocalAudio, list_devices
 
 JACKD = shutil.which("jackd")
-pytestmark = pytest.mark.skipif(JACKD is None, reason="jackd is not installed (Debian: apt-get install jackd2)")
+JACK_TOOLS = all(shutil.which(tool) for tool in ("jack_wait", "jack_connect"))
+pytestmark = pytest.mark.skipif(
+    JACKD is None or not JACK_TOOLS, reason="jackd, jack_wait or jack_connect missing (Debian: apt-get install jackd2)"
+)
 
 
 def _rescan(env: dict[str, str | None]) -> None:
