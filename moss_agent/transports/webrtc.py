@@ -181,7 +181,8 @@ class WebRTCServer:
 
     ``token=None`` disables authentication (only sensible on 127.0.0.1). ``loopback_only`` keeps ICE
     on 127.0.0.1 (tests, local demos); ``ice_servers`` is a list of ``aiortc.RTCIceServer`` (STUN/
-    TURN) for real networks and defaults to none. ``input_rate`` is the rate ``conn.input`` yields;
+    TURN) for real networks and defaults to none. A peer whose media has not connected within
+    ``connect_timeout_s`` of its offer is hung up, so abandoned offers do not hold handlers. ``input_rate`` is the rate ``conn.input`` yields;
     ``output_rate`` the rate ``conn.output`` advertises (any rate is accepted and resampled to 48 kHz).
     """
 
@@ -200,6 +201,7 @@ class WebRTCServer:
         max_offer_bytes: int = 64 * 1024,
         playback_buffer_s: float = 1.0,
         handler_grace_s: float = 2.0,
+        connect_timeout_s: float = 30.0,
     ) -> None:
         if token is not None and not token:
             raise ConfigError("token must be a non-empty string, or None to disable authentication")
@@ -215,6 +217,7 @@ class WebRTCServer:
         self._max_offer_bytes = max_offer_bytes
         self._playback_buffer_s = playback_buffer_s
         self._grace_s = handler_grace_s
+        self._connect_timeout_s = connect_timeout_s
         self._runner: web.AppRunner | None = None
         self._peers: dict[str, _Peer] = {}
         self._ids = itertools.count(1)
@@ -336,6 +339,7 @@ class _Peer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._handler_task: asyncio.Task[None] | None = None
         self._closing = False
+        self._connected = asyncio.Event()
         self._pc.on("datachannel", self._on_datachannel)
         self._pc.on("track", self._on_track)
         self._pc.on("connectionstatechange", self._on_state)
@@ -356,6 +360,14 @@ class _Peer:
 
     def start_handler(self) -> None:
         self._handler_task = self._spawn(self._run_handler(), f"webrtc-handler-{self.conn.id}")
+        self._spawn(self._watch_connect(), f"webrtc-connect-{self.conn.id}")
+
+    async def _watch_connect(self) -> None:
+        try:
+            await asyncio.wait_for(self._connected.wait(), self._server._connect_timeout_s)
+        except TimeoutError:
+            logger.info("peer never connected; hanging up", extra={"connection": self.conn.id})
+            await self.close()
 
     async def _run_handler(self) -> None:
         try:
@@ -395,7 +407,12 @@ class _Peer:
                 self.client_stats = message
                 self.conn.info["client_stats"] = message
                 return
-            self.conn.deliver_control(parse_control(message))
+            control = parse_control(message)
+            self.conn.deliver_control(control)
+            if control["type"] == "close":
+                # The client is leaving: end input and control so the handler winds down.
+                self.input.close()
+                self.conn.mark_closed()
         except TransportError as exc:
             self._spawn(self.conn.send_event(error_event(str(exc))), f"webrtc-error-{self.conn.id}")
 
@@ -404,6 +421,8 @@ class _Peer:
             self._spawn(pump_track(track, self.input), f"webrtc-inbound-{self.conn.id}")
 
     async def _on_state(self) -> None:
+        if self._pc.connectionState == "connected":
+            self._connected.set()
         if self._pc.connectionState in ("failed", "closed"):
             await self.close()
 

@@ -22,6 +22,7 @@ from transport_signals import (  # noqa: E402
 )
 
 from moss_agent.errors import TransportError  # noqa: E402
+from moss_agent.transports.connection import Connection  # noqa: E402
 from moss_agent.transports.webrtc import WebRTCServer  # noqa: E402
 from moss_agent.transports.webrtc_client import WebRTCClient  # noqa: E402
 
@@ -164,3 +165,30 @@ async def test_malformed_control_message_gets_an_error_event(server: WebRTCServe
         assert "explode" in (await next_event(client, "error"))["message"]
         await client.send_control({"type": "text", "text": "report"})
         assert (await next_event(client, "report"))["type"] == "report"
+
+
+async def test_an_offer_whose_peer_never_connects_is_hung_up() -> None:
+    from aiortc import RTCConfiguration, RTCPeerConnection
+
+    seen: list[Connection] = []
+    called = asyncio.Event()
+
+    async def waiter(conn: Connection) -> None:
+        seen.append(conn)
+        called.set()
+        await conn.closed.wait()
+
+    async with WebRTCServer(waiter, token=TOKEN, loopback_only=True, connect_timeout_s=1.0) as srv:
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc.addTransceiver("audio", direction="sendrecv")
+        await pc.setLocalDescription(await pc.createOffer())
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with aiohttp.ClientSession() as http, http.post(
+            srv.url + "offer", json={"type": "offer", "sdp": pc.localDescription.sdp}, headers=headers
+        ) as r:
+            assert r.status == 200
+        await pc.close()  # vanish without ever applying the answer
+        async with asyncio.timeout(TIMEOUT_S):
+            await called.wait()
+            await seen[0].closed.wait()
+        assert srv.connections == []
