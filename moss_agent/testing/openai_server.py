@@ -17,6 +17,7 @@ import inspect
 import itertools
 import json
 import re
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -84,6 +85,8 @@ class FakeOpenAIServer:
         self._runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
         self._ids = itertools.count(1)
+        self._thread: threading.Thread | None = None
+        self._thread_loop: asyncio.AbstractEventLoop | None = None
 
     def script(self, *replies: ScriptedReply | str) -> None:
         for reply in replies:
@@ -118,6 +121,35 @@ class FakeOpenAIServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    def start_in_thread(self) -> None:
+        """Serve from a thread with its own event loop, like a separate server process would.
+
+        Keeps the server's own CPU work off the caller's loop (benchmarks); stop with ``stop_thread``.
+        """
+        ready = threading.Event()
+
+        def serve() -> None:
+            loop = asyncio.new_event_loop()
+            self._thread_loop = loop
+            self._stopping = asyncio.Event()
+            loop.run_until_complete(self.start())
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self.aclose())
+            loop.close()
+
+        self._thread = threading.Thread(target=serve, name="fake-openai-server", daemon=True)
+        self._thread.start()
+        ready.wait()
+
+    def stop_thread(self) -> None:
+        if self._thread is None or self._thread_loop is None:
+            return
+        self._thread_loop.call_soon_threadsafe(self._stopping.set)
+        self._thread_loop.call_soon_threadsafe(self._thread_loop.stop)
+        self._thread.join()
+        self._thread = None
 
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
