@@ -142,7 +142,8 @@ class LocalAudio:
                 self._streams.append(
                     sd.OutputStream(
                         device=self.output_device["index"],
-                        channels=1,
+                        # Many speakers only open in stereo; the mono voice goes to both channels.
+                        channels=min(2, self.output_device["max_output_channels"]),
                         samplerate=rate,
                         blocksize=round(rate * self._block_s),
                         dtype="float32",
@@ -190,4 +191,4 @@ class LocalAudio:
         if status:
             self.status_flags += 1
         pcm, _ = self.output.pull(frames)
-        outdata[:, 0] = pcm
+        outdata[:] = pcm[:, None]

@@ -512,6 +512,26 @@ def _load_handler(spec: str) -> ConnectionHandler:
 
 
 async def _serve(args: argparse.Namespace) -> None:
+    """Run one worker; after a lost broker connection, start over with a fresh MQTT session."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    backoff_s = 1.0
+    while not stop.is_set():
+        try:
+            await _serve_once(args, stop)
+            return
+        except TransportError:
+            raise
+        except Exception as exc:  # aiomqtt.MqttError and friends: the broker went away
+            logger.warning("lost the broker; reconnecting", extra={"error": repr(exc), "retry_s": backoff_s})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), backoff_s)
+        backoff_s = min(backoff_s * 2, 30.0)
+
+
+async def _serve_once(args: argparse.Namespace, stop: asyncio.Event) -> None:
     settings = MqttSettings(
         host=args.host,
         port=args.port,
@@ -523,15 +543,20 @@ async def _serve(args: argparse.Namespace) -> None:
         _load_handler(args.handler), settings, worker_id=args.worker_id, group=args.group, input_rate=args.input_rate
     )
     task = asyncio.create_task(worker.run(), name="mqtt-worker")
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, task.cancel)
-    ready = asyncio.create_task(worker.ready.wait())
-    await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
-    if worker.ready.is_set():
-        print(f"ready {worker.worker_id}", flush=True)
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    ready = asyncio.create_task(worker.ready.wait(), name="mqtt-worker-ready")
+    stopping = asyncio.create_task(stop.wait(), name="mqtt-worker-stop")
+    try:
+        await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if worker.ready.is_set():
+            print(f"ready {worker.worker_id}", flush=True)
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for helper in (ready, stopping):
+            helper.cancel()
+        if not task.done():
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -116,3 +116,19 @@ async def test_malformed_payloads_get_error_events_and_the_session_keeps_working
             await session.send_control({"type": "text", "text": "report"})
             report = await next_event(session, "report")
         assert abs(report["hz"] - 1500.0) < 20
+
+
+async def test_a_full_worker_refuses_new_sessions_with_a_busy_error(broker: Broker) -> None:
+    serving = MqttWorker(tone_agent, settings_for(broker, "worker"), worker_id="tiny", max_sessions=1)
+    task = asyncio.create_task(serving.run())
+    try:
+        async with asyncio.timeout(TIMEOUT_S), MqttClient(settings_for(broker, "dev2")) as client:
+            await asyncio.wait_for(serving.ready.wait(), 10)
+            first = await client.open_session(codec="pcm16")
+            with pytest.raises(TransportError, match="busy"):
+                await client.open_session(codec="pcm16")
+            await first.close()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -115,6 +115,12 @@ async def test_two_worker_processes_serve_six_clients_and_survive_a_killed_worke
             retried = await asyncio.gather(*(clients[i].open_session(codec="pcm16") for i in orphaned))
             assert {s.worker_id for s in retried} == {"w2"}
             await asyncio.gather(*(converse(s, CLIENTS[i]) for i, s in zip(orphaned, retried, strict=True)))
+
+            # A worker stopped with SIGTERM says goodbye too, and exits cleanly.
+            workers["w2"].terminate()
+            for session in [*retried, *(sessions[i] for i in set(range(len(CLIENTS))) - set(orphaned))]:
+                assert (await next_event(session, "error"))["code"] == "worker_lost"
+            assert await asyncio.to_thread(workers["w2"].wait, 10) == 0
     finally:
         for proc in workers.values():
             if proc.poll() is None:
