@@ -51,7 +51,11 @@ class BrowserProbe:
 
     async def __call__(self, conn: Connection) -> None:
         await conn.send_event({"type": "turn_started", "turn_id": 1})
-        await conn.send_event({"type": "text_delta", "text": GREETING, "turn_id": 1, "role": "assistant", "final": True})
+        # Streamed like a session does: deltas, then an empty final one.
+        for piece in ("hello from", " the ", "agent", ""):
+            await conn.send_event(
+                {"type": "text_delta", "text": piece, "turn_id": 1, "role": "assistant", "final": not piece}
+            )
         speaker = asyncio.create_task(self._speak(conn))
         try:
             async for chunk in conn.input:

@@ -10,17 +10,20 @@ window.results = state.stats;
 
 function setStatus(text) { $("status").textContent = text; }
 
-function say(role, text, { append = false } = {}) {
+// Text deltas append to the open line of their (role, turn); a final delta closes that line.
+function say(role, text, { turnId = "", final = true } = {}) {
   const box = $("transcript");
-  let line = append ? box.querySelector(`p[data-open="${role}"]`) : null;
+  const key = `${role}:${turnId}`;
+  let line = [...box.querySelectorAll("p[data-open]")].find((p) => p.dataset.open === key);
   if (!line) {
-    box.querySelectorAll(`p[data-open="${role}"]`).forEach((p) => p.removeAttribute("data-open"));
+    if (!text) return;
     line = document.createElement("p");
     line.className = role;
-    line.dataset.open = role;
+    line.dataset.open = key;
     box.appendChild(line);
   }
   line.textContent += text;
+  if (final) line.removeAttribute("data-open");
   box.scrollTop = box.scrollHeight;
 }
 
@@ -39,7 +42,7 @@ function onEvent(event) {
   switch (event.type) {
     case "text_delta":
     case "transcript":
-      say(event.role === "user" ? "user" : "assistant", event.text || "", { append: !event.final });
+      say(event.role === "user" ? "user" : "assistant", event.text || "", { turnId: event.turn_id, final: !!event.final });
       break;
     case "user_stopped_speaking":
       state.pendingTurn = { turnId: null, since: performance.now() };
@@ -56,7 +59,7 @@ function onEvent(event) {
       break;
     }
     case "interrupted":
-      say("assistant", ` [interrupted after ${Number(event.heard_s || 0).toFixed(1)} s]`, { append: true });
+      say("assistant", ` [interrupted after ${Number(event.heard_s || 0).toFixed(1)} s]`, { turnId: event.turn_id });
       break;
     case "error":
     case "error_event":
