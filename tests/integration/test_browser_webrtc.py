@@ -21,6 +21,7 @@ pytest.importorskip("aiortc")
 
 from transport_signals import RATE, rms, tone_chunks
 
+from moss_agent.audio import load_audio
 from moss_agent.transports.connection import Connection
 from moss_agent.transports.webrtc import WebRTCServer
 
@@ -48,6 +49,7 @@ class BrowserProbe:
         self.voiced_rms: list[float] = []
         self.done = asyncio.Event()
         self.stats: dict = {}
+        self.received: list[np.ndarray] = []
 
     async def __call__(self, conn: Connection) -> None:
         await conn.send_event({"type": "turn_started", "turn_id": 1})
@@ -59,6 +61,7 @@ class BrowserProbe:
         speaker = asyncio.create_task(self._speak(conn))
         try:
             async for chunk in conn.input:
+                self.received.append(chunk.pcm)
                 level = rms(chunk.pcm)
                 if level > 0.01:  # -40 dBFS: speech, not the silence between words
                     self.voiced_chunks += 1
@@ -79,6 +82,21 @@ class BrowserProbe:
     async def _speak(self, conn: Connection) -> None:
         for chunk in tone_chunks(440.0, 30.0, RATE, turn_id=1):
             await conn.output.write(chunk)
+
+
+def envelope(pcm: np.ndarray, frame: int) -> np.ndarray:
+    """20 ms RMS envelope [frames]."""
+    frames = pcm[: len(pcm) // frame * frame].reshape(-1, frame)
+    return np.sqrt(np.mean(np.square(frames, dtype=np.float64), axis=1))
+
+
+def best_envelope_correlation(received: np.ndarray, source: np.ndarray, rate: int) -> float:
+    """How well the received audio's envelope matches the (looping) source's at the best lag."""
+    frame = rate // 50
+    got = envelope(received, frame)[-150:]  # the last 3 s
+    loop = envelope(source, frame)
+    tiled = np.tile(loop, int(np.ceil(len(got) / len(loop))) + 2)
+    return max(float(np.corrcoef(got, tiled[lag : lag + len(got)])[0, 1]) for lag in range(len(loop)))
 
 
 def chromium_flags(profile: Path, wav: Path) -> list[str]:
@@ -140,3 +158,6 @@ async def test_browser_page_sends_speech_and_plays_agent_audio(tmp_path: Path) -
     assert probe.stats["totalAudioEnergy"] > 0.01
     assert probe.stats["agentRmsPeak"] > 0.01
     assert GREETING in probe.stats["transcriptTail"]
+    # It is the WAV's speech that arrived (not Chromium's fallback beeps): its envelope matches.
+    source = load_audio(wav, RATE)
+    assert best_envelope_correlation(np.concatenate(probe.received), source, RATE) > 0.6
