@@ -111,6 +111,9 @@ class SessionConfig:
       non-audio events are dropped (counted) so the pipeline never waits on a slow observer.
     - ``turn_queue_size``: turns waiting behind the one speaking; ``say``/``respond`` beyond it
       raise OverloadError.
+    - ``audio_stall_timeout_s``: a turn whose audio stops coming (engine) or leaving (output) for
+      this long ends with an ErrorEvent instead of staying "speaking" in silence; keep it above
+      ``llm.idle_timeout_s``.
     """
 
     llm: LLMConfig = field(default_factory=LLMConfig)
@@ -123,6 +126,7 @@ class SessionConfig:
     input_queue_size: int = 200
     vad_sample_rate: int = 16000
     user_audio_sample_rate: int = 24000
+    audio_stall_timeout_s: float = 20.0
 
     def __post_init__(self) -> None:
         _check(self.event_queue_size >= 1, "SessionConfig.event_queue_size must be >= 1")
@@ -130,3 +134,4 @@ class SessionConfig:
         _check(self.input_queue_size >= 1, "SessionConfig.input_queue_size must be >= 1")
         _check(self.vad_sample_rate in (8000, 16000), "SessionConfig.vad_sample_rate must be 8000 or 16000")
         _check(self.user_audio_sample_rate > 0, "SessionConfig.user_audio_sample_rate must be > 0")
+        _check(self.audio_stall_timeout_s > 0, "SessionConfig.audio_stall_timeout_s must be > 0 seconds")

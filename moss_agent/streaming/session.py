@@ -24,7 +24,7 @@ import numpy as np
 
 from moss_agent.audio import StreamResampler
 from moss_agent.config import SessionConfig
-from moss_agent.errors import ConfigError, MossError, SessionClosedError
+from moss_agent.errors import ConfigError, EngineError, MossError, SessionClosedError
 from moss_agent.events import (
     AudioChunk,
     ErrorEvent,
@@ -524,7 +524,7 @@ class Session:
     async def _play(self, turn: _Turn, stream: SpeechStream) -> None:
         tl = turn.timeline
         previous_frame = -1
-        async for chunk in stream:
+        async for chunk in self._watched(stream):
             if chunk.turn_id != turn.id or turn.interrupt_requested:
                 self.stale_chunks_dropped += 1
                 continue
@@ -550,6 +550,27 @@ class Session:
         if self.output is not None:
             await self.output.flush()
         turn.playing = False
+
+    async def _watched(self, stream: SpeechStream) -> AsyncIterator[AudioChunk]:
+        """The stream's chunks; raises EngineError when neither audio nor its playback moves for too long.
+
+        The watchdog spans both waiting for the next chunk and writing the previous one, so a stuck
+        engine and a stuck output both end the turn instead of leaving it "speaking" in silence.
+        """
+        limit = self.config.audio_stall_timeout_s
+        iterator = stream.__aiter__()
+        while True:
+            try:
+                async with asyncio.timeout(limit):
+                    chunk = await anext(iterator)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise EngineError(
+                    f"turn {stream.turn_id}: no audio for {limit} s; the engine or output is stuck "
+                    "(raise SessionConfig.audio_stall_timeout_s if this is expected)"
+                ) from None
+            yield chunk
 
     def _played_s(self, turn: _Turn) -> float:
         if self.output is not None:
