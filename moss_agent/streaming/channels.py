@@ -97,6 +97,16 @@ class Channel(Generic[T]):
         while not self.put_nowait(item):
             await self._writable.wait()
 
+    def get_nowait(self) -> T:
+        """Next item; raises ``ChannelClosedError`` when closed and drained, IndexError when merely empty."""
+        if not self._items:
+            if self._closed:
+                raise ChannelClosedError(f"channel {self.name!r} is closed")
+            raise IndexError(f"channel {self.name!r} is empty")
+        item = self._items.popleft()
+        self._update()
+        return item
+
     async def get(self) -> T:
         """Next item; raises ``ChannelClosedError`` once closed and drained."""
         while not self._items:

@@ -21,6 +21,15 @@ from moss_agent.streaming.history import ChatMessage
 log = logging.getLogger(__name__)
 
 
+class LLMRequestError(LLMError):
+    """An LLM request failed; ``kind`` is connection, status, timeout or protocol; ``status`` the HTTP code."""
+
+    def __init__(self, message: str, *, kind: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.status = status
+
+
 @runtime_checkable
 class LLM(Protocol):
     """Anything that turns chat messages into a stream of text deltas; raises LLMError on failure."""
@@ -32,8 +41,8 @@ class OpenAIChatLLM:
     """Streams chat completions from an OpenAI-compatible server with the ``openai`` package.
 
     Failures (connection refused or reset, HTTP errors, a stalled stream past
-    ``config.idle_timeout_s``) raise ``LLMError`` with ``kind`` in ``connection``, ``status``,
-    ``timeout`` or ``protocol``; retries are left to the caller because a retried turn would repeat
+    ``config.idle_timeout_s``) raise ``LLMRequestError`` (an ``LLMError``) with ``kind`` in
+    ``connection``, ``status``, ``timeout`` or ``protocol``; retries are left to the caller because a retried turn would repeat
     words already spoken.
     """
 
@@ -62,7 +71,7 @@ class OpenAIChatLLM:
             kwargs["extra_body"] = dict(cfg.extra_body)
         return kwargs
 
-    def _wrap(self, exc: Exception) -> LLMError:
+    def _wrap(self, exc: Exception) -> LLMRequestError:
         openai = require("openai", "llm")
         if isinstance(exc, TimeoutError | openai.APITimeoutError):
             kind = "timeout"
@@ -73,14 +82,13 @@ class OpenAIChatLLM:
         else:
             kind = "protocol"
         status = getattr(exc, "status_code", None)
-        error = LLMError(
+        return LLMRequestError(
             f"LLM request to {self.config.base_url} failed ({kind}"
             + (f", HTTP {status}" if status else "")
-            + f"): {exc or type(exc).__name__}; check that the server is up and the model name is right"
+            + f"): {exc or type(exc).__name__}; check that the server is up and the model name is right",
+            kind=kind,
+            status=status if isinstance(status, int) else None,
         )
-        error.kind = kind  # type: ignore[attr-defined]
-        error.status = status  # type: ignore[attr-defined]
-        return error
 
     async def stream(self, messages: list[ChatMessage]) -> AsyncIterator[str]:
         idle = self.config.idle_timeout_s

@@ -138,6 +138,13 @@ class EventStream:
         except ChannelClosedError:
             raise StopAsyncIteration from None
 
+    def drain(self) -> list[Event]:
+        """The events queued right now, without waiting (for polling loops and tests)."""
+        items: list[Event] = []
+        while len(self._channel):
+            items.append(self._channel.get_nowait())
+        return items
+
     def close(self) -> None:
         self._session._subscribers.discard(self._channel)
         self._channel.close()

@@ -118,6 +118,8 @@ class FakeSpeechStream:
         self.ended = False
         self.interrupted = False
         self._changed = asyncio.Event()
+        self._heard: HeardResult | None = None
+        self._context_index: int | None = None
 
     def _pending(self) -> int:
         return len(self.text) - self.frames
@@ -168,17 +170,22 @@ class FakeSpeechStream:
 
     def _finish(self) -> None:
         if not self.closed:
+            self._context_index = len(self.conversation.context)
             self.conversation.context.append(("assistant", self.text[: self.frames]))
             self.closed = True
 
     async def interrupt(self, heard_s: float | None = None) -> HeardResult:
-        if self.closed and not self.interrupted:
-            raise SessionClosedError(f"turn {self.turn_id} already finished")
+        """Also valid after the last frame was generated: the listener may still be hearing it."""
+        if self._heard is not None:
+            return self._heard
         frames = self.frames if heard_s is None else min(self.frames, int(heard_s / self.backend.frame_s + 1e-6))
-        if not self.interrupted:
-            self.interrupted = True
-            self.conversation.context.append(("assistant", self.text[:frames]))
-            self._heard = HeardResult(frames, self.text[:frames], frames * self.backend.frame_s)
+        entry = ("assistant", self.text[:frames])
+        if self._context_index is not None:  # generation had finished: cut the context back
+            self.conversation.context[self._context_index] = entry
+        else:
+            self.conversation.context.append(entry)
+        self.interrupted = True
+        self._heard = HeardResult(frames, self.text[:frames], frames * self.backend.frame_s)
         self.closed = True
         self._changed.set()
         return self._heard

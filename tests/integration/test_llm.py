@@ -8,7 +8,7 @@ import pytest
 
 from moss_agent.config import LLMConfig
 from moss_agent.errors import LLMError
-from moss_agent.streaming.llm import EchoResponder, OpenAIChatLLM
+from moss_agent.streaming.llm import EchoResponder, LLMRequestError, OpenAIChatLLM
 from moss_agent.testing.openai_server import FakeOpenAIServer, ScriptedReply
 
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
@@ -36,12 +36,12 @@ async def test_deltas_arrive_before_the_reply_is_complete() -> None:
     async with FakeOpenAIServer([ScriptedReply("one two three four", fail="stall", fail_after=2)]) as server:
         llm = llm_for(server, idle_timeout_s=0.5)
         seen: list[str] = []
-        with pytest.raises(LLMError) as info:
+        with pytest.raises(LLMRequestError) as info:
             async for delta in llm.stream(MESSAGES):
                 seen.append(delta)
         await llm.aclose()
     assert seen == ["one", " two"]
-    assert info.value.kind == "timeout"  # type: ignore[attr-defined]
+    assert info.value.kind == "timeout"
 
 
 @pytest.mark.parametrize(("failure", "kind"), [("reset", "connection"), ("http500", "status")])
@@ -49,14 +49,14 @@ async def test_server_failures_become_llm_errors(failure: str, kind: str) -> Non
     async with FakeOpenAIServer([ScriptedReply("a b c d", fail=failure, fail_after=1)]) as server:  # type: ignore[arg-type]
         llm = llm_for(server)
         seen: list[str] = []
-        with pytest.raises(LLMError) as info:
+        with pytest.raises(LLMRequestError) as info:
             async for delta in llm.stream(MESSAGES):
                 seen.append(delta)
         await llm.aclose()
-    assert info.value.kind == kind  # type: ignore[attr-defined]
+    assert info.value.kind == kind
     assert seen == ([] if failure == "http500" else ["a"])
     if failure == "http500":
-        assert info.value.status == 500  # type: ignore[attr-defined]
+        assert info.value.status == 500
 
 
 async def test_nothing_listening_is_a_connection_error() -> None:

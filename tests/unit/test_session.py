@@ -13,7 +13,7 @@ import pytest
 
 from moss_agent.config import SessionConfig, TurnTakingConfig
 from moss_agent.errors import ConfigError, OverloadError, SessionClosedError
-from moss_agent.events import AudioChunk, ErrorEvent, Event, UserStartedSpeaking, UserStoppedSpeaking
+from moss_agent.events import AudioChunk, ErrorEvent, UserStartedSpeaking, UserStoppedSpeaking
 from moss_agent.streaming.clock import ScaledClock
 from moss_agent.streaming.session import Session
 from moss_agent.testing.audio_io import FakeAudioOutput, QueueAudioInput
@@ -38,14 +38,6 @@ async def speaker(clock: ScaledClock) -> AsyncIterator[FakeAudioOutput]:
     out = FakeAudioOutput(clock=clock)
     yield out
     await out.aclose()
-
-
-def drain(events: AsyncIterator[Event]) -> list[Event]:
-    items: list[Event] = []
-    channel = events._channel  # type: ignore[attr-defined]
-    while len(channel):
-        items.append(channel._items.popleft())
-    return items
 
 
 async def test_turns_play_in_order_and_join_the_history(
@@ -112,7 +104,7 @@ async def test_without_output_audio_arrives_as_events(backend: FakeSpeechBackend
     async with Session(backend, clock=clock) as session:
         events = session.events()
         result = await session.say("hi there")
-        chunks = [e for e in drain(events) if isinstance(e, AudioChunk)]
+        chunks = [e for e in events.drain() if isinstance(e, AudioChunk)]
         assert [c.turn_id for c in chunks] == [result.turn_id] * len("hi there")
         assert [c.frame_index for c in chunks] == list(range(len("hi there")))
         assert sum(c.duration_s for c in chunks) == pytest.approx(result.audio_s)
@@ -158,7 +150,7 @@ async def test_a_stuck_engine_ends_the_turn_and_the_session_recovers(
         events = session.events()
         stuck = await asyncio.wait_for(session.say("silence"), 5)
         assert stuck.error is not None and "no audio" in stuck.error
-        assert any(isinstance(e, ErrorEvent) and e.turn_id == stuck.turn_id for e in drain(events))
+        assert any(isinstance(e, ErrorEvent) and e.turn_id == stuck.turn_id for e in events.drain())
         backend.ttfa_s = 0.05
         assert (await asyncio.wait_for(session.say("back"), 5)).heard_text == "back"
 
@@ -207,7 +199,7 @@ async def test_half_duplex_does_not_hear_the_agent(
         await mic.push(burst(0.8))  # the speaker's own sound in the microphone
         await mic.push_silence(0.5)
         await asyncio.sleep(0.05)
-        assert not [e for e in drain(events) if isinstance(e, UserStartedSpeaking)]
+        assert not [e for e in events.drain() if isinstance(e, UserStartedSpeaking)]
         result = await speaking
         assert not result.interrupted
         await mic.push_silence(0.3)
@@ -219,3 +211,23 @@ async def test_half_duplex_does_not_hear_the_agent(
             if isinstance(event, UserStoppedSpeaking):
                 break
         assert UserStartedSpeaking in kinds
+
+
+async def test_interrupt_while_the_last_audio_is_still_playing_cuts_the_context(
+    backend: FakeSpeechBackend, clock: ScaledClock
+) -> None:
+    # A deep speaker buffer lets the engine finish generating long before playback ends.
+    speaker = FakeAudioOutput(clock=clock, buffer_s=10.0)
+    async with Session(backend, output=speaker, clock=clock) as session:
+        handle = session.say("generated fast, heard slowly")
+        conversation = session.conversation
+        assert conversation is not None
+        while not conversation.context:  # type: ignore[attr-defined]
+            await asyncio.sleep(0.001)
+        assert speaker.played_s(handle.id) < 1.0
+        result = await handle.interrupt()
+        assert result.interrupted and result.error is None
+        assert 0 < len(result.heard_text) < len("generated fast, heard slowly")
+        assert conversation.context == [("assistant", result.heard_text)]  # type: ignore[attr-defined]
+        assert session.history[-1] == {"role": "assistant", "content": result.heard_text.strip()}
+    await speaker.aclose()
