@@ -237,14 +237,19 @@ class Session:
         )
         self._queue = Channel(self.config.turn_queue_size, "reject", name=f"{self.name}-turns")
         if self.input is not None and self.vad is not None:
-            self._listener = Listener(
-                self.input,
-                self.vad,
-                self.config,
-                agent_speaking=self._agent_speaking,
-                on_signal=self._on_signal,
-                echo_canceller=self.echo_canceller,
-            )
+            try:
+                self._listener = Listener(
+                    self.input,
+                    self.vad,
+                    self.config,
+                    agent_speaking=self._agent_speaking,
+                    on_signal=self._on_signal,
+                    echo_canceller=self.echo_canceller,
+                )
+            except BaseException:
+                await self._conversation.aclose()
+                self._conversation = None
+                raise
         self._root = asyncio.create_task(self._run(), name=f"{self.name}-root")
         await self._ready.wait()
 
@@ -254,7 +259,7 @@ class Session:
                 self._tg = tg
                 self._spawn(self._turn_worker(), "turns")
                 if self._listener is not None:
-                    self._spawn(self._listener.run(), "listen")
+                    self._spawn(self._listen(self._listener), "listen")
                 self._ready.set()
                 await self._stop.wait()
                 for task in list(self._children):
@@ -266,6 +271,13 @@ class Session:
         finally:
             self._tg = None
             self._ready.set()
+
+    async def _listen(self, listener: Listener) -> None:
+        try:
+            await listener.run()
+        except MossError as exc:  # a broken input ends listening; the agent can still speak
+            log.warning("listening stopped", extra={"session": self.name, "error": type(exc).__name__})
+            self._emit(ErrorEvent(f"listening stopped: {exc}", detail={"kind": "input"}))
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         if self._tg is None:
@@ -381,7 +393,7 @@ class Session:
     # ------------------------------------------------------------------ turns
 
     def _enqueue(self, turn: _Turn) -> TurnHandle:
-        if self._closed or self._queue is None:
+        if self._closed or self._queue is None or self._tg is None:
             turn.future.cancel()
             raise SessionClosedError(f"session {self.name!r} is not running; use 'async with Session(...)'")
         self._queue.put_nowait(turn)
@@ -634,7 +646,8 @@ class Session:
         if self.stt is not None:
             try:
                 text = (await self.stt.transcribe(utterance.audio, utterance.sample_rate)).strip()
-            except MossError as exc:
+            except Exception as exc:  # any recognizer's failure loses this utterance, not the session
+                log.warning("speech recognition failed", extra={"session": self.name, "error": type(exc).__name__})
                 self._emit(ErrorEvent(f"speech recognition failed: {exc}", detail={"kind": "stt"}))
                 return
         stt_end = self.clock.now()

@@ -208,3 +208,36 @@ async def test_llm_failure_mid_turn_leaves_a_usable_session(
     finally:
         events.close()
         await rig.aclose()
+
+
+async def test_a_failed_transcription_loses_one_utterance_not_the_session(
+    make_backend: Any, server: FakeOpenAIServer, utterances: dict[str, np.ndarray]
+) -> None:
+    working = server.transcribe
+    calls = 0
+
+    def flaky(pcm: np.ndarray, rate: int) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("recognizer crashed")  # the server answers HTTP 500
+        assert working is not None
+        return working(pcm, rate)
+
+    server.transcribe = flaky
+    server.script("Now I hear you.")
+    clock = ScaledClock(SPEED)
+    rig = Rig(make_backend(clock), server, clock, session_config(server))
+    await rig.session.start()
+    events = rig.session.events()
+    try:
+        await rig.speak(utterances[FIRST])
+        error = await next_event(events, ErrorEvent)
+        assert error.detail["kind"] == "stt" and not error.fatal
+        await rig.speak(utterances[SECOND])
+        ended = await next_event(events, TurnEnded)
+        assert ended.text == "Now I hear you."
+        assert server.chat_requests[-1]["messages"][-1] == {"role": "user", "content": SECOND}
+    finally:
+        events.close()
+        await rig.aclose()
