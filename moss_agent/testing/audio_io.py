@@ -8,7 +8,6 @@ audio play in a few seconds), keeps exactly what was played per turn, and implem
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 from collections.abc import AsyncIterator
 
@@ -125,8 +124,8 @@ class FakeAudioOutput:
         self.clear()
         if self._player is not None:
             self._player.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._player
+            # wait() never re-raises the player's cancellation, so a cancellation of the caller still propagates
+            await asyncio.wait([self._player])
             self._player = None
 
     async def _play(self) -> None:
