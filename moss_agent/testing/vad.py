@@ -24,4 +24,5 @@ class EnergyVad:
         count = len(samples) // self.window
         windows = samples[: count * self.window].reshape(count, self.window)
         rms = np.sqrt(np.mean(windows.astype(np.float64) ** 2, axis=1) + 1e-12)
-        return (20 * np.log10(rms) > self.threshold_db).astype(np.float32)
+        speech: np.ndarray = (20 * np.log10(rms) > self.threshold_db).astype(np.float32)
+        return speech
