@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import importlib
 import io
+import multiprocessing
 import statistics
 import sys
 from typing import Any
@@ -98,6 +99,28 @@ async def run_session(
     return results[1:]
 
 
+def serve(reply: str, token_delay_s: float, ports: multiprocessing.Queue[int]) -> None:
+    async def run() -> None:
+        server = FakeOpenAIServer(
+            responder=lambda messages: ScriptedReply(reply, token_delay_s=token_delay_s),
+            transcribe=lambda pcm, rate: "what time is it",
+        )
+        await server.start()
+        ports.put(server.port)
+        await asyncio.Event().wait()
+
+    asyncio.run(run())
+
+
+async def loop_lag(lags: list[float]) -> None:
+    """How late the loop wakes a 5 ms sleeper: the floor under every hop between pipeline stages."""
+    loop = asyncio.get_running_loop()
+    while True:
+        start = loop.time()
+        await asyncio.sleep(0.005)
+        lags.append(max(0.0, loop.time() - start - 0.005))
+
+
 def describe(samples: list[float]) -> str:
     ordered = sorted(samples)
     p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
@@ -106,22 +129,25 @@ def describe(samples: list[float]) -> str:
 
 async def bench(args: argparse.Namespace) -> int:
     failed = False
-    # The fake servers run on their own thread and loop, as real STT/LLM servers would be elsewhere.
-    server = FakeOpenAIServer(
-        responder=lambda messages: ScriptedReply(args.reply, token_delay_s=args.token_delay_s),
-        transcribe=lambda pcm, rate: "what time is it",
-    )
-    server.start_in_thread()
+    # The fake STT/LLM server runs in its own process, as real servers would.
+    ports: multiprocessing.Queue[int] = multiprocessing.Queue()
+    process = multiprocessing.Process(target=serve, args=(args.reply, args.token_delay_s, ports), daemon=True)
+    process.start()
+    server_url = f"http://127.0.0.1:{ports.get(timeout=30)}/v1"
     try:
-        llm_cfg = LLMConfig(base_url=args.llm_url or server.base_url, model=args.model, max_tokens=64)
+        llm_cfg = LLMConfig(base_url=args.llm_url or server_url, model=args.model, max_tokens=64)
         # One HTTP client per process, shared by all sessions (each client builds its own TLS context).
         llm = OpenAIChatLLM(llm_cfg)
-        stt = HttpTranscriber(server.base_url)
+        stt = HttpTranscriber(server_url)
         for sessions in args.sessions:
             backend = make_backend(args.backend, MonotonicClock())
+            lags: list[float] = []
+            probe = asyncio.create_task(loop_lag(lags), name="loop-lag-probe")
             per_session = await asyncio.gather(
                 *(run_session(i, backend, args, llm, stt, llm_cfg) for i in range(sessions))
             )
+            probe.cancel()
+            await asyncio.wait([probe])
             metrics = [m for ms in per_session for m in ms]
             print(f"\n{sessions} concurrent session(s), {len(metrics)} turns   (ms: mean / p50 / p95)")
             for stage in STAGES:
@@ -133,10 +159,12 @@ async def bench(args: argparse.Namespace) -> int:
             verdict = "ok" if worst < 20.0 else "OVER BUDGET"
             failed |= worst >= 20.0
             print(f"  pipeline overhead worst turn: {worst:.1f} ms (budget 20 ms): {verdict}")
+            print(f"  event-loop lag (5 ms probe overshoot): {describe(lags)}  <- scheduling noise of this machine")
         await llm.aclose()
         await stt.aclose()
     finally:
-        server.stop_thread()
+        process.terminate()
+        process.join()
     print(f"\nVAD hang time (endpointing, before 'user end'): {args.hang_s * 1000:.0f} ms; not in the figures above")
     return 1 if failed else 0
 
