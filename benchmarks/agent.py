@@ -30,7 +30,7 @@ from moss_agent.events import FloatArray, Metrics, TurnEnded
 from moss_agent.streaming.clock import MonotonicClock
 from moss_agent.streaming.llm import OpenAIChatLLM
 from moss_agent.streaming.session import Session
-from moss_agent.testing.audio_io import FakeAudioOutput, QueueAudioInput
+from moss_agent.testing.audio_io import FakeAudioInput, FakeAudioOutput
 from moss_agent.testing.backend import FakeSpeechBackend
 from moss_agent.testing.openai_server import FakeOpenAIServer, ScriptedReply
 from moss_agent.testing.vad import EnergyVad
@@ -73,7 +73,7 @@ async def run_session(
     index: int, backend: Any, args: argparse.Namespace, llm: OpenAIChatLLM, stt: HttpTranscriber, llm_cfg: LLMConfig
 ) -> list[Metrics]:
     clock = MonotonicClock()
-    mic = QueueAudioInput(MIC_RATE, clock=clock)  # released at real-time pace, like a sound card
+    mic = FakeAudioInput(MIC_RATE, clock=clock)  # released at real-time pace, like a sound card
     speaker = FakeAudioOutput(backend.sample_rate, clock=clock)
     turns = TurnTakingConfig(min_speech_s=0.1, hang_s=args.hang_s, echo_mode="none")
     session = Session(

@@ -3,7 +3,7 @@
 - ``FakeSpeechBackend``: the speech-engine protocols with paced, per-conversation tone "speech".
 - ``FakeOpenAIServer`` / ``ScriptedReply``: a real local HTTP server speaking the OpenAI API
   (streamed chat completions with scripted failures, audio transcriptions).
-- ``QueueAudioInput`` / ``FakeAudioOutput``: a pushable microphone and a clock-paced speaker.
+- ``FakeAudioInput`` / ``FakeAudioOutput``: a pushable microphone and a clock-paced speaker.
 - ``EnergyVad``: a torch-free voice-activity model for synthetic signals.
 - ``synthesize_speech``: intelligible speech from espeak-ng.
 
@@ -21,7 +21,7 @@ _EXPORTS = {
     "FakeSpeechStream": "backend",
     "FakeOpenAIServer": "openai_server",
     "ScriptedReply": "openai_server",
-    "QueueAudioInput": "audio_io",
+    "FakeAudioInput": "audio_io",
     "FakeAudioOutput": "audio_io",
     "EnergyVad": "vad",
     "synthesize_speech": "speech",

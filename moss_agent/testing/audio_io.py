@@ -20,7 +20,7 @@ from moss_agent.streaming.clock import Clock, MonotonicClock
 from moss_agent.transports.base import PlaybackCallback
 
 
-class QueueAudioInput:
+class FakeAudioInput:
     """A microphone fed by the test: ``await push(pcm)`` splits it into ``chunk_s`` chunks.
 
     With ``clock`` set, chunks are released at real-time pace on that clock, like a sound card.

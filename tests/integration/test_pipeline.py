@@ -16,7 +16,7 @@ from moss_agent.events import ErrorEvent, Interrupted, Metrics, TextDelta, TurnE
 from moss_agent.streaming.clock import ScaledClock
 from moss_agent.streaming.llm import OpenAIChatLLM
 from moss_agent.streaming.session import Session
-from moss_agent.testing.audio_io import FakeAudioOutput, QueueAudioInput
+from moss_agent.testing.audio_io import FakeAudioInput, FakeAudioOutput
 from moss_agent.testing.openai_server import FakeOpenAIServer, ScriptedReply
 from moss_agent.testing.speech import ESPEAK_MISSING_REASON, espeak_ng_path, synthesize_speech
 from moss_agent.testing.vad import EnergyVad
@@ -54,7 +54,7 @@ class Rig:
     def __init__(self, backend: Any, server: FakeOpenAIServer, clock: ScaledClock, config: SessionConfig) -> None:
         self.clock = clock
         self.backend = backend
-        self.mic = QueueAudioInput(MIC_RATE)
+        self.mic = FakeAudioInput(MIC_RATE)
         self.speaker = FakeAudioOutput(backend.sample_rate, clock=clock)
         self.llm = OpenAIChatLLM(config.llm)
         self.stt = HttpTranscriber(server.base_url)

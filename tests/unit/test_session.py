@@ -16,7 +16,7 @@ from moss_agent.errors import ConfigError, OverloadError, SessionClosedError
 from moss_agent.events import AudioChunk, ErrorEvent, UserStartedSpeaking, UserStoppedSpeaking
 from moss_agent.streaming.clock import ScaledClock
 from moss_agent.streaming.session import Session
-from moss_agent.testing.audio_io import FakeAudioOutput, QueueAudioInput
+from moss_agent.testing.audio_io import FakeAudioInput, FakeAudioOutput
 from moss_agent.testing.backend import FakeSpeechBackend
 from moss_agent.testing.vad import EnergyVad
 
@@ -136,7 +136,7 @@ async def test_bad_wiring_is_refused_with_a_clear_error(backend: FakeSpeechBacke
         with pytest.raises(ConfigError):
             session.say("  ")
     with pytest.raises(ConfigError, match="vad"):
-        Session(backend, input=QueueAudioInput())
+        Session(backend, input=FakeAudioInput())
     with pytest.raises(ConfigError, match="Hz"):
         await Session(backend, output=FakeAudioOutput(48000)).start()
 
@@ -162,7 +162,7 @@ def burst(seconds: float, rate: int = 16000) -> np.ndarray:
 async def test_heard_user_audio_goes_to_the_next_turn(
     backend: FakeSpeechBackend, speaker: FakeAudioOutput, clock: ScaledClock
 ) -> None:
-    mic = QueueAudioInput(16000)
+    mic = FakeAudioInput(16000)
     turns = TurnTakingConfig(min_speech_s=0.1, hang_s=0.3, pre_roll_s=0.2)
     config = SessionConfig(turns=turns, auto_respond=False)
     async with Session(backend, output=speaker, input=mic, vad=EnergyVad(), config=config, clock=clock) as session:
@@ -188,7 +188,7 @@ async def test_heard_user_audio_goes_to_the_next_turn(
 async def test_half_duplex_does_not_hear_the_agent(
     backend: FakeSpeechBackend, speaker: FakeAudioOutput, clock: ScaledClock
 ) -> None:
-    mic = QueueAudioInput(16000)
+    mic = FakeAudioInput(16000)
     turns = TurnTakingConfig(min_speech_s=0.1, hang_s=0.3, echo_mode="half_duplex", echo_tail_s=0.2)
     config = SessionConfig(turns=turns, auto_respond=False)
     async with Session(backend, output=speaker, input=mic, vad=EnergyVad(), config=config, clock=clock) as session:
