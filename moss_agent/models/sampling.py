@@ -1,0 +1,159 @@
+"""Batched token sampling with per-row settings: repetition penalty, temperature, top-k, top-p, greedy.
+
+Order as in MOSS-TTS-Realtime: penalty -> temperature -> top-k -> top-p -> draw. Every row has its own
+settings and its own random stream. Random numbers come from a counter-based hash of (seed, counter,
+index) instead of a shared ``torch.Generator``, so a row's draws depend only on its own seed and
+position: adding or removing other rows in the batch never changes them, and no per-row Python loop
+or generator object is needed. The draw itself is an inverse-CDF pick over the kept candidates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moss_agent.errors import ConfigError
+
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Per-turn sampling settings. Defaults are the MOSS-TTS-Realtime recommendations.
+
+    ``greedy`` (or ``temperature == 0``) takes the argmax after the repetition penalty.
+    ``top_k`` / ``top_p`` of None disable that filter. ``repetition_window`` counts frames of the
+    current turn; the penalty applies per codebook to every distinct code in the window.
+    ``mask_special_codes`` forbids ids the model must not emit (pad and BOS in codebook 0, pad, BOS
+    and EOS in codebooks 1..15); upstream does not mask them (set False to reproduce it).
+    """
+
+    temperature: float = 0.8
+    top_p: float | None = 0.6
+    top_k: int | None = 30
+    repetition_penalty: float = 1.1
+    repetition_window: int = 50
+    greedy: bool = False
+    mask_special_codes: bool = True
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1] or None, got {self.top_p}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"top_k must be >= 1 or None, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ConfigError(f"repetition_penalty must be > 0 (1.0 disables it), got {self.repetition_penalty}")
+        if self.repetition_window < 0:
+            raise ConfigError(f"repetition_window must be >= 0, got {self.repetition_window}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0
+
+
+def apply_repetition_penalty(logits: torch.Tensor, present: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """HF-style penalty on ids seen recently. logits [B, V] float, present [B, V] bool, penalty [B]."""
+    factor = penalty[:, None]
+    penalized = torch.where(logits < 0, logits * factor, logits / factor)
+    return torch.where(present, penalized, logits)
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    *,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    greedy: torch.Tensor,
+    uniform: torch.Tensor,
+    k_max: int,
+) -> torch.Tensor:
+    """Pick one id per row -> [B] long.
+
+    logits [B, V] float (penalty already applied); temperature [B] (> 0 where not greedy);
+    top_k [B] long (V to disable); top_p [B] float (>= 1 disables); greedy [B] bool;
+    uniform [B] float in [0, 1); k_max = max(top_k) over the batch, at most V.
+    """
+    best = logits.argmax(dim=-1)
+    scaled = logits / temperature[:, None]
+    values, indices = torch.topk(scaled, k_max, dim=-1, sorted=True)
+    ranks = torch.arange(k_max, device=logits.device)
+    values = values.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf"))
+    probs = torch.softmax(values, dim=-1)
+    cumulative = probs.cumsum(dim=-1)
+    # Upstream drops the ascending-order tail whose cumulative mass is <= 1 - top_p; in descending
+    # order that keeps exactly the ids whose preceding mass is < top_p (the best id always stays).
+    keep = (cumulative - probs) < top_p[:, None]
+    probs = probs * keep
+    cumulative = probs.cumsum(dim=-1)
+    threshold = uniform * cumulative[:, -1]
+    choice = (cumulative <= threshold[:, None]).sum(dim=-1).clamp_(max=k_max - 1)
+    sampled = indices.gather(1, choice[:, None])[:, 0]
+    return torch.where(greedy, best, sampled)
+
+
+def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """(x * constant) mod 2**32 for x in [0, 2**32) without int64 overflow (16-bit halves)."""
+    low = (x & 0xFFFF) * constant
+    high = ((x >> 16) * constant) & 0xFFFF
+    return (low + (high << 16)) & _MASK32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    # lowbias32 (Chris Wellons' integer hash), a well-mixed 32-bit permutation.
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_uniforms(seeds: torch.Tensor, counters: torch.Tensor, count: int) -> torch.Tensor:
+    """Uniform floats in [0, 1): seeds [B] int64, counters [B] int64 -> [B, count] float32.
+
+    Value (b, j) depends only on (seeds[b], counters[b], j).
+    """
+    lane = torch.arange(count, device=seeds.device, dtype=torch.int64)[None, :]
+    key = _hash32((seeds & _MASK32) ^ _hash32((seeds >> 32) & _MASK32))[:, None]
+    x = _hash32(key ^ _hash32(((counters[:, None] * count + lane) & _MASK32) ^ 0x9E3779B9))
+    x = _hash32(x ^ ((counters[:, None] >> 28) & _MASK32))
+    return (x >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+class RepetitionWindow:
+    """Per-row, per-codebook counts of the codes in each row's last ``window`` frames.
+
+    counts: [B, C, V] int32; ring: [B, R, C] of recent frames, R = max_window + 1.
+    """
+
+    def __init__(self, batch: int, codebooks: int, vocab: int, max_window: int, device: torch.device) -> None:
+        self.max_window = max_window
+        self.counts = torch.zeros(batch, codebooks, vocab, dtype=torch.int32, device=device)
+        self.ring = torch.zeros(batch, max_window + 1, codebooks, dtype=torch.long, device=device)
+        self._rows = torch.arange(batch, device=device)
+
+    def reset(self, row: int) -> None:
+        self.counts[row].zero_()
+
+    def present(self) -> torch.Tensor:
+        """[B, C, V] bool: which codes each row saw in its window."""
+        return self.counts > 0
+
+    def record(
+        self, codes: torch.Tensor, frame_index: torch.Tensor, window: torch.Tensor, active: torch.Tensor
+    ) -> None:
+        """Add frame ``frame_index[b]`` (codes [B, C]) for active rows and drop the frame leaving the window."""
+        size = self.max_window + 1
+        slot = frame_index % size
+        old_ring = self.ring[self._rows, slot]
+        self.ring[self._rows, slot] = torch.where(active[:, None], codes, old_ring)
+        counted = active & (window > 0)
+        add = counted.to(torch.int32)[:, None, None].expand(-1, codes.shape[1], 1)
+        self.counts.scatter_add_(2, codes[:, :, None], add)
+        leaving = frame_index - window
+        drop = counted & (leaving >= 0)
+        left_codes = self.ring[self._rows, leaving.clamp(min=0) % size]
+        self.counts.scatter_add_(2, left_codes[:, :, None], -drop.to(torch.int32)[:, None, None].expand_as(add))
