@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Generator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Coroutine, Generator, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal
@@ -24,7 +24,7 @@ import numpy as np
 
 from moss_agent.audio import StreamResampler
 from moss_agent.config import SessionConfig
-from moss_agent.errors import ConfigError, EngineError, MossError, SessionClosedError
+from moss_agent.errors import ConfigError, EngineError, MossError, SessionClosedError, TransportError
 from moss_agent.events import (
     AudioChunk,
     ErrorEvent,
@@ -561,20 +561,19 @@ class Session:
                 self.echo_canceller.feed_far(self._far_resampler.process(chunk.pcm))
             turn.audio_started = turn.playing = True
             if self.output is not None:
-                await self.output.write(chunk)
+                await self._output_step(self.output.write(chunk), "write")
             else:
                 await self._emit_audio(chunk)
             if tl.first_output is None:
                 tl.first_output = self.clock.now()
         if self.output is not None:
-            await self.output.flush()
+            await self._output_step(self.output.flush(), "flush")
         turn.playing = False
 
     async def _watched(self, stream: SpeechStream) -> AsyncIterator[AudioChunk]:
-        """The stream's chunks; raises EngineError when neither audio nor its playback moves for too long.
+        """The stream's chunks; raises EngineError when the next one does not come in time.
 
-        The watchdog spans both waiting for the next chunk and writing the previous one, so a stuck
-        engine and a stuck output both end the turn instead of leaving it "speaking" in silence.
+        With :meth:`_output_step` this is the watchdog against a turn stuck "speaking" in silence.
         """
         limit = self.config.audio_stall_timeout_s
         iterator = stream.__aiter__()
@@ -590,6 +589,17 @@ class Session:
                     "(raise SessionConfig.audio_stall_timeout_s if this is expected)"
                 ) from None
             yield chunk
+
+    async def _output_step(self, step: Coroutine[Any, Any, None], what: str) -> None:
+        """An output write/flush; a sink that stops taking audio ends the turn with TransportError."""
+        limit = self.config.audio_stall_timeout_s
+        try:
+            async with asyncio.timeout(limit):
+                await step
+        except TimeoutError:
+            raise TransportError(
+                f"the audio output did not {what} for {limit} s; is its clock (device, peer) still running?"
+            ) from None
 
     def _played_s(self, turn: _Turn) -> float:
         if self.output is not None:

@@ -52,3 +52,18 @@ async def test_session_plays_and_interrupts_through_the_transport_buffer() -> No
     finally:
         speaker.cancel()
         await asyncio.wait([speaker])
+
+
+async def test_an_output_whose_clock_stopped_ends_the_turn_instead_of_hanging() -> None:
+    from moss_agent.config import SessionConfig
+    from moss_agent.events import ErrorEvent
+
+    clock = ScaledClock(20.0)
+    backend = FakeSpeechBackend(clock=clock)
+    output = PlaybackBuffer(PLAY_RATE, sample_rate=backend.sample_rate, max_buffer_s=0.2)  # nobody pulls
+    async with Session(backend, output=output, clock=clock, config=SessionConfig(audio_stall_timeout_s=0.3)) as session:
+        events = session.events()
+        result = await asyncio.wait_for(session.say("nobody is listening to this"), 10)
+        assert result.error is not None and "output" in result.error
+        errors = [e for e in events.drain() if isinstance(e, ErrorEvent)]
+        assert errors and errors[0].detail["kind"] == "TransportError" and not errors[0].fatal
