@@ -671,6 +671,10 @@ class Session:
             return
         if self.stt is not None and not text:
             return  # noise the recognizer found no words in
-        handle = self.respond(user_text=text, user_audio=utterance.audio, user_sample_rate=utterance.sample_rate)
+        try:
+            handle = self.respond(user_text=text, user_audio=utterance.audio, user_sample_rate=utterance.sample_rate)
+        except MossError as exc:  # turn queue full or closing: this utterance gets no answer
+            self._emit(ErrorEvent(f"could not answer the user: {exc}", detail={"kind": type(exc).__name__}))
+            return
         tl = handle._turn.timeline
         tl.user_end, tl.stt_start, tl.stt_end = user_end, stt_start, stt_end
