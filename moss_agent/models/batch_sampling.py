@@ -121,7 +121,11 @@ def sample_tokens(
     seen: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """logits: [N, V] -> token ids [N]. Greedy (argmax after the penalty) when temperature <= 0."""
+    """logits: [N, V] -> token ids [N]. Greedy (argmax after the penalty) when temperature <= 0.
+
+    With top-k the draw happens inside the k kept tokens: the same distribution as filtering the
+    whole vocabulary (top-p then acts on those k), at a fraction of the cost for large vocabularies.
+    """
     if logits.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long, device=logits.device)
     if temperature > 0:
@@ -130,6 +134,13 @@ def sample_tokens(
         logits = apply_repetition_penalty(logits, seen, penalty)
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = top_p_filter(top_k_filter(logits, top_k), top_p)
+    if 0 < top_k < logits.shape[-1]:
+        values, indices = torch.topk(logits, top_k, dim=-1)
+        choice = _draw(top_p_filter(values, top_p), generator)
+        return indices.gather(-1, choice[:, None]).squeeze(-1)
+    return _draw(top_p_filter(logits, top_p), generator)
+
+
+def _draw(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -93,18 +93,13 @@ def generate_delay(
     flush = torch.full((batch,), _NOT_FLUSHING, dtype=torch.long, device=device)
     stopped = torch.zeros(batch, dtype=torch.bool, device=device)
 
-    vocab = model.text_logits(torch.zeros(1, cfg.hidden_size, device=device, dtype=model.dtype)).shape[-1]
-    outside_audio_ban = torch.zeros(vocab, dtype=torch.bool, device=device)
-    outside_audio_ban[
-        [
-            cfg.pad_token_id,
-            cfg.audio_assistant_gen_slot_token_id,
-            cfg.audio_assistant_delay_slot_token_id,
-            cfg.audio_end_token_id,
-        ]
-    ] = True
-    inside_audio_ban = torch.ones(vocab, dtype=torch.bool, device=device)
-    inside_audio_ban[[cfg.audio_assistant_gen_slot_token_id, cfg.audio_assistant_delay_slot_token_id]] = False
+    outside_audio_ban = torch.zeros(cfg.vocab_size, dtype=torch.bool, device=device)
+    banned = [cfg.pad_token_id, cfg.audio_assistant_gen_slot_token_id]
+    banned += [cfg.audio_assistant_delay_slot_token_id, cfg.audio_end_token_id]
+    outside_audio_ban[banned] = True
+    slots = torch.tensor(
+        [cfg.audio_assistant_gen_slot_token_id, cfg.audio_assistant_delay_slot_token_id], device=device
+    )
 
     codes_per_book = cfg.audio_vocab_size + 1
     seen = torch.zeros(batch, n_vq, codes_per_book, dtype=torch.bool, device=device)
@@ -115,7 +110,6 @@ def generate_delay(
     generated: list[torch.Tensor] = []
     for step in range(max_new_tokens):
         hidden = model(step_input, mask, cache=cache)[:, -1]
-        text_logits = model.text_logits(hidden)
         audio_logits = model.audio_logits(hidden)  # pad code already at -inf
 
         text = torch.full((batch,), cfg.pad_token_id, dtype=torch.long, device=device)
@@ -125,15 +119,29 @@ def generate_delay(
         text[ending] = cfg.audio_end_token_id
         is_audio = is_audio & ~ending
         free = active & (flush == _NOT_FLUSHING)
-        if bool(free.any()):
-            ban = torch.where(is_audio[:, None], inside_audio_ban, outside_audio_ban)
+        in_audio = free & is_audio
+        if bool(in_audio.any()):
+            # Inside audio only the two slot tokens are allowed: score just those two head rows.
+            slot_logits = hidden[in_audio] @ model.lm_heads[0].weight[slots].T
             if step == 0:
-                ban[:, cfg.audio_assistant_delay_slot_token_id] = True
+                slot_logits[:, 1] = float("-inf")
+            picked = sample_tokens(
+                slot_logits,
+                temperature=params.text_temperature,
+                top_k=params.text_top_k,
+                top_p=params.text_top_p,
+                generator=generator,
+            )
+            text[in_audio] = slots[picked]
+        outside = free & ~is_audio
+        if bool(outside.any()):
+            text_logits = model.text_logits(hidden[outside]).masked_fill(outside_audio_ban, float("-inf"))
+            if step == 0:
+                text_logits[:, cfg.audio_assistant_delay_slot_token_id] = float("-inf")
             if step <= n_vq:
-                ban[:, cfg.im_end_token_id] = True
-            masked = text_logits.masked_fill(ban, float("-inf"))
-            text[free] = sample_tokens(
-                masked[free],
+                text_logits[:, cfg.im_end_token_id] = float("-inf")
+            text[outside] = sample_tokens(
+                text_logits,
                 temperature=params.text_temperature,
                 top_k=params.text_top_k,
                 top_p=params.text_top_p,
@@ -197,7 +205,9 @@ def _sample_audio(
     generator: torch.Generator | None,
 ) -> torch.Tensor:
     """logits: [B, n, V]; sample_mask: [B, n]; seen: [B, n, V] -> codes for the masked entries (row-major)."""
-    if params.repetition_scope == "batch":
+    if params.audio_repetition_penalty == 1.0:
+        seen_per_entry = None
+    elif params.repetition_scope == "batch":
         # Upstream: codebook 0 against the batch's codebook-0 history, the rest against the union of
         # all other codebooks' histories across the batch.
         first = seen[:, 0].any(dim=0)
@@ -213,6 +223,6 @@ def _sample_audio(
         top_k=params.audio_top_k,
         top_p=params.audio_top_p,
         penalty=params.audio_repetition_penalty,
-        seen=seen_per_entry[sample_mask] if params.audio_repetition_penalty != 1.0 else None,
+        seen=None if seen_per_entry is None else seen_per_entry[sample_mask],
         generator=generator,
     )

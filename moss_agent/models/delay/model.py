@@ -110,6 +110,7 @@ class MossTTSDelayModel(nn.Module):
     def audio_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [..., H] -> [..., n_vq, 1025] with the pad code's logit at -inf (it is never predicted)."""
         _, heads = self._audio_tables()
-        logits = torch.einsum("...h,nvh->...nv", hidden, heads)
+        n_vq, rows, width = heads.shape
+        logits = (hidden @ heads.view(n_vq * rows, width).T).unflatten(-1, (n_vq, rows))
         logits[..., self.config.audio_pad_code] = float("-inf")
         return logits
