@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Coroutine, Generator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Coroutine, Generator, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal
@@ -51,6 +51,17 @@ from moss_agent.transports.base import AudioInput, AudioOutput
 log = logging.getLogger(__name__)
 
 TokenSource = AsyncIterable[str] | Iterable[str]
+
+
+@contextlib.asynccontextmanager
+async def _closing(iterator: AsyncIterator[str]) -> AsyncGenerator[AsyncIterator[str], None]:
+    """Close an async iterator on exit when it can be closed (async generators, HTTP streams)."""
+    try:
+        yield iterator
+    finally:
+        close = getattr(iterator, "aclose", None)
+        if close is not None:
+            await close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -486,7 +497,7 @@ class Session:
                 TurnResult(turn.id, text, heard_text, heard_s, tl.audio_s, turn.interrupt_requested, turn.error, metrics)
             )
 
-    async def _text_source(self, turn: _Turn) -> AsyncIterator[str]:
+    async def _text_source(self, turn: _Turn) -> AsyncGenerator[str, None]:
         if turn.kind == "say":
             assert turn.text is not None
             yield turn.text
@@ -501,21 +512,24 @@ class Session:
             return
         assert self.llm is not None
         turn.timeline.llm_request = self.clock.now()
-        async for delta in self.llm.stream(self._history.messages()):
-            if turn.timeline.llm_first_token is None:
-                turn.timeline.llm_first_token = self.clock.now()
-            yield delta
+        # aclosing: an interrupt closes the LLM's HTTP stream at once, so the server stops generating
+        async with _closing(self.llm.stream(self._history.messages())) as deltas:
+            async for delta in deltas:
+                if turn.timeline.llm_first_token is None:
+                    turn.timeline.llm_first_token = self.clock.now()
+                yield delta
 
     async def _pump_text(self, turn: _Turn, stream: SpeechStream) -> None:
         try:
-            async for delta in self._text_source(turn):
-                if not delta:
-                    continue
-                if turn.timeline.tts_first_text is None:
-                    turn.timeline.tts_first_text = self.clock.now()
-                turn.parts.append(delta)
-                self._emit(TextDelta(delta, turn.id))
-                await stream.push_text(delta)
+            async with contextlib.aclosing(self._text_source(turn)) as deltas:
+                async for delta in deltas:
+                    if not delta:
+                        continue
+                    if turn.timeline.tts_first_text is None:
+                        turn.timeline.tts_first_text = self.clock.now()
+                    turn.parts.append(delta)
+                    self._emit(TextDelta(delta, turn.id))
+                    await stream.push_text(delta)
         except Exception as exc:  # LLM, user token source or engine: end the turn with what was spoken
             turn.error = str(exc)
             kind = getattr(exc, "kind", type(exc).__name__)

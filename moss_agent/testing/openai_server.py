@@ -7,7 +7,8 @@
   pluggable ``transcribe(pcm, sample_rate)`` (a real recognizer, or a script).
 - ``GET /v1/models``.
 
-Every request body is kept in ``chat_requests`` / ``transcriptions`` for assertions.
+Every request body is kept in ``chat_requests`` / ``transcriptions`` for assertions;
+``tokens_sent`` counts streamed tokens and ``aborted`` the replies the client hung up on.
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ class FakeOpenAIServer:
         self.port = port
         self.chat_requests: list[dict[str, Any]] = []
         self.transcriptions: list[tuple[FloatArray, str]] = []
+        self.tokens_sent = 0
+        self.aborted = 0
         self._runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
         self._ids = itertools.count(1)
@@ -187,12 +190,17 @@ class FakeOpenAIServer:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         await response.write(self._chunk(cid, model, {"role": "assistant", "content": ""}))
-        for index, token in enumerate(reply.tokens()):
-            if reply.fail is not None and index >= reply.fail_after:
-                break
-            if reply.token_delay_s:
-                await asyncio.sleep(reply.token_delay_s)
-            await response.write(self._chunk(cid, model, {"content": token}))
+        try:
+            for index, token in enumerate(reply.tokens()):
+                if reply.fail is not None and index >= reply.fail_after:
+                    break
+                if reply.token_delay_s:
+                    await asyncio.sleep(reply.token_delay_s)
+                await response.write(self._chunk(cid, model, {"content": token}))
+                self.tokens_sent += 1
+        except (ConnectionResetError, ConnectionError):
+            self.aborted += 1  # the client hung up mid-reply (an interrupt closes the stream)
+            return response
         if reply.fail == "reset":
             transport = request.transport
             if transport is not None:

@@ -241,3 +241,26 @@ async def test_a_failed_transcription_loses_one_utterance_not_the_session(
     finally:
         events.close()
         await rig.aclose()
+
+
+async def test_interrupting_closes_the_llm_stream_so_the_server_stops(
+    make_backend: Any, server: FakeOpenAIServer
+) -> None:
+    words = " ".join(f"word{i}" for i in range(60))
+    server.script(ScriptedReply(words, token_delay_s=0.03))
+    clock = ScaledClock(SPEED)
+    rig = Rig(make_backend(clock), server, clock, session_config(server))
+    await rig.session.start()
+    try:
+        handle = rig.session.respond(user_text="count for me")
+        while rig.speaker.played_s(handle.id) < 0.2:
+            await asyncio.sleep(0.005)
+        result = await handle.interrupt()
+        assert result.interrupted and len(result.text) < len(words)
+        for _ in range(200):  # the server notices the hang-up at its next write
+            if server.aborted:
+                break
+            await asyncio.sleep(0.01)
+        assert server.aborted == 1 and server.tokens_sent < 60
+    finally:
+        await rig.aclose()
