@@ -67,3 +67,16 @@ async def test_an_output_whose_clock_stopped_ends_the_turn_instead_of_hanging() 
         assert result.error is not None and "output" in result.error
         errors = [e for e in events.drain() if isinstance(e, ErrorEvent)]
         assert errors and errors[0].detail["kind"] == "TransportError" and not errors[0].fatal
+
+
+async def test_interrupt_does_not_wait_behind_audio_blocked_in_the_output() -> None:
+    clock = ScaledClock(20.0)
+    backend = FakeSpeechBackend(clock=clock)
+    output = PlaybackBuffer(PLAY_RATE, sample_rate=backend.sample_rate, max_buffer_s=0.2)  # nobody pulls
+    async with Session(backend, output=output, clock=clock) as session:
+        handle = session.say("this audio fills the buffer and then waits for a clock that never comes")
+        while output.queued_s < 0.2:
+            await asyncio.sleep(0.002)
+        result = await asyncio.wait_for(handle.interrupt(), 2.0)
+        assert result.interrupted and result.heard_s == 0.0 and result.heard_text == ""
+        assert output.queued_s == 0.0
