@@ -63,8 +63,9 @@ def test_greedy_generation_matches_upstream(case, loaded, goldens, generation_ca
             assert torch.equal(segment, goldens[f"{prefix}.decoded_codes.{i}"])
         # Upstream counts the audio_start row as a prompt frame; we report frames.
         assert result.prompt_frames == max(facts["start_length"] - 1, 0)
-        skip = facts["start_length"]
-        assert loaded.processor.decode_text(result.rows[:, 0], skip) == facts["content_with_escaped_regex"]
+        assert result.prompt_rows == facts["start_length"]
+        decoded = loaded.processor.decode_text(result.rows[:, 0], result.prompt_rows)
+        assert decoded == facts["content_with_escaped_regex"]
         assert result.finished
 
 

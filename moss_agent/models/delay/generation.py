@@ -38,12 +38,15 @@ class GeneratedSample:
     prompt_frames: leading frames of ``segments[0]`` that belong to the continuation prompt; decode the
         segment whole (codec context) and drop the first ``prompt_frames * samples_per_frame`` samples.
     finished: True when the sample emitted its end token before ``max_new_tokens``.
+    prompt_rows: leading ``rows`` that came from the prompt; ``processor.decode_text(rows[:, 0],
+        prompt_rows)`` gives the generated text channel (audio blocks as ``<|audio|>``).
     """
 
     rows: torch.Tensor
     segments: list[torch.Tensor]
     prompt_frames: int
     finished: bool
+    prompt_rows: int = 0
 
 
 def last_index(values: torch.Tensor, token: int) -> torch.Tensor:
@@ -192,6 +195,7 @@ def generate_delay(
                 segments=rows_to_segments(rows, pad_code=cfg.audio_pad_code, delayed=True),
                 prompt_frames=max(prompt_rows - 1, 0),
                 finished=bool(stopped[b]),
+                prompt_rows=prompt_rows,
             )
         )
     return results

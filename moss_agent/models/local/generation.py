@@ -102,6 +102,7 @@ def generate_local(
                 segments=split_segments(audio, cfg.audio_pad_code),
                 prompt_frames=max(prompt_len - start - 1, 0) if start >= 0 else 0,
                 finished=bool(finished[b]),
+                prompt_rows=prompt_len - start if start >= 0 else 0,
             )
         )
     return results
