@@ -78,6 +78,14 @@ class TurnResult:
     metrics: Metrics | None = None
 
 
+class _StreamFailed(Exception):
+    """The speech stream (not the output) raised while audio was being read from it."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 @dataclass(eq=False)
 class _Turn:
     id: int
@@ -449,7 +457,8 @@ class Session:
         try:
             try:
                 stream = await self._conversation.start_turn(user, turn.id)
-            except MossError as exc:
+            except Exception as exc:
+                log.warning("could not start a speech turn", extra={"turn_id": turn.id}, exc_info=exc)
                 turn.error = str(exc)
                 self._emit(ErrorEvent(f"could not start the speech turn: {exc}", turn.id))
                 return
@@ -460,15 +469,23 @@ class Session:
                         tg.create_task(self._pump_audio(turn, stream), name=f"{self.name}-turn{turn.id}-audio"),
                     ]
             if turn.interrupt_requested:
-                heard = await stream.interrupt(turn.heard_at_interrupt)
-        except MossError as exc:
+                try:
+                    heard = await stream.interrupt(turn.heard_at_interrupt)
+                except Exception as exc:  # the engine cannot say which words were heard
+                    log.warning("interrupting the speech stream failed", extra={"turn_id": turn.id}, exc_info=exc)
+                    self._emit(ErrorEvent(f"turn {turn.id}: interrupt failed: {exc}", turn.id))
+                    heard = HeardResult(0, "", turn.heard_at_interrupt)
+        except Exception as exc:
+            log.warning("speech turn failed", extra={"turn_id": turn.id}, exc_info=exc)
             turn.error = str(exc)
             self._emit(ErrorEvent(f"speech turn failed: {exc}", turn.id))
         finally:
             turn.playing = False
             if stream is not None:
-                with contextlib.suppress(MossError):
+                try:
                     await stream.aclose()
+                except Exception:
+                    log.warning("closing a speech stream failed", extra={"turn_id": turn.id}, exc_info=True)
             self._finish_turn(turn, heard)
 
     def _finish_turn(self, turn: _Turn, heard: HeardResult | None) -> None:
@@ -538,20 +555,39 @@ class Session:
         self._emit(TextDelta("", turn.id, final=True))
         try:
             await stream.end_input()
-        except MossError as exc:
+        except Exception as exc:
             self._fail_turn(turn, exc)
 
-    def _fail_turn(self, turn: _Turn, exc: MossError) -> None:
+    def _fail_turn(self, turn: _Turn, exc: Exception) -> None:
         """The engine or the output failed mid-turn: keep what was heard, stop the rest."""
         turn.error = turn.error or str(exc)
-        log.warning("turn failed", extra={"turn_id": turn.id, "error": type(exc).__name__})
+        if isinstance(exc, MossError):
+            log.warning("turn failed", extra={"turn_id": turn.id, "error": type(exc).__name__})
+        else:  # not one of ours: a bug somewhere below, keep the traceback
+            log.error("turn failed", extra={"turn_id": turn.id}, exc_info=exc)
         self._emit(ErrorEvent(f"turn {turn.id} failed: {exc}", turn.id, detail={"kind": type(exc).__name__}))
         self._request_interrupt(turn)
 
     async def _pump_audio(self, turn: _Turn, stream: SpeechStream) -> None:
         try:
             await self._play(turn, stream)
-        except MossError as exc:
+        except _StreamFailed as failed:
+            # The engine broke, but the audio it made is good: let the listener hear it, then stop.
+            turn.error = turn.error or str(failed.error)
+            log.warning("speech stream failed", extra={"turn_id": turn.id}, exc_info=failed.error)
+            kind = type(failed.error).__name__
+            self._emit(ErrorEvent(f"turn {turn.id} failed: {failed.error}", turn.id, detail={"kind": kind}))
+            for pump in turn.pumps:
+                if pump is not asyncio.current_task():
+                    pump.cancel()
+            try:
+                if self.output is not None:
+                    await self._output_step(self.output.flush(), "flush")
+            except Exception as exc:
+                self._fail_turn(turn, exc)
+            else:
+                self._request_interrupt(turn)
+        except Exception as exc:  # the output failed: this turn ends, the session goes on
             self._fail_turn(turn, exc)
 
     async def _play(self, turn: _Turn, stream: SpeechStream) -> None:
@@ -598,10 +634,13 @@ class Session:
             except StopAsyncIteration:
                 return
             except TimeoutError:
-                raise EngineError(
+                stalled = EngineError(
                     f"turn {stream.turn_id}: no audio for {limit} s; the engine or output is stuck "
                     "(raise SessionConfig.audio_stall_timeout_s if this is expected)"
-                ) from None
+                )
+                raise _StreamFailed(stalled) from None
+            except Exception as exc:
+                raise _StreamFailed(exc) from exc
             yield chunk
 
     async def _output_step(self, step: Coroutine[Any, Any, None], what: str) -> None:

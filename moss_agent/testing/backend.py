@@ -37,8 +37,11 @@ class FakeSpeechBackend:
         base_hz: float = 200.0,
         step_hz: float = 50.0,
         clock: Clock | None = None,
+        fail_at_frame: int | None = None,
     ) -> None:
+        """``fail_at_frame``: every stream raises EngineError when it reaches that frame (fault injection)."""
         self.sample_rate = sample_rate
+        self.fail_at_frame = fail_at_frame
         self.frame_s = frame_s
         self.frame_samples = round(frame_s * sample_rate)
         self.frames_per_chunk = frames_per_chunk
@@ -158,6 +161,8 @@ class FakeSpeechStream:
         await backend.clock.sleep(backend.frame_s * backend.rtf * count)
         if self.interrupted or self.closed:
             raise StopAsyncIteration
+        if backend.fail_at_frame is not None and self.frames >= backend.fail_at_frame:
+            raise EngineError(f"injected engine failure at frame {self.frames} of turn {self.turn_id}")
         first = self.frames
         self.frames += count
         self._changed.set()

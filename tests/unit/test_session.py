@@ -231,3 +231,18 @@ async def test_interrupt_while_the_last_audio_is_still_playing_cuts_the_context(
         assert conversation.context == [("assistant", result.heard_text)]  # type: ignore[attr-defined]
         assert session.history[-1] == {"role": "assistant", "content": result.heard_text.strip()}
     await speaker.aclose()
+
+
+async def test_an_engine_failure_mid_turn_keeps_what_was_heard(
+    backend: FakeSpeechBackend, speaker: FakeAudioOutput, clock: ScaledClock
+) -> None:
+    backend.fail_at_frame = 5
+    async with Session(backend, output=speaker, clock=clock) as session:
+        events = session.events()
+        failed = await asyncio.wait_for(session.say("this breaks after five"), 5)
+        assert failed.error is not None and "injected" in failed.error
+        assert failed.interrupted and failed.heard_text == "this "  # the five frames made were played
+        assert [e.detail["kind"] for e in events.drain() if isinstance(e, ErrorEvent)] == ["EngineError"]
+        backend.fail_at_frame = None
+        assert (await asyncio.wait_for(session.say("fine again"), 5)).heard_text == "fine again"
+        assert session.history[-1]["content"] == "this fine again"
