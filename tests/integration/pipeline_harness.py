@@ -7,11 +7,13 @@ on a tiny checkpoint) and every pipeline test runs against it too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 from moss_agent.events import Event, FloatArray
@@ -22,11 +24,28 @@ from moss_agent.testing.backend import FakeSpeechBackend
 SPEED = 20.0  # the fake engine, speaker and microphone run this many times faster than real time
 
 
-def fake_backend(clock: Clock) -> FakeSpeechBackend:
+BackendFactory = Callable[[pytest.FixtureRequest, Clock, contextlib.AsyncExitStack], Awaitable[Any]]
+
+
+async def fake_backend(request: pytest.FixtureRequest, clock: Clock, stack: contextlib.AsyncExitStack) -> Any:
     return FakeSpeechBackend(clock=clock, rtf=0.25, ttfa_s=0.05)
 
 
-BACKENDS: dict[str, Callable[[Clock], Any]] = {"fake": fake_backend}
+BACKENDS: dict[str, BackendFactory] = {"fake": fake_backend}
+"""Name -> async factory(request, clock, stack). A real engine's factory can pull fixtures with
+``request.getfixturevalue`` (e.g. a tiny checkpoint), run on ``clock`` or ignore it, and register
+its shutdown with ``await stack.enter_async_context(engine)``. Assertions that only hold for the
+fake's tone "speech" are guarded with ``hasattr(conversation, "tone_hz")``."""
+
+
+async def backend_maker(request: pytest.FixtureRequest) -> AsyncIterator[Callable[[Clock], Awaitable[Any]]]:
+    """Fixture body: ``backend = await make_backend(clock)``; everything made is closed at teardown."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def make(clock: Clock) -> Any:
+            return await BACKENDS[request.param](request, clock, stack)
+
+        yield make
 
 
 class HttpTranscriber:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from pipeline_harness import BACKENDS, SPEED, HttpTranscriber, dominant_hz, next_event
+from pipeline_harness import BACKENDS, SPEED, HttpTranscriber, backend_maker, dominant_hz, next_event
 
 from moss_agent.config import LLMConfig, SessionConfig, TurnTakingConfig
 from moss_agent.events import ErrorEvent, Interrupted, Metrics, TextDelta, TurnEnded
@@ -27,9 +27,7 @@ MIC_RATE = 16000
 FIRST, SECOND = "what is the weather like today", "thank you very much"
 
 
-@pytest.fixture(params=sorted(BACKENDS))
-def make_backend(request: pytest.FixtureRequest) -> Any:
-    return BACKENDS[request.param]
+make_backend = pytest.fixture(params=sorted(BACKENDS))(backend_maker)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +85,7 @@ async def test_two_turn_conversation_from_user_speech(
     replies = ["It is sunny and warm.", "You are welcome, goodbye!"]
     server.script(*replies)
     clock = ScaledClock(SPEED)
-    rig = Rig(make_backend(clock), server, clock, session_config(server))
+    rig = Rig(await make_backend(clock), server, clock, session_config(server))
     await rig.session.start()
     events = rig.session.events()
     try:
@@ -131,7 +129,7 @@ async def test_barge_in_cuts_history_at_the_heard_point_and_next_turn_works(
     long_reply = "Let me tell you a very long story about the sea, the wind and the old lighthouse keeper."
     server.script(long_reply, "Okay, I will stop.")
     clock = ScaledClock(SPEED)
-    rig = Rig(make_backend(clock), server, clock, session_config(server))
+    rig = Rig(await make_backend(clock), server, clock, session_config(server))
     await rig.session.start()
     events = rig.session.events()
     try:
@@ -164,7 +162,7 @@ async def test_a_cough_over_the_agent_does_not_interrupt(make_backend: Any, serv
     reply = "This answer is long enough to be coughed over without stopping."
     server.script(reply)
     clock = ScaledClock(SPEED)
-    rig = Rig(make_backend(clock), server, clock, session_config(server, min_interrupt_s=0.6))
+    rig = Rig(await make_backend(clock), server, clock, session_config(server, min_interrupt_s=0.6))
     await rig.session.start()
     try:
         handle = rig.session.respond(user_text="go on")
@@ -190,7 +188,7 @@ async def test_llm_failure_mid_turn_leaves_a_usable_session(
     clock = ScaledClock(SPEED)
     config = session_config(server)
     config = SessionConfig(llm=LLMConfig(base_url=server.base_url, model="fake", idle_timeout_s=0.5), turns=config.turns)
-    rig = Rig(make_backend(clock), server, clock, config)
+    rig = Rig(await make_backend(clock), server, clock, config)
     await rig.session.start()
     events = rig.session.events()
     try:
@@ -227,7 +225,7 @@ async def test_a_failed_transcription_loses_one_utterance_not_the_session(
     server.transcribe = flaky
     server.script("Now I hear you.")
     clock = ScaledClock(SPEED)
-    rig = Rig(make_backend(clock), server, clock, session_config(server))
+    rig = Rig(await make_backend(clock), server, clock, session_config(server))
     await rig.session.start()
     events = rig.session.events()
     try:
@@ -249,7 +247,7 @@ async def test_interrupting_closes_the_llm_stream_so_the_server_stops(
     words = " ".join(f"word{i}" for i in range(60))
     server.script(ScriptedReply(words, token_delay_s=0.03))
     clock = ScaledClock(SPEED)
-    rig = Rig(make_backend(clock), server, clock, session_config(server))
+    rig = Rig(await make_backend(clock), server, clock, session_config(server))
     await rig.session.start()
     try:
         handle = rig.session.respond(user_text="count for me")

@@ -9,21 +9,18 @@ import tracemalloc
 from typing import Any
 
 import pytest
-from pipeline_harness import BACKENDS, dominant_hz
+from pipeline_harness import BACKENDS, backend_maker, dominant_hz
 
 from moss_agent.streaming.clock import ScaledClock
 from moss_agent.streaming.session import Session
 from moss_agent.testing.audio_io import FakeAudioOutput
 
-
-@pytest.fixture(params=sorted(BACKENDS))
-def make_backend(request: pytest.FixtureRequest) -> Any:
-    return BACKENDS[request.param]
+make_backend = pytest.fixture(params=sorted(BACKENDS))(backend_maker)
 
 
 async def test_eight_sessions_at_once_keep_their_own_audio(make_backend: Any) -> None:
     clock = ScaledClock(20.0)
-    backend = make_backend(clock)
+    backend = await make_backend(clock)
     speakers = [FakeAudioOutput(backend.sample_rate, clock=clock) for _ in range(8)]
     sessions = [Session(backend, output=s, clock=clock, name=f"s{i}") for i, s in enumerate(speakers)]
     texts = [f"Session {i} says {'la ' * (i + 2)}" for i in range(8)]
@@ -76,7 +73,7 @@ async def _churn(backend: Any, clock: ScaledClock, rounds: int) -> int:
 
 async def test_closing_sessions_under_load_leaks_nothing(make_backend: Any) -> None:
     clock = ScaledClock(50.0)
-    backend = make_backend(clock)
+    backend = await make_backend(clock)
     baseline_tasks = asyncio.all_tasks()
     await _churn(backend, clock, 5)  # warm up caches and lazy imports
     gc.collect()
