@@ -207,11 +207,9 @@ class MossAudioTokenizer(nn.Module):
         caches = []
         for stage, per_frame in zip(self._transformers(stages), tokens, strict=True):
             config = stage.config
-            shape = (config.num_layers, batch_size, config.num_heads, stage.capacity, config.head_dim)
-            caches.append(StageCache(
-                torch.zeros(shape, dtype=self.dtype, device=device),
-                torch.zeros(shape, dtype=self.dtype, device=device),
-                per_frame,
+            caches.append(StageCache.allocate(
+                config.num_layers, batch_size, config.num_heads, stage.capacity, config.head_dim, per_frame,
+                self.dtype, device,
             ))
         return CodecStreamState(kind, torch.zeros(batch_size, dtype=torch.long, device=device), caches)
 
@@ -252,7 +250,8 @@ class MossAudioTokenizer(nn.Module):
                 hidden = stage(hidden)
                 continue
             cache = next(caches)
-            hidden = stage.step(hidden, state.frames * cache.tokens_per_frame, cache.keys, cache.values, active)
+            hidden = stage.step(hidden, state.frames * cache.tokens_per_frame, cache.key_rows, cache.value_rows,
+                                active)
         if active is None:
             state.frames.add_(frames)
         else:

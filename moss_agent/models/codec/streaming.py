@@ -20,11 +20,40 @@ Slots = int | Sequence[int] | torch.Tensor
 
 @dataclass(slots=True)
 class StageCache:
-    """Ring KV cache of one transformer stage: keys/values [L, B, H, capacity, Dh] in the compute dtype."""
+    """Ring KV cache of one transformer stage, in the compute dtype.
 
-    keys: torch.Tensor
-    values: torch.Tensor
+    key_rows / value_rows: [L, B*H*capacity + 1, Dh]; row ``(b*H + h)*capacity + slot`` holds one
+    head's key. The extra last row absorbs the writes of inactive slots, so a masked step needs no
+    read-modify-write of the cache.
+    """
+
+    key_rows: torch.Tensor
+    value_rows: torch.Tensor
+    num_heads: int
+    capacity: int
     tokens_per_frame: int
+
+    @classmethod
+    def allocate(
+        cls, layers: int, batch: int, heads: int, capacity: int, head_dim: int, tokens_per_frame: int,
+        dtype: torch.dtype, device: torch.device,
+    ) -> StageCache:
+        shape = (layers, batch * heads * capacity + 1, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
+                   heads, capacity, tokens_per_frame)
+
+    def _view(self, rows: torch.Tensor) -> torch.Tensor:
+        layers, _, head_dim = rows.shape
+        return rows[:, :-1].view(layers, -1, self.num_heads, self.capacity, head_dim)
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """[L, B, H, capacity, Dh] view of the cached (rotated) keys."""
+        return self._view(self.key_rows)
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._view(self.value_rows)
 
 
 class CodecStreamState:
@@ -73,7 +102,7 @@ class CodecStreamState:
             stage.values.masked_fill_(cache_mask, 0)
 
     def nbytes(self) -> int:
-        return sum(s.keys.nbytes + s.values.nbytes for s in self.stages) + self.frames.nbytes
+        return sum(s.key_rows.nbytes + s.value_rows.nbytes for s in self.stages) + self.frames.nbytes
 
 
 class SampleFramer:

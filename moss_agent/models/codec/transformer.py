@@ -26,11 +26,12 @@ _FULL_MASK_MAX_TOKENS = 2048
 class StepGeometry:
     """What every layer of one stage shares during a streaming step (computed once per stage).
 
-    write_index: [B, T] ring slot of each new token; mask: [B, 1, T, capacity] keys each query may see;
+    write_rows: [B*H*T] cache row of each new (batch, head, token), inactive rows sent to the spare
+    last row; mask: [B, 1, T, capacity] additive (0 / -inf) in the compute dtype;
     cos/sin: [B, 1, T, head_dim/2] rotary tables in fp32.
     """
 
-    write_index: torch.Tensor
+    write_rows: torch.Tensor
     mask: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
@@ -73,8 +74,9 @@ class SelfAttention(nn.Module):
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
         batch, length, _ = x.shape
         qkv = self.in_projs[0](x).view(batch, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        # One rotation for q and k together: half the small kernels on the streaming hot path.
+        q, k = apply_rope(qkv[:2], cos, sin).unbind(0)
+        return q, k, qkv[2]
 
     def _out(self, attended: torch.Tensor) -> torch.Tensor:
         batch, _, length, _ = attended.shape
@@ -85,27 +87,16 @@ class SelfAttention(nn.Module):
         q, k, v = self._qkv(x, cos, sin)
         return self._out(windowed_attention(q, k, v, context))
 
-    def step(
-        self,
-        x: torch.Tensor,
-        geometry: StepGeometry,
-        key_cache: torch.Tensor,
-        value_cache: torch.Tensor,
-        active: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Streaming: x [B, T, d]; caches [B, H, capacity, Dh] are written first, then attended."""
+    def step(self, x: torch.Tensor, geometry: StepGeometry, key_rows: torch.Tensor, value_rows: torch.Tensor,
+             ) -> torch.Tensor:
+        """Streaming: x [B, T, d]; cache rows [B*H*capacity + 1, Dh] are written first, then attended."""
         q, k, v = self._qkv(x, geometry.cos, geometry.sin)
-        batch, heads, length, head_dim = k.shape
-        index = geometry.write_index[:, None, :, None].expand(batch, heads, length, head_dim)
-        if active is not None:
-            # Inactive rows rewrite what they already hold, so their cache stays bit-identical.
-            keep = ~active[:, None, None, None]
-            k = torch.where(keep, key_cache.gather(2, index), k)
-            v = torch.where(keep, value_cache.gather(2, index), v)
-        key_cache.scatter_(2, index, k)
-        value_cache.scatter_(2, index, v)
-        attended = F.scaled_dot_product_attention(q, key_cache, value_cache, attn_mask=geometry.mask)
-        return self._out(attended)
+        batch, heads, _, head_dim = k.shape
+        key_rows.index_copy_(0, geometry.write_rows, k.reshape(-1, head_dim))
+        value_rows.index_copy_(0, geometry.write_rows, v.reshape(-1, head_dim))
+        keys = key_rows[:-1].view(batch, heads, -1, head_dim)
+        values = value_rows[:-1].view(batch, heads, -1, head_dim)
+        return self._out(F.scaled_dot_product_attention(q, keys, values, attn_mask=geometry.mask))
 
 
 def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int) -> torch.Tensor:
@@ -148,15 +139,9 @@ class TransformerLayer(nn.Module):
         x = x + self.layer_scale_1(self.self_attn(self.norm1(x), cos, sin, context))
         return self._feed_forward(x)
 
-    def step(
-        self,
-        x: torch.Tensor,
-        geometry: StepGeometry,
-        key_cache: torch.Tensor,
-        value_cache: torch.Tensor,
-        active: torch.Tensor | None,
-    ) -> torch.Tensor:
-        attended = self.self_attn.step(self.norm1(x), geometry, key_cache, value_cache, active)
+    def step(self, x: torch.Tensor, geometry: StepGeometry, key_rows: torch.Tensor, value_rows: torch.Tensor,
+             ) -> torch.Tensor:
+        attended = self.self_attn.step(self.norm1(x), geometry, key_rows, value_rows)
         return self._feed_forward(x + self.layer_scale_1(attended))
 
 
@@ -195,33 +180,41 @@ class ProjectedTransformer(nn.Module):
             h = layer(h, cos, sin, self.config.context)
         return self.output_proj(h)
 
-    def geometry(self, start: torch.Tensor, length: int) -> StepGeometry:
+    def geometry(self, start: torch.Tensor, length: int, active: torch.Tensor | None, dtype: torch.dtype,
+                 ) -> StepGeometry:
         """start: [B] absolute position of each row's first new token; length: new tokens this step."""
-        capacity = self.capacity
-        positions = start[:, None] + torch.arange(length, device=start.device)  # [B, T]
+        capacity, heads = self.capacity, self.config.num_heads
+        device = start.device
+        positions = start[:, None] + torch.arange(length, device=device)  # [B, T]
         last = positions[:, -1:]
-        slots = torch.arange(capacity, device=start.device)
+        slots = torch.arange(capacity, device=device)
         # After the write, slot i holds the newest position congruent to i that is <= last;
         # a negative value means the slot was never written in this stream.
-        slot_positions = last - torch.remainder(last - slots, capacity)  # [B, capacity]
-        keys = slot_positions[:, None, :]
-        mask = (keys >= 0) & (keys <= positions[:, :, None])  # the window bound holds since capacity == context
+        slot_positions = (last - torch.remainder(last - slots, capacity))[:, None, :]  # [B, 1, capacity]
+        # The window bound (query - key < context) holds by construction since capacity == context.
+        hidden = (slot_positions < 0) | (slot_positions > positions[:, :, None])
+        mask = torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(hidden, float("-inf"))
+        batch = start.shape[0]
+        heads_base = (torch.arange(batch * heads, device=device) * capacity).view(batch, heads, 1)
+        rows = heads_base + torch.remainder(positions, capacity)[:, None, :]  # [B, H, T]
+        if active is not None:
+            rows = torch.where(active[:, None, None], rows, batch * heads * capacity)
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.max_period)
-        return StepGeometry(torch.remainder(positions, capacity), mask[:, None], cos, sin)
+        return StepGeometry(rows.reshape(-1), mask[:, None], cos, sin)
 
     def step(
         self,
         x: torch.Tensor,
         start: torch.Tensor,
-        key_cache: torch.Tensor,
-        value_cache: torch.Tensor,
+        key_rows: torch.Tensor,
+        value_rows: torch.Tensor,
         active: torch.Tensor | None,
     ) -> torch.Tensor:
-        """x: [B, T, input_dim]; caches: [L, B, H, capacity, Dh] updated in place -> [B, T, output_dim]."""
-        geometry = self.geometry(start, x.shape[1])
+        """x: [B, T, input_dim]; cache rows [L, B*H*capacity + 1, Dh] updated in place -> [B, T, output_dim]."""
         h = self.input_proj(x)
+        geometry = self.geometry(start, x.shape[1], active, h.dtype)
         for index, layer in enumerate(self.transformer.layers):
-            h = layer.step(h, geometry, key_cache[index], value_cache[index], active)
+            h = layer.step(h, geometry, key_rows[index], value_rows[index])
         return self.output_proj(h)
 
 
