@@ -13,7 +13,7 @@ from torch import nn
 from moss_agent.errors import CheckpointError, ConfigError
 from moss_agent.models.batch_sampling import SamplingParams, preset
 from moss_agent.models.delay.config import ARCH_DELAY, ARCH_LOCAL, TTSModelConfig
-from moss_agent.models.delay.generation import GeneratedSample, generate_delay
+from moss_agent.models.delay.generation import GeneratedSample, StepCallback, generate_delay
 from moss_agent.models.delay.model import MossTTSDelayModel
 from moss_agent.models.delay.processor import BatchPrompt, TTSProcessor
 from moss_agent.models.delay.requests import Request, prepare_batch
@@ -59,10 +59,13 @@ class LoadedTTS:
         generator: torch.Generator | None = None,
         upstream_compatible: bool = False,
         n_vq_for_inference: int | None = None,
+        static_cache: bool = False,
+        on_step: StepCallback | None = None,
     ) -> list[GeneratedSample]:
         """Generate for a prompt batch (or requests); one GeneratedSample per item, in order.
 
         ``params`` defaults to the architecture's recommended preset ("moss-tts" / "moss-tts-local").
+        ``static_cache`` (Delay) preallocates the KV cache; ``on_step(step, rows)`` may return False to stop.
         """
         if not isinstance(prompt, BatchPrompt):
             prompt = self.prepare(prompt)
@@ -76,6 +79,7 @@ class LoadedTTS:
                 n_vq_for_inference=n_vq_for_inference,
                 generator=generator,
                 upstream_compatible=upstream_compatible,
+                on_step=on_step,
             )
         if n_vq_for_inference is not None:
             raise ConfigError("n_vq_for_inference is a Local model option; Delay models use all codebooks")
@@ -87,6 +91,8 @@ class LoadedTTS:
             max_new_tokens=max_new_tokens,
             generator=generator,
             upstream_compatible=upstream_compatible,
+            static_cache=static_cache,
+            on_step=on_step,
         )
 
 

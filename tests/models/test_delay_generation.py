@@ -126,3 +126,22 @@ def test_generate_rejects_wrong_width(loaded, goldens):
     ids = goldens["delay.proc.reference.input_ids"][..., :3]
     with pytest.raises(ConfigError, match="codebooks"):
         generate_delay(loaded.model, ids, goldens["delay.proc.reference.attention_mask"], max_new_tokens=2)
+
+
+def test_static_cache_matches_dynamic(loaded, goldens):
+    for case in ("reference", "batch"):
+        static = run(loaded, goldens, case, upstream_compatible=True, static_cache=True)
+        for index, result in enumerate(static):
+            assert torch.equal(result.rows, goldens[f"delay.generate.{case}.{index}.output_ids"])
+
+
+def test_on_step_sees_rows_and_can_stop(loaded, goldens):
+    seen_rows = []
+
+    def on_step(step: int, rows: torch.Tensor) -> bool:
+        seen_rows.append(rows.clone())
+        return step < 4
+
+    (result,) = run(loaded, goldens, "reference", on_step=on_step)
+    assert len(seen_rows) == 5 and not result.finished
+    assert torch.equal(torch.cat(seen_rows), result.rows[-5:])

@@ -15,6 +15,7 @@ The continuation prompt length is reported as frames (upstream counts the audio_
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,8 @@ from moss_agent.models.delay.pattern import rows_to_segments
 log = logging.getLogger(__name__)
 
 _NOT_FLUSHING = torch.iinfo(torch.long).max
+
+StepCallback = Callable[[int, torch.Tensor], "bool | None"]
 
 
 @dataclass
@@ -66,8 +69,14 @@ def generate_delay(
     max_new_tokens: int = 2000,
     generator: torch.Generator | None = None,
     upstream_compatible: bool = False,
+    static_cache: bool = False,
+    on_step: StepCallback | None = None,
 ) -> list[GeneratedSample]:
     """input_ids: [B, L, 1 + n_vq] left padded; attention_mask: [B, L] bool.
+
+    ``static_cache`` preallocates the KV cache for ``L + max_new_tokens`` positions (no per-step
+    copies; suits long runs on a GPU). ``on_step(step, rows)`` sees each new row batch [B, 1 + n_vq]
+    and may return False to stop early (cancellation, streaming).
 
     ``max_new_tokens`` counts rows, including audio_start, the flush and the end rows.
     """
@@ -108,11 +117,21 @@ def generate_delay(
     seen = torch.zeros(batch, n_vq, codes_per_book, dtype=torch.bool, device=device)
     seen.scatter_(2, input_ids[..., 1:].transpose(1, 2), True)
 
-    cache = model.new_cache()
+    if static_cache:
+        cache = model.new_cache(max_len=prompt_len + max_new_tokens)
+        mask_buffer = torch.zeros(batch, prompt_len + max_new_tokens, dtype=torch.bool, device=device)
+        mask_buffer[:, :prompt_len] = mask
+    else:
+        cache = model.new_cache()
+    written = prompt_len
     step_input = input_ids
     generated: list[torch.Tensor] = []
     for step in range(max_new_tokens):
-        hidden = model(step_input, mask, cache=cache)[:, -1]
+        if static_cache:
+            positions = torch.arange(written - step_input.shape[1], written, device=device)[None]
+            hidden = model(step_input, mask_buffer, cache=cache, position_ids=positions)[:, -1]
+        else:
+            hidden = model(step_input, mask, cache=cache)[:, -1]
         audio_logits = model.audio_logits(hidden)  # pad code already at -inf
 
         text = torch.full((batch,), cfg.pad_token_id, dtype=torch.long, device=device)
@@ -178,7 +197,13 @@ def generate_delay(
         seen.scatter_(2, codes[:, :, None], True)
         generated.append(row)
         step_input = row[:, None, :]
-        mask = torch.cat([mask, (~stopped)[:, None]], dim=1)
+        if static_cache:
+            mask_buffer[:, written] = ~stopped
+        else:
+            mask = torch.cat([mask, (~stopped)[:, None]], dim=1)
+        written += 1
+        if on_step is not None and on_step(step, row) is False:
+            break
         if bool(stopped.all()):
             break
 

@@ -98,10 +98,13 @@ class MossTTSDelayModel(nn.Module):
         )
         return out.last_hidden_state
 
-    def new_cache(self) -> object:
-        from transformers.cache_utils import DynamicCache
+    def new_cache(self, max_len: int | None = None) -> object:
+        """A KV cache for ``forward``: growing, or preallocated for ``max_len`` positions."""
+        from transformers.cache_utils import DynamicCache, StaticCache
 
-        return DynamicCache(config=self.language_model.config)
+        if max_len is None:
+            return DynamicCache(config=self.language_model.config)
+        return StaticCache(config=self.language_model.config, max_cache_len=max_len)
 
     def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [..., H] -> [..., vocab]."""

@@ -19,7 +19,7 @@ import torch
 
 from moss_agent.errors import ConfigError
 from moss_agent.models.batch_sampling import SamplingParams, preset, sample_tokens
-from moss_agent.models.delay.generation import GeneratedSample, last_index
+from moss_agent.models.delay.generation import GeneratedSample, StepCallback, last_index
 from moss_agent.models.delay.pattern import split_segments
 from moss_agent.models.local.model import MossTTSLocalModel
 
@@ -35,9 +35,11 @@ def generate_local(
     n_vq_for_inference: int | None = None,
     generator: torch.Generator | None = None,
     upstream_compatible: bool = False,
+    on_step: StepCallback | None = None,
 ) -> list[GeneratedSample]:
     """input_ids: [B, L, 1 + n_vq] left padded (generation prompts end on an audio_start row);
-    attention_mask: [B, L] bool. ``max_new_tokens`` counts frames (rows)."""
+    attention_mask: [B, L] bool. ``max_new_tokens`` counts frames (rows). ``on_step(step, rows)``
+    sees each new row batch [B, 1 + n_vq] and may return False to stop early."""
     params = params or preset("moss-tts-local")
     cfg = model.config
     n_vq = cfg.n_vq
@@ -67,7 +69,7 @@ def generate_local(
     step_input = input_ids
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     generated: list[torch.Tensor] = []
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, -step_input.shape[1] :]
         hidden = model(step_input, mask, cache=cache, position_ids=positions, n_vq=used)[:, -1]
         row = _sample_frame(model, hidden, used, seen, params, text_allowed, generator)
@@ -83,6 +85,8 @@ def generate_local(
         generated.append(row)
         step_input = row[:, None, :]
         mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.bool, device=device)], dim=1)
+        if on_step is not None and on_step(step, row) is False:
+            break
         if bool(finished.all()):
             break
 
