@@ -117,12 +117,13 @@ class ResidualQuantizer(nn.Module):
     def _decode_tables(self, num_quantizers: int) -> tuple[torch.Tensor, ...]:
         """Stacked codebooks [nq, K, Dc], merged out weights [nq, Dc, D] and biases [nq, 1, D], cached.
 
-        The cache key holds every parameter's storage and version, so loading or editing weights
-        rebuilds the tables.
+        In eager mode the cache key holds every parameter's storage and version, so loading or
+        editing weights rebuilds the tables; a compiled step reuses what eager calls built.
         """
-        key = tuple(p._version for p in self.parameters()) + tuple(p.data_ptr() for p in self.parameters())
-        if self._tables is None or self._tables[0] != key:
-            self._tables = (key, {})
+        if self._tables is None or not torch.compiler.is_compiling():
+            key = tuple(p._version for p in self.parameters()) + tuple(p.data_ptr() for p in self.parameters())
+            if self._tables is None or self._tables[0] != key:
+                self._tables = (key, {})
         tables = self._tables[1]
         if num_quantizers not in tables:
             used = self.quantizers[:num_quantizers]
