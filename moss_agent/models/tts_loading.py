@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ class LoadedTTS:
     processor: TTSProcessor
     config: TTSModelConfig
     folder: Path
+    codec_name_or_path: str | None = None  # processor_config.json's audio tokenizer (the shared codec)
 
     @property
     def architecture(self) -> str:
@@ -171,11 +173,18 @@ def load_tts(
     weights = load_safetensors(folder)
     model = build_model(config, weights, device=torch_device, dtype=torch_dtype, source=str(folder))
     processor = TTSProcessor.from_folder(folder, config)
+    codec = None
+    processor_config = folder / "processor_config.json"
+    if processor_config.is_file():
+        try:
+            codec = json.loads(processor_config.read_text()).get("audio_tokenizer_name_or_path")
+        except json.JSONDecodeError:
+            log.warning("unreadable processor_config.json", extra={"folder": str(folder)})
     log.info(
         "loaded batch TTS model",
         extra={"folder": str(folder), "architecture": config.architecture, "n_vq": config.n_vq},
     )
-    return LoadedTTS(model=model, processor=processor, config=config, folder=folder)
+    return LoadedTTS(model=model, processor=processor, config=config, folder=folder, codec_name_or_path=codec)
 
 
 __all__ = ["ARCH_DELAY", "ARCH_LOCAL", "LoadedTTS", "TTSModel", "build_model", "load_tts", "model_class"]

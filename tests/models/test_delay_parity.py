@@ -118,3 +118,9 @@ def test_teacher_forced_matches_upstream(case, cases, goldens, loaded):
             atol=tol["logits_atol"],
             rtol=0,
         )
+
+
+def test_loaded_checkpoint_facts(loaded):
+    assert loaded.architecture == "delay" and loaded.processor.delayed
+    assert loaded.config.n_vq == loaded.model.n_vq
+    assert loaded.codec_name_or_path == "OpenMOSS-Team/MOSS-Audio-Tokenizer"
