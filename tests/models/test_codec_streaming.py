@@ -233,3 +233,29 @@ def test_streaming_in_half_precision(codec: MossAudioTokenizer, tmp_path: Path) 
         out = torch.cat([half.decode_step(codes[:, :, t : t + 2], state) for t in range(0, 6, 2)], dim=-1)
         assert out.dtype == torch.float32
         assert float((out - reference).abs().max()) < 0.05 * float(reference.abs().max())
+
+
+def test_decode_step_traces_as_one_graph(codec: MossAudioTokenizer) -> None:
+    """No .item() or value-dependent Python branch in the step: it compiles with fullgraph=True."""
+    codes = _codes(codec, 3, frames=6, seed=4)
+    active = torch.tensor([True, False, True])
+    codec.decode_step(codes[:, :, :1], codec.init_decode_state(3))  # eager warm-up builds the code tables
+    compiled = torch.compile(codec.decode_step, backend="eager", fullgraph=True)
+    eager_state, compiled_state = codec.init_decode_state(3), codec.init_decode_state(3)
+    for t in range(0, 6, 2):
+        piece = codes[:, :, t : t + 2]
+        assert torch.equal(compiled(piece, compiled_state, active), codec.decode_step(piece, eager_state, active))
+    assert torch.equal(compiled_state.frames, eager_state.frames)
+
+
+def test_long_offline_attention_in_query_blocks_equals_one_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    from moss_agent.models.codec import transformer
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 50, 8, generator=generator) for _ in range(3))
+    whole = transformer.windowed_attention(q, k, v, context=7)
+    monkeypatch.setattr(transformer, "_FULL_MASK_MAX_TOKENS", 10)
+    torch.testing.assert_close(transformer.windowed_attention(q, k, v, context=7), whole, atol=1e-6, rtol=0)
+    # Query 30 sees keys 24..30 only.
+    expected = torch.softmax(q[:, :, 30:31] @ k[:, :, 24:31].transpose(-1, -2) / 8**0.5, dim=-1) @ v[:, :, 24:31]
+    torch.testing.assert_close(whole[:, :, 30:31], expected, atol=1e-6, rtol=0)
