@@ -46,3 +46,19 @@ def audio_dir() -> Path:
     if root is None:
         pytest.skip("real speech recordings not found (../shared/audio or tests/fixtures/audio)")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_codec_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random codec with the realtime model's 16 codebooks of 1024 codes."""
+    from moss_agent.models.codec.tiny import save_tiny_codec
+
+    return save_tiny_codec(tmp_path_factory.mktemp("tiny_codec"), seed=7, num_quantizers=16, codebook_size=1024)
+
+
+@pytest.fixture(scope="session")
+def tiny_realtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random MOSS-TTS-Realtime checkpoint (hidden 64, 2 + 2 layers, the real vocabulary)."""
+    from moss_agent.models.realtime.tiny import save_tiny_realtime
+
+    return save_tiny_realtime(tmp_path_factory.mktemp("tiny_realtime"), seed=3)

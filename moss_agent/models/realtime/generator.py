@@ -358,26 +358,33 @@ class RealtimeGenerator:
     def _real_frames(self, slot: int) -> int:
         return int(self._frames[slot]) - int(self._ended_eos[slot])
 
-    def has_work(self) -> bool:
-        """Whether ``step`` would make a frame or finish a turn now."""
-        waiting = self._running & ~self._prefilled
-        can_prefill = waiting & ((self._n_text >= DELAY_TOKENS) | self._text_ended)
-        return bool((can_prefill | self._continuing()).any())
+    def has_work(self, hold: torch.Tensor | None = None) -> bool:
+        """Whether ``step(hold)`` would make a frame or finish a turn now."""
+        return bool((self._prefill_ready(hold) | self._continuing(hold)).any())
 
-    def _continuing(self) -> torch.Tensor:
+    def _prefill_ready(self, hold: torch.Tensor | None) -> torch.Tensor:
+        waiting = self._running & ~self._prefilled
+        ready = waiting & ((self._n_text >= DELAY_TOKENS) | self._text_ended)
+        return ready if hold is None else ready & ~hold
+
+    def _continuing(self, hold: torch.Tensor | None = None) -> torch.Tensor:
         has_text = (self._text_ptr < self._n_text) | self._text_ended
-        return self._running & self._prefilled & ~self._fresh & has_text
+        continuing = self._running & self._prefilled & ~self._fresh & has_text
+        return continuing if hold is None else continuing & ~hold
 
     # -- the tick ---------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def step(self) -> StepOutput:
-        """Advance every ready slot by one frame in one batched forward; see ``StepOutput``."""
+    def step(self, hold: torch.Tensor | None = None) -> StepOutput:
+        """Advance every ready slot by one frame in one batched forward; see ``StepOutput``.
+
+        ``hold`` [S] bool: slots to leave untouched this tick (e.g. their listener is far behind).
+        """
         num_slots, rvq = self.num_slots, self.config.rvq
         finished = torch.zeros(num_slots, dtype=torch.bool)
-        self._prefill_ready_slots(finished)
-        continuing = self._continuing()
-        generating = self._fresh | continuing
+        self._prefill_ready_slots(finished, hold)
+        continuing = self._continuing(hold)
+        generating = (self._fresh if hold is None else self._fresh & ~hold) | continuing
         if not bool(generating.any()):
             empty = torch.zeros(num_slots, dtype=torch.bool)
             return StepOutput(
@@ -415,7 +422,7 @@ class RealtimeGenerator:
         self._length += continuing.long()
         self._text_ptr += has_token.long()
         self._frames += generating.long()
-        self._fresh[:] = False
+        self._fresh &= ~generating
         eos = generating & (frames_cpu[:, 0] == self.config.audio_eos)
         full = self._length >= self.max_context - _END_ROWS
         capped = generating & ~eos & ((self._frames >= self._max_frames) | full)
@@ -432,10 +439,8 @@ class RealtimeGenerator:
             text_position=self._text_ptr.clone(),
         )
 
-    def _prefill_ready_slots(self, finished: torch.Tensor) -> None:
-        waiting = self._running & ~self._prefilled
-        ready = waiting & ((self._n_text >= DELAY_TOKENS) | self._text_ended)
-        for slot in ready.nonzero().flatten().tolist():
+    def _prefill_ready_slots(self, finished: torch.Tensor, hold: torch.Tensor | None) -> None:
+        for slot in self._prefill_ready(hold).nonzero().flatten().tolist():
             count = int(self._n_text[slot])
             take = count if (self.upstream_compat and bool(self._text_ended[slot])) else min(count, DELAY_TOKENS)
             if take == 0:

@@ -1,0 +1,489 @@
+"""The realtime engine: many conversations on one device, one batched forward per tick.
+
+One ``DeviceThread`` owns the MOSS-TTS-Realtime generator (``num_slots`` fixed slots with their own
+KV caches) and a batched streaming codec state with the same slots. Each tick advances every ready
+slot by one frame in one forward, decodes the new frames of all slots in one codec step, and hands
+each stream its 80 ms chunk on the event loop with ``call_soon_threadsafe``.
+
+Generation runs ahead of playback by at most ``max_ahead_s`` per stream: a slot whose listener is
+that far behind is held (skipped by the tick) until the listener catches up, so a slow consumer
+costs no memory and its compute goes to the other slots.
+
+The asyncio side implements ``moss_agent.streaming.tts``: ``RealtimeEngine`` is a SpeechBackend,
+each conversation owns one slot, each agent turn is an ``EngineStream``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from moss_agent.audio import resample
+from moss_agent.engine.device import DeviceThread
+from moss_agent.errors import ConfigError, EngineError, MossError, OverloadError, SessionClosedError
+from moss_agent.events import AudioChunk, FloatArray
+from moss_agent.models.codec import MossAudioTokenizer
+from moss_agent.models.realtime import RealtimeGenerator, SamplingConfig, StepOutput
+from moss_agent.streaming.tts import HeardResult, UserTurn
+
+log = logging.getLogger(__name__)
+
+_END = object()  # end-of-turn marker in a stream's queue
+
+
+@dataclass(frozen=True)
+class RealtimeEngineConfig:
+    """Capacity and behaviour of one realtime engine.
+
+    ``num_slots``: conversations served at once (each holds ``max_context`` rows of KV cache).
+    ``max_waiting``: conversations that may wait for a slot; one more gets OverloadError.
+    ``max_frames_per_turn``: hard cap (80 ms each), so a missing EOS cannot run forever.
+    ``max_ahead_s``: how far generation may run ahead of what the listener consumed.
+    """
+
+    num_slots: int = 8
+    max_waiting: int = 32
+    max_context: int = 4096
+    max_frames_per_turn: int = 1500
+    max_ahead_s: float = 4.0
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_slots < 1:
+            raise ConfigError(f"num_slots must be >= 1, got {self.num_slots}")
+        if self.max_waiting < 0:
+            raise ConfigError(f"max_waiting must be >= 0, got {self.max_waiting}")
+        if self.max_ahead_s <= 0:
+            raise ConfigError(f"max_ahead_s must be > 0, got {self.max_ahead_s}")
+
+
+@dataclass
+class EngineStats:
+    """Counters of the device loop, for benchmarks and the CLI."""
+
+    ticks: int = 0
+    frames: int = 0
+    tick_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    failed_ticks: int = 0
+
+
+class RealtimeEngine:
+    """A SpeechBackend on one device. Use ``async with RealtimeEngine.load(...) as engine``."""
+
+    def __init__(
+        self,
+        generator: RealtimeGenerator,
+        codec: MossAudioTokenizer,
+        config: RealtimeEngineConfig | None = None,
+    ) -> None:
+        self.config = config or RealtimeEngineConfig()
+        if generator.num_slots != self.config.num_slots:
+            raise ConfigError(
+                f"the generator has {generator.num_slots} slots but the config asks for {self.config.num_slots}"
+            )
+        self.generator = generator
+        self.codec = codec
+        self.sample_rate = codec.sample_rate
+        self.frame_s = codec.frame_size / codec.sample_rate
+        self.rvq = generator.config.rvq
+        self.stats = EngineStats()
+        self._ahead_frames = max(1, math.ceil(self.config.max_ahead_s / self.frame_s))
+        self._decode_state = codec.init_decode_state(self.config.num_slots)
+        self._streams: list[EngineStream | None] = [None] * self.config.num_slots
+        self._turn_serial = [0] * self.config.num_slots
+        self._free_slots = deque(range(self.config.num_slots))
+        self._waiters: deque[asyncio.Future[int]] = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._device = DeviceThread("moss-realtime-engine", self._tick, self._has_work, self._tick_failed)
+
+    @classmethod
+    def load(
+        cls,
+        model: str | Path = "OpenMOSS-Team/MOSS-TTS-Realtime",
+        codec: str | Path | MossAudioTokenizer = "OpenMOSS-Team/MOSS-Audio-Tokenizer",
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        codec_dtype: str | torch.dtype | None = None,
+        config: RealtimeEngineConfig | None = None,
+        attn_implementation: str | None = None,
+    ) -> RealtimeEngine:
+        """Load the model (and the codec, unless an already loaded one is passed to share it)."""
+        from moss_agent.models.codec import load_codec
+        from moss_agent.models.realtime import load_realtime
+
+        config = config or RealtimeEngineConfig()
+        rt_model, tokenizer = load_realtime(model, device=device, dtype=dtype, attn_implementation=attn_implementation)
+        if not isinstance(codec, MossAudioTokenizer):
+            codec = load_codec(codec, device=rt_model.device, dtype=codec_dtype)
+        generator = RealtimeGenerator(
+            rt_model,
+            tokenizer,
+            config.num_slots,
+            config.max_context,
+            max_frames_per_turn=config.max_frames_per_turn,
+            seed=config.seed,
+        )
+        return cls(generator, codec, config)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> RealtimeEngine:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._device.start()
+        return self
+
+    async def aclose(self) -> None:
+        """Stop the device thread; open streams end and waiting conversations get an error."""
+        if self._closed:
+            return
+        self._closed = True
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(SessionClosedError("the engine was closed"))
+        for stream in self._streams:
+            if stream is not None:
+                stream._finish(EngineError("the engine was closed"))
+        if self._device.alive:
+            await asyncio.to_thread(self._device.stop)
+
+    async def __aenter__(self) -> RealtimeEngine:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free_slots)
+
+    @property
+    def waiting(self) -> int:
+        return sum(not w.done() for w in self._waiters)
+
+    # -- SpeechBackend ---------------------------------------------------------------------------
+
+    async def open_conversation(
+        self, *, system_prompt: str | None = None, voice_prompt: FloatArray | None = None,
+        voice_sample_rate: int | None = None,
+    ) -> EngineConversation:
+        """Claim a slot (waiting in a bounded queue when all are busy) and set up its context.
+
+        ``voice_prompt``: reference speech (float32 mono, at ``voice_sample_rate``, default the
+        codec rate) whose voice the agent should use.
+        """
+        if self._closed:
+            raise SessionClosedError("the engine is closed")
+        await self.start()
+        slot = await self._claim_slot()
+        try:
+            rate = voice_sample_rate or self.sample_rate
+            await self._call(self._open_slot, slot, system_prompt, voice_prompt, rate)
+        except BaseException:
+            self._release_slot(slot)
+            raise
+        return EngineConversation(self, slot)
+
+    async def _claim_slot(self) -> int:
+        if self._free_slots:
+            return self._free_slots.popleft()
+        if self.waiting >= self.config.max_waiting:
+            raise OverloadError(
+                f"all {self.config.num_slots} slots are busy and {self.config.max_waiting} conversations "
+                "are already waiting; retry later or start another engine"
+            )
+        assert self._loop is not None
+        waiter: asyncio.Future[int] = self._loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._release_slot(waiter.result())  # handed a slot just as we were cancelled
+            raise
+
+    def _release_slot(self, slot: int) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(slot)
+                return
+        self._free_slots.append(slot)
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        if self._closed:
+            raise SessionClosedError("the engine is closed")
+        return await asyncio.wrap_future(self._device.submit(fn, *args))
+
+    # -- device-thread work ----------------------------------------------------------------------
+
+    def _encode(self, audio: FloatArray, sample_rate: int) -> torch.Tensor:
+        """Speech -> codes [frames, rvq] for the prompt (runs on the device thread)."""
+        pcm = np.asarray(audio, dtype=np.float32).reshape(-1)
+        if sample_rate != self.sample_rate:
+            pcm = resample(pcm, sample_rate, self.sample_rate)
+        if pcm.size < self.codec.frame_size:
+            return torch.zeros(0, self.rvq, dtype=torch.long)
+        wav = torch.from_numpy(pcm).to(self.codec.device)[None, None]
+        codes, lengths = self.codec.encode(wav, num_quantizers=self.rvq)
+        return codes[:, 0, : int(lengths[0])].T.cpu()
+
+    def _open_slot(self, slot: int, system_prompt: str | None, voice: FloatArray | None, rate: int) -> None:
+        voice_codes = None if voice is None else self._encode(voice, rate)
+        if voice_codes is not None and voice_codes.shape[0] == 0:
+            raise ConfigError("the voice prompt is shorter than one codec frame (80 ms)")
+        self.generator.start_conversation(slot, system_prompt, voice_codes)
+
+    def _start_turn(self, slot: int, stream: EngineStream, user: UserTurn | None) -> None:
+        codes = None
+        if user is not None and user.audio is not None and len(user.audio):
+            codes = self._encode(user.audio, user.sample_rate)
+            codes = codes if codes.shape[0] else None
+        self.generator.start_turn(
+            slot,
+            user_text=None if user is None else user.text,
+            user_codes=codes,
+            sampling=self.config.sampling,
+            max_frames=self.config.max_frames_per_turn,
+        )
+        self._decode_state.reset(slot)
+        self._turn_serial[slot] += 1
+        stream.serial = self._turn_serial[slot]
+        self._streams[slot] = stream
+
+    def _push_text(self, slot: int, stream: EngineStream, delta: str) -> None:
+        if self._streams[slot] is stream and self.generator.turn_running(slot):
+            try:
+                self.generator.push_text(slot, delta)
+            except MossError as exc:
+                self._end_stream_from_device(slot, exc)
+
+    def _end_text(self, slot: int, stream: EngineStream) -> None:
+        if self._streams[slot] is stream and self.generator.turn_running(slot):
+            self.generator.end_text(slot)
+
+    def _rollback(self, slot: int, stream: EngineStream, heard_s: float | None) -> HeardResult:
+        if stream.serial != self._turn_serial[slot]:  # a later turn already closed this one in full
+            frames = stream.produced_frames
+            return HeardResult(frames=frames, text="", audio_s=frames * self.frame_s)
+        generated = self.generator.frames_generated(slot)
+        if heard_s is None:
+            frames = generated
+        else:  # a frame the listener started hearing counts as heard
+            frames = min(generated, math.ceil(max(0.0, heard_s) / self.frame_s - 1e-6))
+        text = self.generator.rollback(slot, frames)
+        if self._streams[slot] is stream:
+            self._streams[slot] = None
+        return HeardResult(frames=frames, text=text, audio_s=frames * self.frame_s)
+
+    def _release(self, slot: int) -> None:
+        self._streams[slot] = None
+        self._turn_serial[slot] += 1
+        self.generator.release(slot)
+        self._decode_state.reset(slot)
+
+    def _held(self) -> torch.Tensor:
+        held = torch.zeros(self.config.num_slots, dtype=torch.bool)
+        for slot, stream in enumerate(self._streams):
+            if stream is not None and stream.produced_frames - stream.consumed_frames >= self._ahead_frames:
+                held[slot] = True
+        return held
+
+    def _has_work(self) -> bool:
+        return self.generator.has_work(hold=self._held())
+
+    def _tick(self) -> None:
+        import time
+
+        started = time.perf_counter()
+        out = self.generator.step(hold=self._held())
+        stepped = time.perf_counter()
+        deliveries = self._decode(out)
+        done = time.perf_counter()
+        self.stats.ticks += 1
+        self.stats.frames += int(out.produced.sum())
+        self.stats.tick_seconds += done - started
+        self.stats.decode_seconds += done - stepped
+        if deliveries and self._loop is not None:
+            self._loop.call_soon_threadsafe(_deliver, deliveries)
+
+    def _decode(self, out: StepOutput) -> list[tuple[EngineStream, Any]]:
+        """Decode this tick's frames of every slot in one codec step -> per-stream deliveries."""
+        audible = out.produced & ~out.eos & (out.frames < self.codec.codebook_size).all(dim=-1)
+        wav = None
+        if bool(audible.any()):
+            # idle slots carry pad/EOS ids the codebooks do not have; they are masked, but must index
+            codes = torch.where(audible[:, None], out.frames, 0).T[:, :, None].to(self.codec.device)  # [rvq, S, 1]
+            wav = self.codec.decode_step(codes, self._decode_state, audible.to(self.codec.device))
+            wav = wav[:, 0].cpu().numpy()
+        deliveries: list[tuple[EngineStream, Any]] = []
+        for slot in (out.produced | out.finished).nonzero().flatten().tolist():
+            stream = self._streams[slot]
+            if stream is None:
+                continue
+            if wav is not None and bool(audible[slot]):
+                stream.produced_frames += 1
+                chunk = AudioChunk(wav[slot].copy(), self.sample_rate, stream.turn_id, int(out.frame_index[slot]))
+                deliveries.append((stream, chunk))
+            if bool(out.finished[slot]):
+                deliveries.append((stream, _END))
+                self._streams[slot] = None
+        return deliveries
+
+    def _end_stream_from_device(self, slot: int, exc: BaseException | None) -> None:
+        stream = self._streams[slot]
+        self._streams[slot] = None
+        if stream is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(stream._finish, exc)
+
+    def _tick_failed(self, exc: BaseException) -> None:
+        """A failed forward poisons every turn in it: end them all with the error, keep the engine."""
+        self.stats.failed_ticks += 1
+        for slot, stream in enumerate(self._streams):
+            if stream is not None:
+                try:
+                    self.generator.rollback(slot, 0)
+                except MossError:
+                    log.debug("rollback after a failed tick did not apply", extra={"slot": slot})
+                self._end_stream_from_device(slot, EngineError(f"generation failed: {exc}"))
+
+
+def _deliver(items: list[tuple[EngineStream, Any]]) -> None:
+    for stream, item in items:
+        stream._receive(item)
+
+
+class EngineConversation:
+    """One slot: a conversation whose context persists across turns. Implements ``Conversation``."""
+
+    def __init__(self, engine: RealtimeEngine, slot: int) -> None:
+        self.engine = engine
+        self.slot = slot
+        self.sample_rate = engine.sample_rate
+        self._stream: EngineStream | None = None
+        self._closed = False
+
+    async def start_turn(self, user: UserTurn | None, turn_id: int) -> EngineStream:
+        if self._closed:
+            raise SessionClosedError("the conversation is closed")
+        if self._stream is not None and not self._stream.done:
+            await self._stream.aclose()
+        stream = EngineStream(self, turn_id)
+        await self.engine._call(self.engine._start_turn, self.slot, stream, user)
+        self._stream = stream
+        return stream
+
+    def context_length(self) -> int:
+        """Rows of model context this conversation holds (read between ticks; for diagnostics)."""
+        return self.engine.generator.context_length(self.slot)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._stream is not None and not self._stream.done:
+            self._stream._finish(None)
+        try:
+            await self.engine._call(self.engine._release, self.slot)
+        except SessionClosedError:
+            pass
+        finally:
+            self.engine._release_slot(self.slot)
+
+
+class EngineStream:
+    """One agent turn. Implements ``SpeechStream``: push text, iterate audio, interrupt."""
+
+    def __init__(self, conversation: EngineConversation, turn_id: int) -> None:
+        self.conversation = conversation
+        self.turn_id = turn_id
+        self.serial = -1  # the slot's turn number, set on the device thread when the turn starts
+        self.produced_frames = 0  # written by the device thread
+        self.consumed_frames = 0  # written by the event loop; read by the device thread
+        self._queue: deque[Any] = deque()
+        self._ready = asyncio.Event()
+        self._error: BaseException | None = None
+        self._input_ended = False
+        self._heard: HeardResult | None = None
+        self.done = False  # no more audio will be delivered
+        self.completed = False  # the model finished the turn by itself (EOS or frame cap)
+
+    @property
+    def _engine(self) -> RealtimeEngine:
+        return self.conversation.engine
+
+    async def push_text(self, delta: str) -> None:
+        if not (self.done or self._input_ended) and delta:
+            self._engine._device.post(self._engine._push_text, self.conversation.slot, self, delta)
+
+    async def end_input(self) -> None:
+        if not (self.done or self._input_ended):
+            self._input_ended = True
+            self._engine._device.post(self._engine._end_text, self.conversation.slot, self)
+
+    def __aiter__(self) -> EngineStream:
+        return self
+
+    async def __anext__(self) -> AudioChunk:
+        while not self._queue:
+            if self.done:
+                if self._error is not None:
+                    error, self._error = self._error, None
+                    raise error
+                raise StopAsyncIteration
+            self._ready.clear()
+            await self._ready.wait()
+        item = self._queue.popleft()
+        if item is _END:
+            self.completed = True
+            self.done = True
+            raise StopAsyncIteration
+        self.consumed_frames += 1
+        if self.produced_frames - self.consumed_frames == self._engine._ahead_frames - 1:
+            self._engine._device.wake()  # the device may have held this slot
+        return item  # type: ignore[no-any-return]
+
+    async def interrupt(self, heard_s: float | None = None) -> HeardResult:
+        """Stop generating, drop unplayed audio, cut the context to ``heard_s`` (None: all generated).
+
+        Also valid after the model finished the turn, while its audio is still playing: the context
+        is then cut to what was heard. A second call returns the first result.
+        """
+        if self._heard is None:
+            self._finish(None)
+            engine = self._engine
+            self._heard = await engine._call(engine._rollback, self.conversation.slot, self, heard_s)
+        return self._heard
+
+    async def aclose(self) -> None:
+        """Release the stream; a turn still running is stopped and kept as generated so far."""
+        if not self.completed and self._heard is None:
+            await self.interrupt(None)
+        self._finish(None)
+
+    def _receive(self, item: Any) -> None:
+        if not self.done:
+            self._queue.append(item)
+            self._ready.set()
+
+    def _finish(self, error: BaseException | None) -> None:
+        """End the stream now: queued audio is dropped (stale after an interrupt)."""
+        if self.done:
+            return
+        self.done = True
+        self._error = error
+        self._queue.clear()
+        self._ready.set()
