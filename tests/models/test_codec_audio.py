@@ -108,6 +108,10 @@ def test_offline_input_errors(codec: MossAudioTokenizer) -> None:
         codec.decode(torch.full((2, 1, 2), 64))
     with pytest.raises(ConfigError, match="integer"):
         codec.decode(torch.zeros(2, 1, 2))
+    with pytest.raises(ConfigError, match="no samples"):
+        codec.encode(torch.zeros(1, 0))
+    with pytest.raises(ConfigError, match="no frames"):
+        codec.decode(torch.zeros(2, 1, 0, dtype=torch.long))
 
 
 def test_short_input_lengths(codec: MossAudioTokenizer) -> None:

@@ -128,6 +128,8 @@ def test_inactive_slot_state_is_untouched(codec: MossAudioTokenizer) -> None:
     codec.decode_step(_codes(codec, 3, frames=2, seed=9), state, torch.tensor([True, False, True]))
     assert all(torch.equal(a, b) for a, b in zip(before, _state_rows(state, 1), strict=True))
     assert state.frames.tolist() == [6, 4, 6]
+    codec.decode_step(_codes(codec, 3, frames=1), state, [False, True, False])  # a plain list works too
+    assert state.frames.tolist() == [6, 5, 6]
     assert [stage.keys.data_ptr() for stage in state.stages] == pointers  # updated in place
 
 
@@ -207,8 +209,9 @@ def test_sample_framer_pads_only_on_flush() -> None:
         framer.push(0, np.zeros((2, 10)))
 
 
-def test_step_input_errors(codec: MossAudioTokenizer) -> None:
+def test_step_input_errors(codec: MossAudioTokenizer, wide_codec: MossAudioTokenizer) -> None:
     decode_state, encode_state = codec.init_decode_state(2), codec.init_encode_state(2)
+    wide_state = wide_codec.init_decode_state(2)
     with pytest.raises(ConfigError, match="frames per step"):
         codec.decode_step(_codes(codec, 2, frames=5), decode_state)  # the 0.32 s window holds 4 frames
     with pytest.raises(ConfigError, match="init_decode_state"):
@@ -219,6 +222,10 @@ def test_step_input_errors(codec: MossAudioTokenizer) -> None:
         codec.encode_step(torch.zeros(2, 1, 1000), encode_state)
     with pytest.raises(ConfigError, match="out of range"):
         decode_state.reset(5)
+    with pytest.raises(ConfigError, match="bool mask"):
+        codec.decode_step(_codes(codec, 2, frames=1), decode_state, torch.tensor([True, False, True]))
+    with pytest.raises(ConfigError, match="another architecture"):
+        codec.decode_step(_codes(codec, 2, frames=1), wide_state)
     assert decode_state.frames.tolist() == [0, 0]  # nothing was consumed by the failed calls
 
 

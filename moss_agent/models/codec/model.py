@@ -156,6 +156,8 @@ class MossAudioTokenizer(nn.Module):
         """
         samples = self._wave_batch(wav)
         batch, total = samples.shape
+        if total == 0:
+            raise ConfigError("wav holds no samples")
         lengths = self._lengths(lengths, batch, total)
         padding = -total % self.frame_size
         if padding:
@@ -190,6 +192,8 @@ class MossAudioTokenizer(nn.Module):
             codes = codes[:, None]
         codes = self._check_codes(codes, check_values=True)
         _, batch, frames = codes.shape
+        if frames == 0:
+            raise ConfigError("codes hold no frames")
         lengths = self._lengths(lengths, batch, frames)
         hidden = self.quantizer.decode(codes).to(self.dtype)
         for stage in self.decoder:
@@ -226,13 +230,24 @@ class MossAudioTokenizer(nn.Module):
             raise ConfigError(f"{kind}_step needs the state from init_{kind}_state")
         if batch != state.batch_size:
             raise ConfigError(f"the state holds {state.batch_size} slots but the input has batch {batch}")
-        for cache, stage in zip(state.stages, self._transformers(self.encoder if kind == "encode"
-                                                                  else self.decoder), strict=True):
+        stages = self._transformers(self.encoder if kind == "encode" else self.decoder)
+        if [(c.capacity, c.num_heads) for c in state.stages] != [(s.capacity, s.config.num_heads) for s in stages]:
+            raise ConfigError(f"this state was made by a codec with another architecture; use init_{kind}_state")
+        for cache, stage in zip(state.stages, stages, strict=True):
             if frames * cache.tokens_per_frame > stage.capacity:
                 raise ConfigError(
                     f"{frames} frames per step exceed a {stage.capacity}-token attention window; "
                     f"feed at most {stage.capacity // cache.tokens_per_frame} frames per step"
                 )
+
+    @staticmethod
+    def _active(active: torch.Tensor | None, state: CodecStreamState) -> torch.Tensor | None:
+        if active is None:
+            return None
+        active = torch.as_tensor(active, dtype=torch.bool, device=state.device)
+        if active.shape != (state.batch_size,):
+            raise ConfigError(f"active must be a bool mask of shape ({state.batch_size},), got {tuple(active.shape)}")
+        return active
 
     def _run_step(
         self,
@@ -242,8 +257,6 @@ class MossAudioTokenizer(nn.Module):
         active: torch.Tensor | None,
         frames: int,
     ) -> torch.Tensor:
-        if active is not None:
-            active = active.to(device=state.device, dtype=torch.bool)
         caches = iter(state.stages)
         for stage in stages:
             if isinstance(stage, Patch):
@@ -270,6 +283,7 @@ class MossAudioTokenizer(nn.Module):
         codes = self._check_codes(codes, check_values=False)
         _, batch, frames = codes.shape
         self._check_step(state, "decode", batch, frames)
+        active = self._active(active, state)
         hidden = self.quantizer.decode(codes).to(self.dtype)
         wav = self._run_step(self.decoder, hidden, state, active, frames).float().transpose(1, 2)
         if active is not None:
@@ -290,6 +304,7 @@ class MossAudioTokenizer(nn.Module):
             )
         frames = total // self.frame_size
         self._check_step(state, "encode", batch, frames)
+        active = self._active(active, state)
         hidden = self._run_step(self.encoder, samples[:, :, None], state, active, frames)
         return hidden.float().transpose(1, 2)
 
@@ -305,6 +320,7 @@ class MossAudioTokenizer(nn.Module):
         count = self._quantizer_count(num_quantizers)
         latents = self.encode_latents_step(wav, state, active)
         codes = self.quantizer.encode(latents.transpose(1, 2), None, count)
+        active = self._active(active, state)
         if active is not None:
             codes = codes * active.to(device=codes.device, dtype=codes.dtype)[None, :, None]
         return codes
