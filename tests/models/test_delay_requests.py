@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from moss_agent.errors import CheckpointError, ConfigError
 from moss_agent.models.batch_sampling import PRESETS, SamplingParams, preset, top_k_filter, top_p_filter
+from moss_agent.models.delay.dialogue import normalize_dialogue
 from moss_agent.models.delay.normalize import normalize_tts_text
 from moss_agent.models.delay.pattern import apply_delay, remove_delay, rows_to_segments, split_segments
 from moss_agent.models.delay.requests import (
@@ -58,6 +59,20 @@ def test_normaliser(raw, clean):
     assert normalize_tts_text(clean) == clean
 
 
+@pytest.mark.parametrize(
+    ("raw", "clean"),
+    [
+        ("[1] Hello: world... [2] 哈哈哈，好的。好。", "[S1]Hello, world。[S2][笑]，好的，好。"),
+        (
+            "[S1] first turn, [S1] same speaker\n[S2] “quoted” -- text",
+            "[S1]first turn.same speaker[S2]quoted  text",
+        ),
+    ],
+)
+def test_dialogue_normaliser(raw, clean):
+    assert normalize_dialogue(raw) == clean
+
+
 # ---------------------------------------------------------------- pattern
 
 
@@ -103,7 +118,7 @@ def test_requests_build_the_documented_prompts(loaded):
             TTSRequest("Hello", reference=ref, language="English", tokens=30),
             SoundEffectRequest("rain on a roof", duration_s=3.2),
             VoiceDesignRequest("a calm voice", "Good evening"),
-            DialogueRequest("[S1] hi [S2] hello [S1] bye", references=[None, ref]),
+            DialogueRequest("[1] hi [2] hello... [1] bye", references=[None, ref], normalize=True),
             TTSRequest("continue this", continuation=ref),
         ],
     )
@@ -120,6 +135,7 @@ def test_requests_build_the_documented_prompts(loaded):
     assert "- Tokens:\n40\n" in texts[1] and "- Ambient Sound:\nrain on a roof\n" in texts[1]
     assert "- Text:\nNone\n" in texts[1]
     assert "- Instruction:\na calm voice\n" in texts[2]
+    assert "- Text:\n[S1]hi[S2]hello。[S1]bye\n" in texts[3]
     assert "[S2]:\n<|audio_start|>" in texts[3] and "[S1]:" not in texts[3].split("- Instruction")[0]
     assert texts[3].rstrip().endswith("<|audio_assistant_gen_slot|>")  # continuation from the references
     assert texts[4].endswith("<|audio_assistant_gen_slot|>" * 4)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from moss_agent.errors import ConfigError
+from moss_agent.models.delay.dialogue import normalize_dialogue
 from moss_agent.models.delay.processor import BatchPrompt, Message, Mode, TTSProcessor
 
 FRAMES_PER_SECOND = 12.5
@@ -85,15 +86,18 @@ class DialogueRequest:
     references[i] are codes of speaker S{i+1}'s voice (None: not cloned). With references and
     ``continue_from_references`` (the upstream app layout) the references are also the start of the
     assistant audio, so the script must begin with their transcripts (``[S1] ref text [S2] ...``).
+    ``normalize`` applies the TTSD app's script clean-up (``normalize_dialogue``) first.
     """
 
     script: str
     references: Sequence[torch.Tensor | None] = ()
     continue_from_references: bool = True
+    normalize: bool = False
 
     def __post_init__(self) -> None:
         _text(self.script, "DialogueRequest.script")
-        speakers = [int(k) for k in _SPEAKER_TAG.findall(self.script)]
+        script = normalize_dialogue(self.script) if self.normalize else self.script
+        speakers = [int(k) for k in _SPEAKER_TAG.findall(script)]
         if not speakers:
             raise ConfigError("DialogueRequest.script has no speaker tags; mark turns with [S1], [S2], ...")
         if min(speakers) < 1 or max(speakers) > MAX_SPEAKERS:
@@ -105,7 +109,8 @@ class DialogueRequest:
 
     def messages(self, processor: TTSProcessor) -> tuple[list[Message], Mode]:
         given = [c for c in self.references if c is not None]
-        user = processor.user_message(text=self.script, reference=list(self.references) if given else None)
+        script = normalize_dialogue(self.script) if self.normalize else self.script
+        user = processor.user_message(text=script, reference=list(self.references) if given else None)
         if not given or not self.continue_from_references:
             return [user], "generation"
         prompt_audio = torch.cat([processor.assistant_message([c]).audio[0] for c in given])
