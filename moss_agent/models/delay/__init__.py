@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from moss_agent.models.delay.config import TTSModelConfig
-from moss_agent.models.delay.generation import GeneratedSample, generate_delay
+from moss_agent.models.delay.dialogue import normalize_dialogue
+from moss_agent.models.delay.generation import GeneratedSample, StepCallback, generate_delay
 from moss_agent.models.delay.model import MossTTSDelayModel
 from moss_agent.models.delay.normalize import normalize_tts_text
 from moss_agent.models.delay.pattern import apply_delay, remove_delay, rows_to_segments, split_segments
@@ -29,12 +30,14 @@ __all__ = [
     "MossTTSDelayModel",
     "Request",
     "SoundEffectRequest",
+    "StepCallback",
     "TTSModelConfig",
     "TTSProcessor",
     "TTSRequest",
     "VoiceDesignRequest",
     "apply_delay",
     "generate_delay",
+    "normalize_dialogue",
     "normalize_tts_text",
     "prepare_batch",
     "remove_delay",
