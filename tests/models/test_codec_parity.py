@@ -1,14 +1,17 @@
-"""Every codec case of the upstream parity goldens (../shared/parity/codec), reproduced on the CPU in fp32.
+"""Every codec case of the upstream parity goldens (../shared/parity or $MOSS_PARITY_DIR), on the CPU in fp32.
 
-Chunked encode/decode and streaming decode goldens come from upstream's B=1 streaming; they are
-replayed through our multi-slot state API (as slot 0 of one, and of a batch of several streams).
+Cases, inputs and outputs are read from manifest.json, so another fixture set with other seeds and
+shapes runs unchanged. Chunked encode/decode and streaming decode goldens come from upstream's B=1
+streaming; they are replayed through our multi-slot state API, as slot 0 of one and of several streams.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,26 +20,50 @@ from safetensors.torch import load_file
 from moss_agent.models.codec import MossAudioTokenizer, load_codec
 from tests.conftest import parity_model_dir
 
-WAVES = ["w1p0s", "w2p3s", "w1p2s"]
+KINDS = {"encode", "encode_chunked", "batch_encode", "decode", "batch_decode", "decode_of_encode",
+         "decode_chunked", "streaming_decode"}
 
 
 class Goldens:
     def __init__(self, root: Path) -> None:
-        folder = parity_model_dir(root, "codec")
-        self.folder = folder
-        self.inputs = load_file(str(folder / "inputs.safetensors"))
-        self.outputs = load_file(str(folder / "outputs.safetensors"))
+        self.folder = parity_model_dir(root, "codec")
+        self.root = root
+        self._files: dict[str, dict[str, torch.Tensor]] = {}
         manifest = json.loads((root / "manifest.json").read_text())
-        self.cases = {case["id"]: case for case in manifest["cases"] if case["model"] == "codec"}
+        self.cases = [case for case in manifest["cases"] if case["model"] == "codec"]
         info = manifest["models"]["codec"]
         self.atol_hidden = float(info["atol_encoder_hidden_states"])
         self.atol_audio = float(info["atol_audio"])
         self.contexts = info["contexts_tokens"]
 
-    def close_audio(self, actual: torch.Tensor, key: str) -> None:
-        expected = self.outputs[key]
-        assert actual.shape == expected.shape, key
-        torch.testing.assert_close(actual, expected, atol=self.atol_audio, rtol=0, msg=key)
+    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+        found = [case for case in self.cases if case["id"].split(".")[1] == kind]
+        assert found, f"no codec.{kind} case in the manifest"
+        return found
+
+    def file(self, name: str) -> dict[str, torch.Tensor]:
+        if name not in self._files:
+            self._files[name] = load_file(str(self.root / name))
+        return self._files[name]
+
+    def tensor(self, reference: str) -> torch.Tensor:
+        """'codec/inputs.safetensors:wave.x  (notes)' -> that tensor."""
+        name, key = reference.split()[0].split(":", 1)
+        return self.file(name)[key]
+
+    def chunks(self, reference: str) -> list[torch.Tensor]:
+        """'codec/outputs.safetensors:<prefix>_000 ... <prefix>_011' -> the numbered tensors in order."""
+        name, first = reference.split()[0].split(":", 1)
+        prefix = first.rsplit("_", 1)[0] + "_"
+        tensors = self.file(name)
+        return [tensors[key] for key in sorted(k for k in tensors if k.startswith(prefix))]
+
+    def close_audio(self, actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+        assert actual.shape == expected.shape, what
+        torch.testing.assert_close(actual, expected, atol=self.atol_audio, rtol=0, msg=what)
+
+    def close_hidden(self, actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+        torch.testing.assert_close(actual, expected, atol=self.atol_hidden, rtol=0, msg=what)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -58,78 +85,90 @@ def codec(goldens: Goldens) -> MossAudioTokenizer:
     return load_codec(goldens.folder / "checkpoint", device="cpu", dtype=torch.float32)
 
 
-def test_every_codec_case_is_covered(goldens: Goldens) -> None:
-    covered = {f"codec.encode.{w}" for w in WAVES} | {
-        "codec.encode_chunked.w2p3s", "codec.batch_encode", "codec.decode", "codec.batch_decode",
-        "codec.decode_of_encode.w1p0s", "codec.decode_chunked", "codec.streaming_decode.1frame",
-        "codec.streaming_decode.3frame",
-    }
-    assert set(goldens.cases) == covered
+def _frames_per_call(codec: MossAudioTokenizer, case: dict[str, Any]) -> int:
+    duration = case["inputs"].get("chunk_duration")
+    if duration is None:
+        duration = float(re.search(r"chunk_duration=([0-9.]+)", case["pins"]).group(1))  # type: ignore[union-attr]
+    samples = round(duration * codec.sample_rate)
+    assert samples % codec.frame_size == 0
+    return samples // codec.frame_size
+
+
+def test_every_codec_case_kind_is_known(goldens: Goldens) -> None:
+    assert {case["id"].split(".")[1] for case in goldens.cases} == KINDS
 
 
 def test_sizes_come_from_the_config(codec: MossAudioTokenizer, goldens: Goldens) -> None:
     config = json.loads((goldens.folder / "checkpoint" / "config.json").read_text())
-    assert codec.sample_rate == 24000 and codec.frame_size == 1920
+    assert codec.sample_rate == config["sampling_rate"] and codec.frame_size == config["downsample_rate"]
     assert codec.num_quantizers == config["quantizer_kwargs"]["num_quantizers"]
     assert codec.codebook_size == config["quantizer_kwargs"]["codebook_size"]
     assert [stage.capacity for stage in codec._transformers(codec.encoder)] == goldens.contexts["encoder"]
     assert [stage.capacity for stage in codec._transformers(codec.decoder)] == goldens.contexts["decoder"]
 
 
-@pytest.mark.parametrize("wave", WAVES)
-def test_encode(codec: MossAudioTokenizer, goldens: Goldens, wave: str) -> None:
-    samples = goldens.inputs[f"wave.{wave}"]
-    key = f"codec.encode.{wave}"
-    codes, lengths = codec.encode(samples[None, None])
-    assert torch.equal(codes, goldens.outputs[f"{key}.audio_codes"])
-    assert torch.equal(lengths, goldens.outputs[f"{key}.audio_codes_lengths"])
-    facts = goldens.cases[key]["facts"]
-    assert codes.shape[-1] == facts["ceil_frames"] and int(lengths[0]) == facts["floor_length"]
-    latents, frame_lengths = codec.encode_latents(samples[None])  # [B, T] input form too
-    torch.testing.assert_close(latents, goldens.outputs[f"{key}.encoder_hidden_states"],
-                               atol=goldens.atol_hidden, rtol=0)
-    assert torch.equal(frame_lengths, lengths)
-    prefix, _ = codec.encode(samples[None, None], num_quantizers=3)
-    assert torch.equal(prefix, goldens.outputs[f"{key}.prefix3.audio_codes"])
-    assert torch.equal(prefix, codes[:3])
+def test_encode(codec: MossAudioTokenizer, goldens: Goldens) -> None:
+    for case in goldens.of_kind("encode"):
+        samples, outputs = goldens.tensor(case["inputs"]["input_values"]), case["outputs"]
+        codes, lengths = codec.encode(samples[None, None])
+        assert torch.equal(codes, goldens.tensor(outputs["audio_codes"])), case["id"]
+        assert torch.equal(lengths, goldens.tensor(outputs["audio_codes_lengths"])), case["id"]
+        facts = case.get("facts", {})
+        assert codes.shape[-1] == facts.get("ceil_frames", codes.shape[-1])
+        assert int(lengths[0]) == facts.get("floor_length", int(lengths[0]))
+        latents, frame_lengths = codec.encode_latents(samples[None])  # the [B, T] input form
+        goldens.close_hidden(latents, goldens.tensor(outputs["encoder_hidden_states"]), case["id"])
+        assert torch.equal(frame_lengths, lengths)
+        count = case["inputs"]["num_quantizers_prefix"]
+        prefix, _ = codec.encode(samples[None, None], num_quantizers=count)
+        assert torch.equal(prefix, goldens.tensor(outputs["prefix_audio_codes"])), case["id"]
+        assert torch.equal(prefix, codes[:count])
+
+
+def _padded(waves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([w.shape[-1] for w in waves])
+    batch = torch.zeros(len(waves), 1, int(lengths.max()))
+    for row, wave in enumerate(waves):
+        batch[row, 0, : wave.shape[-1]] = wave
+    return batch, lengths
 
 
 def test_batch_encode_pads_and_keeps_floor_lengths(codec: MossAudioTokenizer, goldens: Goldens) -> None:
-    first, second = goldens.inputs["wave.w1p0s"], goldens.inputs["wave.w2p3s"]
-    batch = torch.zeros(2, 1, max(first.numel(), second.numel()))
-    batch[0, 0, : first.numel()] = first
-    batch[1, 0, : second.numel()] = second
-    lengths = torch.tensor([first.numel(), second.numel()])
-    codes, code_lengths = codec.encode(batch, lengths=lengths)
-    assert torch.equal(codes, goldens.outputs["codec.batch_encode.audio_codes"])
-    assert torch.equal(code_lengths, goldens.outputs["codec.batch_encode.audio_codes_lengths"])
-    latents, _ = codec.encode_latents(batch, lengths)
-    torch.testing.assert_close(latents, goldens.outputs["codec.batch_encode.encoder_hidden_states"],
-                               atol=goldens.atol_hidden, rtol=0)
+    for case in goldens.of_kind("batch_encode"):
+        batch, lengths = _padded([goldens.tensor(ref) for ref in case["inputs"]["wav_list"]])
+        codes, code_lengths = codec.encode(batch, lengths=lengths)
+        assert torch.equal(codes, goldens.tensor(case["outputs"]["audio_codes"]))
+        assert torch.equal(code_lengths, goldens.tensor(case["outputs"]["audio_codes_lengths"]))
+        latents, _ = codec.encode_latents(batch, lengths)
+        goldens.close_hidden(latents, goldens.tensor(case["outputs"]["encoder_hidden_states"]), case["id"])
 
 
 def test_decode_and_prefix_decode(codec: MossAudioTokenizer, goldens: Goldens) -> None:
-    codes = goldens.inputs["codes.decode"]
-    wav, lengths = codec.decode(codes)
-    goldens.close_audio(wav, "codec.decode.audio")
-    assert torch.equal(lengths, goldens.outputs["codec.decode.audio_lengths"])
-    prefix, _ = codec.decode(codes[:3])
-    goldens.close_audio(prefix, "codec.decode.prefix3.audio")
+    for case in goldens.of_kind("decode"):
+        codes, outputs = goldens.tensor(case["inputs"]["audio_codes"]), case["outputs"]
+        wav, lengths = codec.decode(codes)
+        goldens.close_audio(wav, goldens.tensor(outputs["audio"]), case["id"])
+        assert torch.equal(lengths, goldens.tensor(outputs["audio_lengths"]))
+        prefix, _ = codec.decode(codes[: case["inputs"]["num_quantizers_prefix"]])
+        goldens.close_audio(prefix, goldens.tensor(outputs["prefix_audio"]), case["id"] + " prefix")
 
 
 def test_batch_decode(codec: MossAudioTokenizer, goldens: Goldens) -> None:
-    first, second = goldens.inputs["codes.decode"][:, 0], goldens.inputs["codes.decode_b"]
-    codes = torch.zeros(first.shape[0], 2, first.shape[1], dtype=torch.long)
-    codes[:, 0] = first
-    codes[:, 1, : second.shape[1]] = second
-    wav, lengths = codec.decode(codes, lengths=[first.shape[1], second.shape[1]])
-    goldens.close_audio(wav, "codec.batch_decode.audio")
-    assert torch.equal(lengths, goldens.outputs["codec.batch_decode.audio_lengths"])
+    for case in goldens.of_kind("batch_decode"):
+        items = [goldens.tensor(ref) for ref in case["inputs"]["codes_list"]]
+        items = [item[:, 0] if item.dim() == 3 else item for item in items]  # [nq, 1, T] -> [nq, T]
+        codes = torch.zeros(items[0].shape[0], len(items), max(i.shape[-1] for i in items), dtype=torch.long)
+        for row, item in enumerate(items):
+            codes[:, row, : item.shape[-1]] = item
+        wav, lengths = codec.decode(codes, lengths=[item.shape[-1] for item in items])
+        goldens.close_audio(wav, goldens.tensor(case["outputs"]["audio"]), case["id"])
+        assert torch.equal(lengths, goldens.tensor(case["outputs"]["audio_lengths"]))
 
 
 def test_decode_of_encode(codec: MossAudioTokenizer, goldens: Goldens) -> None:
-    wav, _ = codec.decode(goldens.outputs["codec.encode.w1p0s.audio_codes"])
-    goldens.close_audio(wav, "codec.decode_of_encode.w1p0s.audio")
+    for case in goldens.of_kind("decode_of_encode"):
+        wav, _ = codec.decode(goldens.tensor(case["inputs"]["audio_codes"]))
+        goldens.close_audio(wav, goldens.tensor(case["outputs"]["audio"]), case["id"])
 
 
 def _stream_decode(codec: MossAudioTokenizer, codes: torch.Tensor, frames: int, slots: int = 1) -> list[torch.Tensor]:
@@ -147,54 +186,59 @@ def _stream_decode(codec: MossAudioTokenizer, codes: torch.Tensor, frames: int, 
     return chunks
 
 
-@pytest.mark.parametrize("frames", [1, 3])
 @pytest.mark.parametrize("slots", [1, 4])
-def test_streaming_decode(codec: MossAudioTokenizer, goldens: Goldens, frames: int, slots: int) -> None:
-    case = goldens.cases[f"codec.streaming_decode.{frames}frame"]
-    chunks = _stream_decode(codec, goldens.inputs["codes.decode"], frames, slots)
-    assert len(chunks) == case["facts"]["num_calls"]
-    for index, chunk in enumerate(chunks):
-        goldens.close_audio(chunk, f"codec.streaming_decode.{frames}frame.chunk_{index:03d}")
+def test_streaming_decode(codec: MossAudioTokenizer, goldens: Goldens, slots: int) -> None:
+    for case in goldens.of_kind("streaming_decode"):
+        expected = goldens.chunks(case["outputs"]["chunks"])
+        codes = goldens.tensor(case["inputs"]["audio_codes"])
+        chunks = _stream_decode(codec, codes, case["inputs"]["frames_per_call"], slots)
+        assert len(chunks) == len(expected) == case.get("facts", {}).get("num_calls", len(expected))
+        for index, (chunk, golden) in enumerate(zip(chunks, expected, strict=True)):
+            goldens.close_audio(chunk, golden, f"{case['id']} call {index}")
 
 
 def test_streaming_departs_from_offline_where_upstream_does(codec: MossAudioTokenizer, goldens: Goldens) -> None:
-    """Upstream semantics, not noise: frames agree with offline decode until the first stage window fills."""
-    codes = goldens.inputs["codes.decode"]
-    offline, _ = codec.decode(codes)
-    streamed = torch.cat(_stream_decode(codec, codes, 1), dim=-1)
-    gaps = (streamed - offline).abs().reshape(codes.shape[-1], -1).amax(-1)
-    first = goldens.cases["codec.streaming_decode.1frame"]["facts"]["first_frame_differing_from_offline_decode"]
-    assert float(gaps[:first].max()) <= goldens.atol_audio
-    assert float(gaps[first]) > 100 * goldens.atol_audio
+    """Upstream semantics, not noise: streaming agrees with offline decode until a stage window fills."""
+    for case in goldens.of_kind("streaming_decode"):
+        first = case.get("facts", {}).get("first_frame_differing_from_offline_decode")
+        if first is None:
+            continue
+        codes = goldens.tensor(case["inputs"]["audio_codes"])
+        offline, _ = codec.decode(codes)
+        streamed = torch.cat(_stream_decode(codec, codes, case["inputs"]["frames_per_call"]), dim=-1)
+        gaps = (streamed - offline).abs().reshape(codes.shape[-1], -1).amax(-1)
+        if first > 0:
+            assert float(gaps[:first].max()) <= goldens.atol_audio, case["id"]
+        assert float(gaps[first:].max()) > goldens.atol_audio, case["id"]
 
 
 def test_chunked_decode(codec: MossAudioTokenizer, goldens: Goldens) -> None:
-    wav = torch.cat(_stream_decode(codec, goldens.inputs["codes.decode"], 2), dim=-1)
-    goldens.close_audio(wav, "codec.decode_chunked.audio")
+    for case in goldens.of_kind("decode_chunked"):
+        codes = goldens.tensor(case["inputs"]["audio_codes"])
+        wav = torch.cat(_stream_decode(codec, codes, _frames_per_call(codec, case)), dim=-1)
+        goldens.close_audio(wav, goldens.tensor(case["outputs"]["audio"]), case["id"])
 
 
 @pytest.mark.parametrize("slots", [1, 3])
 def test_chunked_encode(codec: MossAudioTokenizer, goldens: Goldens, slots: int) -> None:
-    """encode(chunk_duration=0.16): 2 whole frames per step; the trailing partial frame is dropped."""
-    samples = goldens.inputs["wave.w2p3s"]
-    frames = samples.numel() // codec.frame_size
-    whole = samples[: frames * codec.frame_size].reshape(1, 1, -1)
-    batch = torch.cat([whole, torch.randn(slots - 1, 1, whole.shape[-1])]) if slots > 1 else whole
-    state = codec.init_encode_state(slots)
-    codes, latents = [], []
-    step = 2 * codec.frame_size
-    for start in range(0, whole.shape[-1], step):
-        hidden = codec.encode_latents_step(batch[..., start : start + step], state)
-        latents.append(hidden[:1])
-        codes.append(codec.quantizer.encode(hidden.transpose(1, 2), None, codec.num_quantizers)[:, :1])
-    expected = goldens.outputs["codec.encode_chunked.w2p3s.audio_codes"]
-    assert torch.equal(torch.cat(codes, dim=-1), expected)
-    assert expected.shape[-1] == goldens.cases["codec.encode_chunked.w2p3s"]["facts"]["frames"]
-    torch.testing.assert_close(torch.cat(latents, dim=-1),
-                               goldens.outputs["codec.encode_chunked.w2p3s.encoder_hidden_states"],
-                               atol=goldens.atol_hidden, rtol=0)
-    # encode_step is the same path with the quantizer attached.
-    state = codec.init_encode_state(slots)
-    stepped = torch.cat([codec.encode_step(batch[..., s : s + step], state)[:, :1]
-                         for s in range(0, whole.shape[-1], step)], dim=-1)
-    assert torch.equal(stepped, expected)
+    """encode(chunk_duration=...): whole frames per step; the trailing partial frame is dropped."""
+    for case in goldens.of_kind("encode_chunked"):
+        samples = goldens.tensor(case["inputs"]["input_values"])
+        whole = samples[: samples.numel() // codec.frame_size * codec.frame_size].reshape(1, 1, -1)
+        batch = torch.cat([whole, torch.randn(slots - 1, 1, whole.shape[-1])]) if slots > 1 else whole
+        step = _frames_per_call(codec, case) * codec.frame_size
+        state = codec.init_encode_state(slots)
+        codes, latents = [], []
+        for start in range(0, whole.shape[-1], step):
+            hidden = codec.encode_latents_step(batch[..., start : start + step], state)
+            latents.append(hidden[:1])
+            codes.append(codec.quantizer.encode(hidden.transpose(1, 2), None, codec.num_quantizers)[:, :1])
+        expected = goldens.tensor(case["outputs"]["audio_codes"])
+        assert torch.equal(torch.cat(codes, dim=-1), expected), case["id"]
+        assert torch.equal(goldens.tensor(case["outputs"]["audio_codes_lengths"]), torch.tensor([expected.shape[-1]]))
+        goldens.close_hidden(torch.cat(latents, dim=-1), goldens.tensor(case["outputs"]["encoder_hidden_states"]),
+                             case["id"])
+        # encode_step is the same path with the quantizer attached.
+        state = codec.init_encode_state(slots)
+        stepped = [codec.encode_step(batch[..., s : s + step], state)[:, :1] for s in range(0, whole.shape[-1], step)]
+        assert torch.equal(torch.cat(stepped, dim=-1), expected)
