@@ -1,0 +1,62 @@
+"""``moss-agent reply``: one user utterance (a wav) in, the agent's spoken reply (a wav) out.
+
+Runs the whole pipeline once: speech recognition, the LLM, MOSS-TTS-Realtime conditioned on the
+user's own audio, the codec. With ``--tiny`` and no ``--llm-url`` it works offline on any machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from moss_agent.commands import common
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser(
+        "reply",
+        help="answer a recorded user utterance with a spoken reply (wav in, wav out)",
+        description="Transcribe a user's wav, ask the LLM, speak the answer with MOSS-TTS-Realtime "
+        "(conditioned on the user's audio) and write it to a wav.",
+    )
+    parser.add_argument("--input", "-i", type=Path, required=True, help="the user's speech (wav, flac, mp3, m4a...)")
+    parser.add_argument("--output", "-o", type=Path, default=Path("reply.wav"), help="where to write the reply")
+    parser.add_argument("--transcript", default=None, help="what the user said (skips speech recognition)")
+    common.add_engine_options(parser, slots=1)
+    common.add_llm_options(parser)
+    common.add_stt_options(parser)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    return asyncio.run(_reply(args))
+
+
+async def _reply(args: argparse.Namespace) -> int:
+    from moss_agent.audio import load_audio, write_wav
+    from moss_agent.config import SessionConfig
+    from moss_agent.streaming.metrics import format_breakdown
+    from moss_agent.streaming.session import Session
+
+    user_audio = load_audio(args.input, 24000)
+    transcript = args.transcript
+    if transcript is None:
+        recognizer = common.build_stt(args)
+        transcript = (await recognizer.transcribe(user_audio, 24000)).strip()
+    print(f"user: {transcript or '(nothing recognised)'}", file=sys.stderr)
+
+    engine = await asyncio.to_thread(common.build_engine, args)
+    voice = common.load_voice(args)
+    config = SessionConfig(llm=common.llm_config(args))
+    async with engine, Session(engine, llm=common.build_llm(args), config=config, voice_prompt=voice) as session:
+        events = session.events()
+        handle = session.respond(user_text=transcript, user_audio=user_audio)
+        audio, result = await common.collect_turn(events, handle)
+    print(f"agent: {result.text}", file=sys.stderr)
+    if args.verbose and result.metrics is not None:
+        print(format_breakdown(result.metrics), file=sys.stderr)
+    write_wav(args.output, audio, 24000)
+    print(f"wrote {args.output} ({len(audio) / 24000:.2f} s of audio)")
+    return 0 if len(audio) and result.error is None else 1
