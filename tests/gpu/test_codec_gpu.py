@@ -6,61 +6,55 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from moss_agent.models.codec import MossAudioTokenizer, load_codec
 from moss_agent.models.codec.tiny import save_tiny_codec
-from tests.conftest import parity_model_dir
+from tests.models.test_codec_parity import Goldens
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-ATOL_AUDIO = 3.814697265625e-05  # manifest models.codec.atol_audio
-ATOL_HIDDEN = 5.9604644775390625e-06
+
+@pytest.fixture(scope="module")
+def goldens(parity_dir: Path) -> Goldens:
+    return Goldens(parity_dir)
 
 
 @pytest.fixture(scope="module")
-def folder(parity_dir: Path) -> Path:
-    return parity_model_dir(parity_dir, "codec")
+def codec(goldens: Goldens) -> MossAudioTokenizer:
+    return load_codec(goldens.folder / "checkpoint", device="cuda", dtype=torch.float32)
 
 
-@pytest.fixture(scope="module")
-def tensors(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    return load_file(str(folder / "inputs.safetensors")), load_file(str(folder / "outputs.safetensors"))
-
-
-@pytest.fixture(scope="module")
-def codec(folder: Path) -> MossAudioTokenizer:
-    return load_codec(folder / "checkpoint", device="cuda", dtype=torch.float32)
-
-
-def test_parity_in_fp32_on_cuda(codec: MossAudioTokenizer, tensors: tuple[dict, dict]) -> None:
-    inputs, outputs = tensors
-    for wave in ("w1p0s", "w2p3s", "w1p2s"):
-        codes, lengths = codec.encode(inputs[f"wave.{wave}"][None, None].cuda())
-        assert torch.equal(codes.cpu(), outputs[f"codec.encode.{wave}.audio_codes"])
-        assert torch.equal(lengths.cpu(), outputs[f"codec.encode.{wave}.audio_codes_lengths"])
-        latents, _ = codec.encode_latents(inputs[f"wave.{wave}"][None, None].cuda())
-        torch.testing.assert_close(latents.cpu(), outputs[f"codec.encode.{wave}.encoder_hidden_states"],
-                                   atol=ATOL_HIDDEN, rtol=0)
-    wav, _ = codec.decode(inputs["codes.decode"].cuda())
-    torch.testing.assert_close(wav.cpu(), outputs["codec.decode.audio"], atol=ATOL_AUDIO, rtol=0)
-    for frames in (1, 3):
+def test_parity_in_fp32_on_cuda(codec: MossAudioTokenizer, goldens: Goldens) -> None:
+    for case in goldens.of_kind("encode"):
+        samples = goldens.tensor(case["inputs"]["input_values"])[None, None].cuda()
+        codes, lengths = codec.encode(samples)
+        assert torch.equal(codes.cpu(), goldens.tensor(case["outputs"]["audio_codes"])), case["id"]
+        assert torch.equal(lengths.cpu(), goldens.tensor(case["outputs"]["audio_codes_lengths"]))
+        latents, _ = codec.encode_latents(samples)
+        goldens.close_hidden(latents.cpu(), goldens.tensor(case["outputs"]["encoder_hidden_states"]), case["id"])
+    for case in goldens.of_kind("decode"):
+        wav, _ = codec.decode(goldens.tensor(case["inputs"]["audio_codes"]).cuda())
+        goldens.close_audio(wav.cpu(), goldens.tensor(case["outputs"]["audio"]), case["id"])
+    for case in goldens.of_kind("streaming_decode"):
+        codes = goldens.tensor(case["inputs"]["audio_codes"]).cuda()
+        frames = case["inputs"]["frames_per_call"]
         state = codec.init_decode_state(1)
-        codes = inputs["codes.decode"].cuda()
+        expected = goldens.chunks(case["outputs"]["chunks"])
         for index, start in enumerate(range(0, codes.shape[-1], frames)):
             chunk = codec.decode_step(codes[:, :, start : start + frames], state)
-            expected = outputs[f"codec.streaming_decode.{frames}frame.chunk_{index:03d}"]
-            torch.testing.assert_close(chunk.cpu(), expected, atol=ATOL_AUDIO, rtol=0)
+            goldens.close_audio(chunk.cpu(), expected[index], f"{case['id']} call {index}")
 
 
-def test_bf16_is_close_on_cuda(folder: Path, codec: MossAudioTokenizer, tensors: tuple[dict, dict]) -> None:
-    inputs, outputs = tensors
-    half = load_codec(folder / "checkpoint", device="cuda", dtype=torch.bfloat16)
-    wav, _ = half.decode(inputs["codes.decode"].cuda())
-    expected = outputs["codec.decode.audio"]
-    assert float((wav.cpu() - expected).norm() / expected.norm()) < 0.05
-    codes, _ = half.encode(inputs["wave.w2p3s"][None, None].cuda())
-    assert (codes[:2].cpu() == outputs["codec.encode.w2p3s.audio_codes"][:2]).float().mean() > 0.8
+def test_bf16_is_close_on_cuda(goldens: Goldens) -> None:
+    half = load_codec(goldens.folder / "checkpoint", device="cuda", dtype=torch.bfloat16)
+    for case in goldens.of_kind("decode"):
+        wav, _ = half.decode(goldens.tensor(case["inputs"]["audio_codes"]).cuda())
+        expected = goldens.tensor(case["outputs"]["audio"])
+        assert float((wav.cpu() - expected).norm() / expected.norm()) < 0.05
+    for case in goldens.of_kind("encode"):
+        codes, _ = half.encode(goldens.tensor(case["inputs"]["input_values"])[None, None].cuda())
+        expected = goldens.tensor(case["outputs"]["audio_codes"])
+        assert (codes[:2].cpu() == expected[:2]).float().mean() > 0.8
 
 
 def test_multi_slot_streaming_on_cuda(tmp_path: Path) -> None:
