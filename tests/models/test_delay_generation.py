@@ -14,6 +14,7 @@ from moss_agent.models.batch_sampling import SamplingParams
 from moss_agent.models.delay.generation import generate_delay
 from moss_agent.models.tts_loading import LoadedTTS, load_tts
 from tests.conftest import parity_model_dir
+from tests.models.test_delay_parity import golden_key, manifest_ids, max_new_tokens, require
 
 GREEDY = SamplingParams().greedy()
 
@@ -29,6 +30,12 @@ def goldens(delay_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
+def cases(parity_dir: Path) -> dict[str, dict]:
+    manifest = json.loads((parity_dir / "manifest.json").read_text())
+    return {c["id"]: c for c in manifest["cases"]}
+
+
+@pytest.fixture(scope="module")
 def generation_cases(delay_dir: Path) -> dict:
     return json.loads((delay_dir / "cases.json").read_text())["generation"]
 
@@ -38,24 +45,32 @@ def loaded(delay_dir: Path) -> LoadedTTS:
     return load_tts(delay_dir / "checkpoint", device="cpu", dtype="float32")
 
 
-def run(loaded: LoadedTTS, goldens: dict, prompt: str, **kwargs):
+def run(loaded: LoadedTTS, goldens: dict, prompt: str, max_new_tokens: int = 30, **kwargs):
     return generate_delay(
         loaded.model,
         goldens[f"delay.proc.{prompt}.input_ids"],
         goldens[f"delay.proc.{prompt}.attention_mask"],
         params=GREEDY,
-        max_new_tokens=30,
+        max_new_tokens=max_new_tokens,
         **kwargs,
     )
 
 
-@pytest.mark.parametrize("case", ["reference", "continuation", "batch"])
-def test_greedy_generation_matches_upstream(case, loaded, goldens, generation_cases):
-    results = run(loaded, goldens, case, upstream_compatible=True)
-    expected = generation_cases[f"delay.generate.{case}"]
+@pytest.mark.parametrize("case_id", manifest_ids("delay.generate."))
+def test_greedy_generation_matches_upstream(case_id, cases, loaded, goldens, generation_cases):
+    case = require(case_id, cases)
+    results = generate_delay(
+        loaded.model,
+        goldens[golden_key(case["inputs"]["input_ids"])],
+        goldens[golden_key(case["inputs"]["attention_mask"])],
+        params=GREEDY,
+        max_new_tokens=max_new_tokens(case),
+        upstream_compatible=True,
+    )
+    expected = generation_cases[case_id]
     assert len(results) == len(expected)
     for index, (result, facts) in enumerate(zip(results, expected, strict=True)):
-        prefix = f"delay.generate.{case}.{index}"
+        prefix = f"{case_id}.{index}"
         assert torch.equal(result.rows, goldens[f"{prefix}.output_ids"])
         assert result.rows[:, 0].tolist() == facts["text_channel"]
         assert [s.shape[0] for s in result.segments] == facts["segment_frames"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from safetensors.torch import load_file
 
 from moss_agent.models.delay.processor import Message, TTSProcessor
 from moss_agent.models.tts_loading import LoadedTTS, load_tts
-from tests.conftest import parity_model_dir
+from tests.conftest import _parity_root, parity_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -59,20 +60,35 @@ def build_case(case_id: str, cases: dict, proc: TTSProcessor, goldens: dict):
     return proc([conversation_for(case, proc, goldens)], case["inputs"]["mode"])
 
 
-PROC_CASES = [
-    "delay.proc.text_only",
-    "delay.proc.reference",
-    "delay.proc.instruction",
-    "delay.proc.sound_effect",
-    "delay.proc.ttsd",
-    "delay.proc.ttsd_continuation",
-    "delay.proc.continuation",
-    "delay.proc.batch",
-]
+def manifest_ids(prefix: str) -> list[str]:
+    """Case ids with ``prefix`` from the manifest, read at collection so another fixture set runs unchanged."""
+    root = _parity_root()
+    manifest = root / "manifest.json" if root is not None else None
+    if manifest is None or not manifest.is_file():
+        return [f"{prefix}<no parity goldens>"]
+    return [c["id"] for c in json.loads(manifest.read_text())["cases"] if c["id"].startswith(prefix)]
 
 
-@pytest.mark.parametrize("case_id", PROC_CASES)
+def golden_key(reference: str) -> str:
+    """'delay/goldens.safetensors:some.key  [shape note]' -> 'some.key'."""
+    return reference.split(":", 1)[1].split()[0]
+
+
+def max_new_tokens(case: dict) -> int:
+    match = re.search(r"max_new_tokens=(\d+)", case["pins"])
+    assert match, f"{case['id']} does not state max_new_tokens"
+    return int(match.group(1))
+
+
+def require(case_id: str, cases: dict) -> dict:
+    if case_id not in cases:
+        pytest.skip(f"{case_id} is not in this fixture set")
+    return cases[case_id]
+
+
+@pytest.mark.parametrize("case_id", manifest_ids("delay.proc."))
 def test_processor_ids_match_upstream(case_id, cases, goldens, loaded, delay_dir):
+    require(case_id, cases)
     prompt = build_case(case_id, cases, loaded.processor, goldens)
     assert torch.equal(prompt.input_ids, goldens[f"{case_id}.input_ids"])
     assert torch.equal(prompt.attention_mask, goldens[f"{case_id}.attention_mask"])
@@ -83,16 +99,17 @@ def test_processor_ids_match_upstream(case_id, cases, goldens, loaded, delay_dir
         assert built == contents[0]
 
 
-@pytest.mark.parametrize("case", ["reference", "continuation"])
-def test_teacher_forced_matches_upstream(case, cases, goldens, loaded):
-    tol = cases[f"delay.teacher_forced.{case}"]["tolerance"]
-    ids = goldens[f"delay.proc.{case}.input_ids"]
-    mask = goldens[f"delay.proc.{case}.attention_mask"]
+@pytest.mark.parametrize("case_id", manifest_ids("delay.teacher_forced."))
+def test_teacher_forced_matches_upstream(case_id, cases, goldens, loaded):
+    case = require(case_id, cases)
+    tol = case["tolerance"]
+    ids = goldens[golden_key(case["inputs"]["input_ids"])]
+    mask = goldens[golden_key(case["inputs"]["attention_mask"])]
     with torch.no_grad():
         hidden = loaded.model(ids, mask)
         text = loaded.model.text_logits(hidden[:, -1])
         audio = loaded.model.audio_logits(hidden[:, -1])
-    prefix = f"delay.teacher_forced.{case}"
+    prefix = case_id
     torch.testing.assert_close(
         hidden, goldens[f"{prefix}.last_hidden_state"], atol=tol["last_hidden_state_atol"], rtol=0
     )
@@ -120,7 +137,8 @@ def test_teacher_forced_matches_upstream(case, cases, goldens, loaded):
         )
 
 
-def test_loaded_checkpoint_facts(loaded):
+def test_loaded_checkpoint_facts(loaded, delay_dir):
     assert loaded.architecture == "delay" and loaded.processor.delayed
     assert loaded.config.n_vq == loaded.model.n_vq
-    assert loaded.codec_name_or_path == "OpenMOSS-Team/MOSS-Audio-Tokenizer"
+    processor_config = json.loads((delay_dir / "checkpoint" / "processor_config.json").read_text())
+    assert loaded.codec_name_or_path == processor_config["audio_tokenizer_name_or_path"]

@@ -14,7 +14,7 @@ from moss_agent.models.batch_sampling import SamplingParams
 from moss_agent.models.local.generation import generate_local
 from moss_agent.models.tts_loading import LoadedTTS, load_tts
 from tests.conftest import parity_model_dir
-from tests.models.test_delay_parity import build_case
+from tests.models.test_delay_parity import build_case, golden_key, manifest_ids, max_new_tokens, require
 
 GREEDY = SamplingParams().greedy()
 
@@ -59,12 +59,14 @@ def test_processor_ids_match_upstream(case_id, cases, goldens, loaded):
     assert torch.equal(prompt.attention_mask, goldens[f"{case_id}.attention_mask"])
 
 
-def test_teacher_forced_matches_upstream(cases, goldens, loaded):
-    tol = cases["local.teacher_forced"]["tolerance"]
-    prefix = "local.teacher_forced"
+@pytest.mark.parametrize("case_id", manifest_ids("local.teacher_forced"))
+def test_teacher_forced_matches_upstream(case_id, cases, goldens, loaded):
+    case = require(case_id, cases)
+    tol = case["tolerance"]
+    prefix = case_id
     with torch.no_grad():
         hidden, logits, losses = loaded.model.teacher_forced(
-            goldens[f"{prefix}.input_ids"], goldens[f"{prefix}.labels"]
+            goldens[golden_key(case["inputs"]["input_ids"])], goldens[golden_key(case["inputs"]["labels"])]
         )
     torch.testing.assert_close(
         hidden, goldens[f"{prefix}.global_last_hidden_state"], atol=tol["hidden_atol"], rtol=0
@@ -105,11 +107,19 @@ def run(loaded, goldens, prompt, **kwargs):
     )
 
 
-@pytest.mark.parametrize("case", ["reference", "continuation"])
-def test_greedy_generation_matches_upstream(case, loaded, goldens, generation_cases):
-    (result,) = run(loaded, goldens, case, upstream_compatible=True)
-    facts = generation_cases[f"local.generate.{case}"][0]
-    prefix = f"local.generate.{case}.0"
+@pytest.mark.parametrize("case_id", manifest_ids("local.generate."))
+def test_greedy_generation_matches_upstream(case_id, cases, loaded, goldens, generation_cases):
+    case = require(case_id, cases)
+    (result,) = generate_local(
+        loaded.model,
+        goldens[golden_key(case["inputs"]["input_ids"])],
+        goldens[golden_key(case["inputs"]["attention_mask"])],
+        params=GREEDY,
+        max_new_tokens=max_new_tokens(case),
+        upstream_compatible=True,
+    )
+    facts = generation_cases[case_id][0]
+    prefix = f"{case_id}.0"
     assert torch.equal(result.rows, goldens[f"{prefix}.output_ids"])
     assert result.rows[:, 0].tolist() == facts["text_channel"]
     assert [s.shape[0] for s in result.segments] == facts["segment_frames"]
