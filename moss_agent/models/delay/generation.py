@@ -89,6 +89,8 @@ def generate_delay(
     n_vq = width - 1
     if n_vq != cfg.n_vq:
         raise ConfigError(f"input_ids carry {n_vq} codebooks but the model has {cfg.n_vq}")
+    if n_vq < 2 and not upstream_compatible:
+        raise ConfigError("the corrected flush needs at least 2 codebooks; pass upstream_compatible=True")
     input_ids = input_ids.to(device)
     mask = attention_mask.to(device=device, dtype=torch.bool)
     text_prompt = input_ids[..., 0]
