@@ -10,12 +10,16 @@ frames/s to keep up with real time.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
+import resource
+import subprocess
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -31,6 +35,8 @@ from moss_agent.models.codec import (
 # the 12.5 Hz stage), 32 codebooks of 1024 codes, 4 s attention windows. On a CPU the streaming
 # attention over the ring caches is memory-bound and grows with slots x window, so the 10 s window of
 # the released model is measured as a separate row.
+_ROW_TAG = "CODEC-BENCH-ROW "
+
 SMALL = {
     "d_model": 128, "num_heads": 2, "num_layers": 2, "dim_feedforward": 512,
     "big_d_model": 256, "big_num_heads": 4, "big_num_layers": 2, "big_dim_feedforward": 1024,
@@ -87,8 +93,7 @@ def best_seconds(run: Callable[[], object], device: torch.device, repeats: int, 
     return best
 
 
-def streaming_fps(model: MossAudioTokenizer, slots: int, encode: bool, repeats: int, rounds: int,
-                  probe: MemoryProbe) -> float:
+def streaming_fps(model: MossAudioTokenizer, slots: int, encode: bool, repeats: int, rounds: int) -> float:
     """Frames per second over all slots, one frame per slot per step, one batched forward per step."""
     device = model.device
     if encode:
@@ -101,13 +106,12 @@ def streaming_fps(model: MossAudioTokenizer, slots: int, encode: bool, repeats: 
         step = lambda: model.decode_step(codes, state)  # noqa: E731
     for _ in range(3):
         step()
-    probe.sample()
     return slots / best_seconds(step, device, repeats, rounds)
 
 
 class MemoryProbe:
-    """Peak memory of one config: CUDA max_memory_allocated, or on the CPU the growth of the resident
-    set, sampled while the model, states and outputs are alive (peak RSS never falls between configs)."""
+    """Peak memory of one config: CUDA max_memory_allocated, or on the CPU the peak resident set of
+    this (fresh, one-config) process above what it held before building the model."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -115,7 +119,6 @@ class MemoryProbe:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         self.start = self._rss()
-        self.highest = self.start
 
     @staticmethod
     def _rss() -> int:
@@ -125,13 +128,11 @@ class MemoryProbe:
         except OSError:
             return 0
 
-    def sample(self) -> None:
-        self.highest = max(self.highest, self._rss())
-
     def peak_mb(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
-        return (self.highest - self.start) / 2**20
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+        return max(peak - self.start, 0) / 2**20
 
 
 def measure(name: str, raw: dict, device: torch.device, dtype: torch.dtype, quick: bool) -> Row:
@@ -144,16 +145,12 @@ def measure(name: str, raw: dict, device: torch.device, dtype: torch.dtype, quic
     encode_fps: dict[int, float] = {}
     for _ in range(rounds):  # interleave 1 and 16 slots so load spikes hit both alike
         for slots in (1, 16):
-            decode_fps[slots] = max(decode_fps.get(slots, 0.0), streaming_fps(model, slots, False, repeats, 1, probe))
-            encode_fps[slots] = max(encode_fps.get(slots, 0.0), streaming_fps(model, slots, True, repeats, 1, probe))
+            decode_fps[slots] = max(decode_fps.get(slots, 0.0), streaming_fps(model, slots, False, repeats, 1))
+            encode_fps[slots] = max(encode_fps.get(slots, 0.0), streaming_fps(model, slots, True, repeats, 1))
     seconds = 4.0 if quick else 20.0
     wav = 0.1 * torch.randn(1, 1, int(seconds * model.sample_rate), device=device)
     codes, _ = model.encode(wav)
-    probe.sample()
     encode_rt = seconds / best_seconds(lambda: model.encode(wav), device, 1, 2)
-    decoded = model.decode(codes)
-    probe.sample()
-    del decoded
     decode_rt = seconds / best_seconds(lambda: model.decode(codes), device, 1, 2)
     row = Row(name, params, str(dtype).removeprefix("torch."), decode_fps, encode_fps, encode_rt, decode_rt,
               probe.peak_mb())
@@ -162,7 +159,7 @@ def measure(name: str, raw: dict, device: torch.device, dtype: torch.dtype, quic
 
 def print_table(rows: list[Row]) -> None:
     header = ("config", "params", "dtype", "dec 1 slot", "dec 16 slots", "16/1", "enc 1 slot", "enc 16 slots",
-              "16/1", "offline enc", "offline dec", "peak MB")  # CPU: RSS growth
+              "16/1", "offline enc", "offline dec", "peak MB")
     lines = [header]
     for r in rows:
         lines.append((
@@ -178,32 +175,53 @@ def print_table(rows: list[Row]) -> None:
             print("  ".join("-" * width for width in widths))
 
 
+def configs(device: torch.device, full: bool) -> dict[str, dict]:
+    found = {
+        "tiny": make_config_dict(),
+        "small": make_config_dict(**SMALL),
+        "small, 10 s window": make_config_dict(**{**SMALL, "context_duration": 10.0}),
+    }
+    if device.type == "cuda" and full:
+        found["full 1.77B"] = published_config_dict()
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer steps and 4 s of audio")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on the CPU (default 2)")
     parser.add_argument("--no-full", action="store_true", help="skip the full-size model on a GPU")
+    parser.add_argument("--config", help=argparse.SUPPRESS)  # internal: measure one config, print JSON
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    known = configs(device, not args.no_full)
+    if args.config:
+        row = measure(args.config, known[args.config], device, dtype, args.quick)
+        print(_ROW_TAG + json.dumps(asdict(row)))
+        return
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"torch {torch.__version__}, device {device} ({name}{threads})")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    configs = [
-        ("tiny", make_config_dict()),
-        ("small", make_config_dict(**SMALL)),
-        ("small, 10 s window", make_config_dict(**{**SMALL, "context_duration": 10.0})),
-    ]
-    if device.type == "cuda" and not args.no_full:
-        configs.append(("full 1.77B", published_config_dict()))
     rows = []
-    for config_name, raw in configs:
-        rows.append(measure(config_name, raw, device, dtype, args.quick))
+    flags = ["--device", str(device), "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+    for config_name in known:
+        # One process per config: clean peak-memory figures and no allocator state carried over.
+        done = subprocess.run([sys.executable, __file__, "--config", config_name, *flags],
+                              capture_output=True, text=True, check=False)
+        lines = [line for line in done.stdout.splitlines() if line.startswith(_ROW_TAG)]
+        if done.returncode or not lines:
+            print(f"{config_name}: failed\n{done.stderr[-2000:]}")
+            continue
+        raw = json.loads(lines[-1].removeprefix(_ROW_TAG))
+        for key in ("decode_fps", "encode_fps"):
+            raw[key] = {int(slots): value for slots, value in raw[key].items()}
+        rows.append(Row(**raw))
     print("streaming: one frame (80 ms) per slot per step, all slots in one batched forward; "
-          "real time needs 12.5 fr/s per stream")
+          "real time needs 12.5 fr/s per stream; peak MB on the CPU = peak RSS growth")
     print_table(rows)
     if device.type == "cpu":
         print("full-size model skipped on the CPU (1.77B parameters; run on a GPU)")
