@@ -128,7 +128,9 @@ def test_inactive_slot_state_is_untouched(codec: MossAudioTokenizer) -> None:
     codec.decode_step(_codes(codec, 3, frames=2, seed=9), state, torch.tensor([True, False, True]))
     assert all(torch.equal(a, b) for a, b in zip(before, _state_rows(state, 1), strict=True))
     assert state.frames.tolist() == [6, 4, 6]
-    codec.decode_step(_codes(codec, 3, frames=1), state, [False, True, False])  # a plain list works too
+    padded = _codes(codec, 3, frames=1)
+    padded[:, 0] = codec.codebook_size  # a padding id in an idle slot is ignored
+    codec.decode_step(padded, state, [False, True, False])  # a plain list works too
     assert state.frames.tolist() == [6, 5, 6]
     assert [stage.keys.data_ptr() for stage in state.stages] == pointers  # updated in place
 

@@ -277,17 +277,20 @@ class MossAudioTokenizer(nn.Module):
     ) -> torch.Tensor:
         """codes [nq, B, T] -> wav [B, 1, T*frame] float32; continues every active slot's stream.
 
-        Inactive slots (``active[b]`` False) keep their state bit-identical and get zeros. Codes are
-        not range-checked here (that would synchronise); out-of-range codes fail inside the gather.
+        Inactive slots (``active[b]`` False) keep their state bit-identical and get zeros; their codes
+        are ignored, so padding ids may sit there. Active codes are not range-checked here (that would
+        synchronise); out-of-range codes fail inside the gather.
         """
         codes = self._check_codes(codes, check_values=False)
         _, batch, frames = codes.shape
         self._check_step(state, "decode", batch, frames)
         active = self._active(active, state)
+        if active is not None:
+            codes = torch.where(active[None, :, None], codes, 0)
         hidden = self.quantizer.decode(codes).to(self.dtype)
         wav = self._run_step(self.decoder, hidden, state, active, frames).float().transpose(1, 2)
         if active is not None:
-            wav = wav * active.to(device=wav.device, dtype=wav.dtype)[:, None, None]
+            wav = torch.where(active[:, None, None], wav, 0.0)
         return wav
 
     @torch.no_grad()
@@ -322,5 +325,5 @@ class MossAudioTokenizer(nn.Module):
         codes = self.quantizer.encode(latents.transpose(1, 2), None, count)
         active = self._active(active, state)
         if active is not None:
-            codes = codes * active.to(device=codes.device, dtype=codes.dtype)[None, :, None]
+            codes = torch.where(active[None, :, None], codes, 0)
         return codes
