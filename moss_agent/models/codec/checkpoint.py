@@ -89,9 +89,9 @@ def load_codec(
     check_state_dict(expected, tensors, source=str(folder))
 
     state = {}
-    for key, tensor in tensors.items():
+    for key in sorted(tensors):  # pop as we go: the CPU copy of each tensor is freed once converted
         wanted = torch.float32 if key.startswith("quantizer.") else target_dtype
-        state[key] = tensor.to(device=target_device, dtype=wanted)
+        state[key] = tensors.pop(key).to(device=target_device, dtype=wanted)
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False).eval()
     log.info("codec loaded", extra={"folder": str(folder), "device": str(target_device),
