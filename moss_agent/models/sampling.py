@@ -45,7 +45,9 @@ class SamplingConfig:
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError(f"top_k must be >= 1 or None, got {self.top_k}")
         if self.repetition_penalty <= 0:
-            raise ConfigError(f"repetition_penalty must be > 0 (1.0 disables it), got {self.repetition_penalty}")
+            raise ConfigError(
+                f"repetition_penalty must be > 0 (1.0 disables it), got {self.repetition_penalty}"
+            )
         if self.repetition_window < 0:
             raise ConfigError(f"repetition_window must be >= 0, got {self.repetition_window}")
 
@@ -54,11 +56,58 @@ class SamplingConfig:
         return self.greedy or self.temperature == 0
 
 
-def apply_repetition_penalty(logits: torch.Tensor, present: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
-    """HF-style penalty on ids seen recently. logits [B, V] float, present [B, V] bool, penalty [B]."""
-    factor = penalty[:, None]
-    penalized = torch.where(logits < 0, logits * factor, logits / factor)
-    return torch.where(present, penalized, logits)
+def penalty_factors(present: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """present [B, ...] bool, penalty [B] -> factor [B, ...]: the penalty where seen, 1 elsewhere."""
+    shape = (-1,) + (1,) * (present.dim() - 1)
+    return torch.where(present, penalty.view(shape), 1.0)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """HF-style penalty (negative logits times, positive divided by the factor); factor from
+    ``penalty_factors``. A factor of 1 leaves a logit exactly unchanged."""
+    return torch.where(logits.signbit(), logits * factor, logits / factor)
+
+
+class RowSampler:
+    """Per-row sampling settings held as tensors, updated in place when a row's turn starts.
+
+    ``k_max`` is fixed for the sampler's life, so a row's result never depends on the other rows'
+    settings: top-k keeps ranks below each row's own k, within a top-``k_max`` candidate list.
+    """
+
+    def __init__(self, batch: int, k_max: int, device: torch.device) -> None:
+        self.k_max = k_max
+        self.inv_temperature = torch.ones(batch, 1, device=device)
+        self.rank_bias = torch.zeros(batch, k_max, device=device)
+        self.top_p = torch.ones(batch, 1, device=device)
+        self.greedy = torch.zeros(batch, dtype=torch.bool, device=device)
+        self._ranks = torch.arange(k_max, device=device)
+
+    def set_row(
+        self, row: int, *, temperature: float, top_k: int | None, top_p: float | None, greedy: bool
+    ) -> None:
+        self.inv_temperature[row] = 1.0 if greedy or temperature == 0 else 1.0 / temperature
+        k = self.k_max if top_k is None else min(top_k, self.k_max)
+        self.rank_bias[row] = torch.where(self._ranks < k, 0.0, float("-inf"))
+        self.top_p[row] = 2.0 if top_p is None else top_p  # >= 1: keep every candidate
+        self.greedy[row] = greedy or temperature == 0
+
+    def __call__(self, logits: torch.Tensor, uniform: torch.Tensor, any_greedy: bool = True) -> torch.Tensor:
+        """logits [B, V] float (penalty applied), uniform [B] in [0, 1) -> ids [B] long."""
+        values, indices = torch.topk(logits, self.k_max, dim=-1, sorted=True)
+        probs = torch.softmax(torch.addcmul(self.rank_bias, values, self.inv_temperature), dim=-1)
+        cumulative = probs.cumsum(dim=-1)
+        # Upstream drops the ascending-order tail whose cumulative mass is <= 1 - top_p; in descending
+        # order that keeps exactly the ids whose preceding mass is < top_p, a prefix that always holds
+        # the best id. Inside that prefix the global cumulative sum is already the prefix's CDF.
+        keep = (cumulative - probs) < self.top_p
+        kept = keep.sum(dim=-1, keepdim=True)
+        total = cumulative.gather(1, kept - 1)
+        choice = torch.searchsorted(cumulative, uniform[:, None] * total, right=True)
+        sampled = indices.gather(1, torch.minimum(choice, kept - 1))[:, 0]
+        if not any_greedy:
+            return sampled
+        return torch.where(self.greedy, logits.argmax(dim=-1), sampled)
 
 
 def sample_rows(
@@ -71,28 +120,21 @@ def sample_rows(
     uniform: torch.Tensor,
     k_max: int,
 ) -> torch.Tensor:
-    """Pick one id per row -> [B] long.
+    """One-off form of ``RowSampler``: logits [B, V], per-row settings [B] -> ids [B] long.
 
-    logits [B, V] float (penalty already applied); temperature [B] (> 0 where not greedy);
-    top_k [B] long (V to disable); top_p [B] float (>= 1 disables); greedy [B] bool;
-    uniform [B] float in [0, 1); k_max = max(top_k) over the batch, at most V.
+    temperature [B] (ignored where greedy), top_k [B] (>= k_max disables), top_p [B] (>= 1
+    disables), greedy [B] bool, uniform [B] in [0, 1); k_max <= V candidates are considered.
     """
-    best = logits.argmax(dim=-1)
-    scaled = logits / temperature[:, None]
-    values, indices = torch.topk(scaled, k_max, dim=-1, sorted=True)
-    ranks = torch.arange(k_max, device=logits.device)
-    values = values.masked_fill(ranks[None, :] >= top_k[:, None], float("-inf"))
-    probs = torch.softmax(values, dim=-1)
-    cumulative = probs.cumsum(dim=-1)
-    # Upstream drops the ascending-order tail whose cumulative mass is <= 1 - top_p; in descending
-    # order that keeps exactly the ids whose preceding mass is < top_p (the best id always stays).
-    keep = (cumulative - probs) < top_p[:, None]
-    probs = probs * keep
-    cumulative = probs.cumsum(dim=-1)
-    threshold = uniform * cumulative[:, -1]
-    choice = (cumulative <= threshold[:, None]).sum(dim=-1).clamp_(max=k_max - 1)
-    sampled = indices.gather(1, choice[:, None])[:, 0]
-    return torch.where(greedy, best, sampled)
+    sampler = RowSampler(logits.shape[0], k_max, logits.device)
+    for row in range(logits.shape[0]):
+        sampler.set_row(
+            row,
+            temperature=float(temperature[row]),
+            top_k=int(top_k[row]),
+            top_p=float(top_p[row]),
+            greedy=bool(greedy[row]),
+        )
+    return sampler(logits, uniform)
 
 
 def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
@@ -156,4 +198,6 @@ class RepetitionWindow:
         leaving = frame_index - window
         drop = counted & (leaving >= 0)
         left_codes = self.ring[self._rows, leaving.clamp(min=0) % size]
-        self.counts.scatter_add_(2, left_codes[:, :, None], -drop.to(torch.int32)[:, None, None].expand_as(add))
+        self.counts.scatter_add_(
+            2, left_codes[:, :, None], -drop.to(torch.int32)[:, None, None].expand_as(add)
+        )

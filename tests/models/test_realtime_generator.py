@@ -187,7 +187,9 @@ def test_special_codes_are_masked_unless_asked(tokenizer) -> None:
     for mask in (True, False):
         gen = RealtimeGenerator(model, tokenizer, num_slots=1, max_context=256)
         gen.start_conversation(0)
-        frames = torch.stack(_turn(gen, 0, sampling=SamplingConfig(greedy=True, mask_special_codes=mask), max_frames=6))
+        frames = torch.stack(
+            _turn(gen, 0, sampling=SamplingConfig(greedy=True, mask_special_codes=mask), max_frames=6)
+        )
         seen[mask] = frames
     assert not bool(torch.isin(seen[True][:, 0], torch.tensor([config.audio_pad, config.audio_bos])).any())
     assert int(seen[True][:, 1:].max()) < config.codebook_size
@@ -265,7 +267,9 @@ def test_rollback_then_next_turn_matches_a_fresh_context(model, tokenizer) -> No
     gen.restore_context(1, torch.cat([kept, eos_row[None]]))
     results = []
     for slot in (0, 1):
-        results.append(torch.stack(_turn(gen, slot, text="Sure, next answer here and more words.", max_frames=10)))
+        results.append(
+            torch.stack(_turn(gen, slot, text="Sure, next answer here and more words.", max_frames=10))
+        )
     assert torch.equal(results[0], results[1])
     assert torch.equal(gen.context_rows(0), gen.context_rows(1))
     length = gen.context_length(0)

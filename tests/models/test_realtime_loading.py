@@ -66,13 +66,24 @@ def test_bf16_load_and_eager_attention(tiny_dir: Path) -> None:
 def test_full_size_key_layout_matches_upstream(parity_dir: Path) -> None:
     listing = json.loads((parity_dir / "fullsize_state_dict_keys.json").read_text())["realtime"]["keys"]
     qwen3_1p7b = {
-        "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28,
-        "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-6,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}, "max_position_embeddings": 40960,
+        "vocab_size": 151936,
+        "hidden_size": 2048,
+        "intermediate_size": 6144,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+        "max_position_embeddings": 40960,
     }
     local = {
-        "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 4, "num_attention_heads": 16,
-        "num_key_value_heads": 8, "head_dim": 128,
+        "hidden_size": 2048,
+        "intermediate_size": 6144,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
         "rope_parameters": {"rope_type": "linear", "rope_theta": 1e6, "factor": 1.0},
     }
     config = RealtimeConfig.from_dict({"language_config": qwen3_1p7b, "local_config": local})
@@ -110,7 +121,9 @@ def test_config_and_tokenizer_errors(tiny_dir: Path, tmp_path: Path) -> None:
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "qwen3"}))
     with pytest.raises(CheckpointError, match="moss_tts_realtime"):
         load_realtime(folder, device="cpu")
-    (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "language_config"}))
+    (folder / "config.json").write_text(
+        json.dumps({k: v for k, v in config.items() if k != "language_config"})
+    )
     with pytest.raises(CheckpointError, match="language_config"):
         load_realtime(folder, device="cpu")
     (folder / "config.json").write_text(json.dumps(config))

@@ -84,10 +84,14 @@ def test_prompt_rows(loaded, goldens, cases) -> None:
     assert torch.equal(b1, goldens["b1.turn_input_ids"])
     user_text = cases["realtime.stream_voice_prompt_user_turn"]["inputs"]["user_text"]
     voice = goldens["b2.voice_prompt_codes"].T  # stored [32, T]: ours takes [frames, codebooks]
-    b2 = torch.cat([prompts.system_rows(None, voice), prompts.user_rows(user_text, goldens["b2.user_audio_codes"])])
+    b2 = torch.cat(
+        [prompts.system_rows(None, voice), prompts.user_rows(user_text, goldens["b2.user_audio_codes"])]
+    )
     assert torch.equal(b2, goldens["b2.turn_input_ids"])
     second = cases["realtime.stream_second_turn_kv_reuse"]["inputs"]["user_text"]
-    assert torch.equal(prompts.user_rows(second, goldens["c.user_audio_codes"].T), goldens["c.turn_input_ids"])
+    assert torch.equal(
+        prompts.user_rows(second, goldens["c.user_audio_codes"].T), goldens["c.turn_input_ids"]
+    )
 
 
 def test_upstream_segmentation_matches_push_log(loaded, cases) -> None:
@@ -165,7 +169,11 @@ def test_streams_greedy(loaded, goldens, cases, slot: int) -> None:
     b2 = cases["realtime.stream_voice_prompt_user_turn"]
     gen.start_conversation(slot, voice_codes=goldens["b2.voice_prompt_codes"].T)
     gen.start_turn(
-        slot, b2["inputs"]["user_text"], goldens["b2.user_audio_codes"], sampling=GREEDY_UPSTREAM, max_frames=FRAME_CAP
+        slot,
+        b2["inputs"]["user_text"],
+        goldens["b2.user_audio_codes"],
+        sampling=GREEDY_UPSTREAM,
+        max_frames=FRAME_CAP,
     )
     ids = b2["inputs"]["text_token_ids"]
     frames, hidden = _Driver(gen, slot).run([("tokens", ids[i : i + 4]) for i in range(0, len(ids), 4)])
@@ -173,7 +181,13 @@ def test_streams_greedy(loaded, goldens, cases, slot: int) -> None:
 
     c = cases["realtime.stream_second_turn_kv_reuse"]
     before = gen.context_length(slot)
-    gen.start_turn(slot, c["inputs"]["user_text"], goldens["c.user_audio_codes"].T, sampling=GREEDY_UPSTREAM, max_frames=FRAME_CAP)
+    gen.start_turn(
+        slot,
+        c["inputs"]["user_text"],
+        goldens["c.user_audio_codes"].T,
+        sampling=GREEDY_UPSTREAM,
+        max_frames=FRAME_CAP,
+    )
     frames, hidden = _Driver(gen, slot).run([("text", delta) for delta in c["inputs"]["text_deltas"]])
     _check_stream(gen, slot, "c", frames, hidden, goldens, c["tolerance"], before)
     assert gen.context_length(slot) == c["facts"]["kv_cache_len_at_end"]

@@ -11,6 +11,7 @@ from moss_agent.models.sampling import (
     SamplingConfig,
     apply_repetition_penalty,
     counter_uniforms,
+    penalty_factors,
     sample_rows,
 )
 
@@ -34,7 +35,7 @@ def test_penalty_matches_gather_scatter() -> None:
     history = torch.tensor([[1, 1, 5], [0, 19, 2], [7, 7, 7]])
     penalty = torch.tensor([1.1, 2.0, 1.0])
     present = torch.zeros(3, 20, dtype=torch.bool).scatter(1, history, True)
-    ours = apply_repetition_penalty(logits, present, penalty)
+    ours = apply_repetition_penalty(logits, penalty_factors(present, penalty))
     expected = logits.clone()
     for row in range(3):
         seen = history[row]
@@ -43,7 +44,9 @@ def test_penalty_matches_gather_scatter() -> None:
     assert torch.equal(ours, expected)
 
 
-@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(0.8, 30, 0.6), (1.0, 5, 1.0), (0.5, 64, 0.95), (1.3, 1, 0.5)])
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"), [(0.8, 30, 0.6), (1.0, 5, 1.0), (0.5, 64, 0.95), (1.3, 1, 0.5)]
+)
 def test_candidates_and_probabilities(temperature: float, top_k: int, top_p: float) -> None:
     torch.manual_seed(1)
     logits = torch.randn(1, 300) * 3
@@ -123,6 +126,12 @@ def test_repetition_window_matches_brute_force() -> None:
 
 def test_config_validation() -> None:
     assert SamplingConfig(temperature=0).is_greedy and SamplingConfig(greedy=True).is_greedy
-    for bad in ({"temperature": -1}, {"top_p": 0.0}, {"top_k": 0}, {"repetition_penalty": 0}, {"repetition_window": -1}):
+    for bad in (
+        {"temperature": -1},
+        {"top_p": 0.0},
+        {"top_k": 0},
+        {"repetition_penalty": 0},
+        {"repetition_window": -1},
+    ):
         with pytest.raises(ConfigError):
             SamplingConfig(**bad)  # type: ignore[arg-type]

@@ -80,7 +80,11 @@ class LocalConfig:
             "rvq": DEFAULT_RVQ,
             "rope_theta": self.rope_theta,
             "rope_type": "linear",
-            "rope_parameters": {"rope_type": "linear", "rope_theta": self.rope_theta, "factor": self.rope_factor},
+            "rope_parameters": {
+                "rope_type": "linear",
+                "rope_theta": self.rope_theta,
+                "factor": self.rope_factor,
+            },
             "use_cache": True,
         }
 
@@ -132,8 +136,22 @@ class RealtimeConfig:
             raise CheckpointError(
                 "config.json has no language_config dict; the backbone sizes must come from the checkpoint"
             )
-        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
+        for key in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "vocab_size",
+            "intermediate_size",
+        ):
             _need(language, key, "language_config")
+        for name, act in (
+            ("language_config", language.get("hidden_act", "silu")),
+            ("local_config", (raw.get("local_config") or {}).get("hidden_act", "silu")),
+        ):
+            if act != "silu":
+                raise CheckpointError(
+                    f"{name}.hidden_act {act!r} is not supported; MOSS-TTS-Realtime uses silu"
+                )
         local_raw = raw.get("local_config")
         if not isinstance(local_raw, dict):
             raise CheckpointError("config.json has no local_config dict")

@@ -50,10 +50,11 @@ from moss_agent.models.realtime.prompt import PromptBuilder
 from moss_agent.models.realtime.text import GrowingTextTokenizer, TextTokenizer, UpstreamSegmentTokenizer
 from moss_agent.models.sampling import (
     RepetitionWindow,
+    RowSampler,
     SamplingConfig,
     apply_repetition_penalty,
     counter_uniforms,
-    sample_rows,
+    penalty_factors,
 )
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,9 @@ class RealtimeGenerator:
         # Model-side state (device), preallocated once.
         self.cache = model.new_backbone_cache(num_slots, max_context)
         self._local_cache = model.local_transformer.new_cache(num_slots)
-        self._rows = torch.full((num_slots, max_context + 1, 1 + rvq), config.audio_pad, dtype=torch.long, device=device)
+        self._rows = torch.full(
+            (num_slots, max_context + 1, 1 + rvq), config.audio_pad, dtype=torch.long, device=device
+        )
         self._prev_frame = torch.full((num_slots, rvq), config.audio_pad, dtype=torch.long, device=device)
         self._pending_hidden = torch.zeros(num_slots, config.hidden_size, dtype=model.dtype, device=device)
         self._repetition = RepetitionWindow(num_slots, rvq, vocab, max_repetition_window, device)
@@ -148,10 +151,7 @@ class RealtimeGenerator:
         self._special = torch.zeros(rvq, vocab, dtype=torch.bool, device=device)
         self._special[:, config.audio_pad : config.audio_bos + 1] = True
         self._special[1:, config.audio_eos] = True
-        self._temperature = torch.ones(num_slots, device=device)
-        self._top_k = torch.full((num_slots,), self._top_k_cap, dtype=torch.long, device=device)
-        self._top_p = torch.ones(num_slots, device=device)
-        self._greedy = torch.zeros(num_slots, dtype=torch.bool, device=device)
+        self._sampler = RowSampler(num_slots, self._top_k_cap, device)
         self._penalty = torch.ones(num_slots, device=device)
         self._window = torch.zeros(num_slots, dtype=torch.long, device=device)
         self._seeds = torch.zeros(num_slots, dtype=torch.long, device=device)
@@ -169,6 +169,7 @@ class RealtimeGenerator:
         self._length = torch.zeros(num_slots, dtype=torch.long)
         self._ended_eos = torch.zeros(num_slots, dtype=torch.bool)
         self._any_sampling = False
+        self._any_greedy = False
         self._any_penalty = False
         self._any_banned = False
         self._slot_index_device = self._slot_index.to(device)
@@ -240,7 +241,9 @@ class RealtimeGenerator:
         state.pending_rows = []
         self._feed_prompt(slot, rows)
         tokenizer: TextTokenizer = (
-            UpstreamSegmentTokenizer(self.tokenizer) if self.upstream_compat else GrowingTextTokenizer(self.tokenizer)
+            UpstreamSegmentTokenizer(self.tokenizer)
+            if self.upstream_compat
+            else GrowingTextTokenizer(self.tokenizer)
         )
         state.turn = _Turn(tokenizer=tokenizer, sampling=sampling, base=int(self._length[slot]))
         self._n_text[slot] = 0
@@ -280,10 +283,13 @@ class RealtimeGenerator:
             self._feed_prompt(slot, rows.to(torch.long))
 
     def _set_sampling(self, slot: int, sampling: SamplingConfig, seed: int | None) -> None:
-        self._greedy[slot] = sampling.is_greedy
-        self._temperature[slot] = 1.0 if sampling.is_greedy else sampling.temperature
-        self._top_k[slot] = self._top_k_cap if sampling.top_k is None else min(sampling.top_k, self._top_k_cap)
-        self._top_p[slot] = 2.0 if sampling.top_p is None else sampling.top_p
+        self._sampler.set_row(
+            slot,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            greedy=sampling.is_greedy,
+        )
         window = sampling.repetition_window if sampling.repetition_penalty != 1.0 else 0
         self._penalty[slot] = sampling.repetition_penalty
         self._window[slot] = window
@@ -292,6 +298,7 @@ class RealtimeGenerator:
         self._banned[slot] = self._special if sampling.mask_special_codes else False
         running = [s.turn.sampling for s in self._slots if s.turn is not None and not s.turn.closed]
         self._any_sampling = any(not s.is_greedy for s in running)
+        self._any_greedy = any(s.is_greedy for s in running)
         self._any_penalty = any(s.repetition_penalty != 1.0 and s.repetition_window > 0 for s in running)
         self._any_banned = any(s.mask_special_codes for s in running)
 
@@ -442,7 +449,9 @@ class RealtimeGenerator:
     def _prefill_ready_slots(self, finished: torch.Tensor, hold: torch.Tensor | None) -> None:
         for slot in self._prefill_ready(hold).nonzero().flatten().tolist():
             count = int(self._n_text[slot])
-            take = count if (self.upstream_compat and bool(self._text_ended[slot])) else min(count, DELAY_TOKENS)
+            take = (
+                count if (self.upstream_compat and bool(self._text_ended[slot])) else min(count, DELAY_TOKENS)
+            )
             if take == 0:
                 self._running[slot] = False
                 finished[slot] = True
@@ -460,26 +469,20 @@ class RealtimeGenerator:
             turn.prefill_len = take
 
     def _picker(self, frame_index: torch.Tensor) -> Any:
-        present = self._repetition.present() if self._any_penalty else None
+        factors = penalty_factors(self._repetition.present(), self._penalty) if self._any_penalty else None
         uniforms = counter_uniforms(self._seeds, frame_index, self.config.rvq) if self._any_sampling else None
+        banned = self._banned if self._any_banned else None
+        sampler, any_greedy = self._sampler, self._any_greedy
 
         def pick(index: int, logits: torch.Tensor) -> torch.Tensor:
             scores = logits.float()
-            if present is not None:
-                scores = apply_repetition_penalty(scores, present[:, index], self._penalty)
-            if self._any_banned:
-                scores = scores.masked_fill(self._banned[:, index], float("-inf"))
+            if factors is not None:
+                scores = apply_repetition_penalty(scores, factors[:, index])
+            if banned is not None:
+                scores = scores.masked_fill(banned[:, index], float("-inf"))
             if uniforms is None:
                 return scores.argmax(dim=-1)
-            return sample_rows(
-                scores,
-                temperature=self._temperature,
-                top_k=self._top_k,
-                top_p=self._top_p,
-                greedy=self._greedy,
-                uniform=uniforms[:, index],
-                k_max=self._top_k_cap,
-            )
+            return sampler(scores, uniforms[:, index], any_greedy)
 
         return pick
 
@@ -494,7 +497,9 @@ class RealtimeGenerator:
         """
         turn = self._turn(slot)
         if turn.closed:
-            raise EngineError(f"slot {slot}: the turn was already closed by an earlier rollback or start_turn")
+            raise EngineError(
+                f"slot {slot}: the turn was already closed by an earlier rollback or start_turn"
+            )
         produced = self._real_frames(slot)
         if not 0 <= heard_frames <= produced:
             raise ConfigError(f"slot {slot}: heard_frames must be in 0..{produced}, got {heard_frames}")
@@ -516,7 +521,9 @@ class RealtimeGenerator:
             else:  # the last heard frame was never fed back: add its row
                 keep = int(self._length[slot])
                 ptr = int(self._text_ptr[slot])
-                text_id = int(self._text[slot, ptr]) if ptr < int(self._n_text[slot]) else self.config.text_pad_id
+                text_id = (
+                    int(self._text[slot, ptr]) if ptr < int(self._n_text[slot]) else self.config.text_pad_id
+                )
                 carry.append(self.prompts.audio_row(text_id, self._prev_frame[slot].cpu()))
             carry.append(self.prompts.eos_row())
         self._length[slot] = keep

@@ -1,9 +1,14 @@
-"""Qwen3-style decoder pieces shared by the backbone's cached step and the local transformer.
+"""Qwen3-style decoder pieces shared by the backbone's cached path and the local transformer.
 
-The parameter names (q_proj, k_norm, mlp.gate_proj, input_layernorm, ...) match transformers'
-Qwen3DecoderLayer, so the helpers below run either our own ``DecoderLayer`` or a layer of the
+Parameter names (q_proj, k_norm, mlp.gate_proj, input_layernorm, ...) match transformers'
+Qwen3DecoderLayer, so ``PackedLayer`` runs either our own ``DecoderLayer`` or a layer of the
 transformers ``Qwen3Model`` with the same math: RMSNorm in fp32, per-head q/k norm before RoPE,
 rotate-half RoPE, grouped-query attention, SwiGLU MLP.
+
+For inference the step is written with few, large tensor ops: q/k/v and gate/up are one matmul
+each (the module weights become views of one fused tensor, so memory is not duplicated), the
+q and k head norms and RoPE run once over both, the attention scale is folded into the q norm,
+and the residual adds ride on ``addmm``.
 """
 
 from __future__ import annotations
@@ -22,10 +27,7 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.to(torch.float32)
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x32.to(dtype)
+        return rms_norm(x, self.weight, self.variance_epsilon)
 
 
 class MLP(nn.Module):
@@ -35,18 +37,13 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
 
 class Attention(nn.Module):
-    """Weights only; the math lives in ``project_qkv`` and ``attend`` so callers own their caches."""
+    """Weights only; the math lives in ``PackedLayer`` so callers own their caches."""
 
     def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, eps: float) -> None:
         super().__init__()
         self.head_dim = head_dim
-        self.num_key_value_groups = heads // kv_heads
-        self.scaling = head_dim**-0.5
         self.q_proj = nn.Linear(hidden, heads * head_dim, bias=False)
         self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
@@ -66,6 +63,32 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hidden, eps)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen3 RMSNorm: statistics in fp32, then ``weight * x.to(dtype)`` (same op order as transformers)."""
+    dtype = x.dtype
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+class FastNorm:
+    """RMSNorm in few dispatches for fp32: x * rsqrt(|x|^2 + n*eps) * (sqrt(n) * weight), with the
+    constants prepared once (equal to ``rms_norm`` up to rounding); other dtypes take the exact path."""
+
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        size = weight.shape[-1]
+        self.weight = weight
+        self.eps = eps
+        self.scaled = weight.detach() * size**0.5
+        self.eps_n = torch.tensor(size * eps, dtype=torch.float32, device=weight.device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32:
+            return rms_norm(x, self.weight, self.eps)
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        return (x * torch.addcmul(self.eps_n, norm, norm).rsqrt_()).mul_(self.scaled)
+
+
 def rope_tables(
     positions: int, head_dim: int, theta: float, factor: float = 1.0, device: torch.device | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,54 +100,153 @@ def rope_tables(
     return emb.cos(), emb.sin()
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin with its first half negated: rotate_half(x) * sin == roll(x, D/2) * signed_sin(sin)."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
-def project_qkv(
-    attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x: [B, T, hidden]; cos/sin: [B or 1, T, D] -> q [B, H, T, D], k and v [B, KV, T, D] (RoPE applied)."""
-    batch, length, _ = x.shape
-    head_dim = attn.head_dim
-    q = attn.q_norm(attn.q_proj(x).view(batch, length, -1, head_dim)).transpose(1, 2)
-    k = attn.k_norm(attn.k_proj(x).view(batch, length, -1, head_dim)).transpose(1, 2)
-    v = attn.v_proj(x).view(batch, length, -1, head_dim).transpose(1, 2)
-    cos = cos.unsqueeze(1)
-    sin = sin.unsqueeze(1)
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
-    return q, k, v
+def _fuse(owner: nn.Module, name: str, linears: list[nn.Linear]) -> torch.Tensor:
+    """One [sum(out), in] weight whose row blocks are the given linears' weights (shared storage)."""
+    fused = getattr(owner, name, None)
+    if isinstance(fused, torch.Tensor) and fused.data_ptr() == linears[0].weight.data_ptr():
+        return fused
+    fused = torch.cat([linear.weight.detach() for linear in linears])
+    start = 0
+    for linear in linears:
+        rows = linear.weight.shape[0]
+        linear.weight.data = fused[start : start + rows]
+        start += rows
+    object.__setattr__(owner, name, fused)  # a plain attribute: not a parameter, not in state_dict
+    return fused
+
+
+class PackedLayer:
+    """A decoder layer's weights arranged for the fast step; built once after loading."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.head_dim = attn.head_dim
+        self.heads = attn.q_proj.weight.shape[0] // self.head_dim
+        self.kv_heads = attn.k_proj.weight.shape[0] // self.head_dim
+        self.qkv = _fuse(attn, "_fused_qkv", [attn.q_proj, attn.k_proj, attn.v_proj])
+        self.gate_up = _fuse(mlp, "_fused_gate_up", [mlp.gate_proj, mlp.up_proj])
+        self.o = attn.o_proj.weight
+        self.down = mlp.down_proj.weight
+        self.norm_in = layer.input_layernorm.weight
+        self.norm_post = layer.post_attention_layernorm.weight
+        self.eps_in = layer.input_layernorm.variance_epsilon
+        self.eps_post = layer.post_attention_layernorm.variance_epsilon
+        self.eps_head = attn.q_norm.variance_epsilon
+        scaling = self.head_dim**-0.5
+        # q's attention scale folded into its norm weight; one [H + KV, D] weight for both norms
+        self.qk_norm = torch.cat(
+            [
+                (attn.q_norm.weight.detach() * scaling).expand(self.heads, -1),
+                attn.k_norm.weight.detach().expand(self.kv_heads, -1),
+            ]
+        )
+        self.source = attn.q_proj.weight
+        self.fast_in = FastNorm(self.norm_in, self.eps_in)
+        self.fast_post = FastNorm(self.norm_post, self.eps_post)
+        self.fast_qk = FastNorm(self.qk_norm, self.eps_head)
+        # transposed views for torch.mm / addmm on 2-D activations (no copies)
+        self.qkv_t = self.qkv.t()
+        self.o_t = self.o.t()
+        self.gate_up_t = self.gate_up.t()
+        self.down_t = self.down.t()
+
+    def is_current(self) -> bool:
+        return self.qkv.data_ptr() == self.source.data_ptr()
+
+    def project(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, hidden]; cos/sin [B or 1, T, 1, D] (sin signed) ->
+        q [B, T, H, D] (pre-scaled), k [B, T, KV, D], v [B, T, KV, D]."""
+        batch, length, _ = x.shape
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        qkv = F.linear(rms_norm(x, self.norm_in, self.eps_in), self.qkv)
+        qkv = qkv.view(batch, length, heads + 2 * kv_heads, head_dim)
+        qk = rms_norm(qkv[:, :, : heads + kv_heads], self.qk_norm, self.eps_head)
+        qk = qk * cos + qk.roll(head_dim // 2, dims=-1) * sin
+        return qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, heads + kv_heads :]
+
+    def step_one(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        index: int,
+    ) -> torch.Tensor:
+        """One position for every row, 2-D activations: x [B, hidden] -> [B, hidden].
+
+        keys/values: [B, KV, L, D] caches; this position is written at ``index`` and attends to
+        rows 0..index. cos/sin: [1, 1, D] (sin signed).
+        """
+        batch = x.shape[0]
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        qkv = torch.mm(self.fast_in(x), self.qkv_t)
+        qkv = qkv.view(batch, heads + 2 * kv_heads, head_dim)
+        qk = self.fast_qk(qkv[:, : heads + kv_heads])
+        qk = torch.addcmul(qk * cos, qk.roll(head_dim // 2, dims=-1), sin)
+        keys[:, :, index] = qk[:, heads:]
+        values[:, :, index] = qkv[:, heads + kv_heads :]
+        query = qk[:, :heads].view(batch, kv_heads, heads // kv_heads, head_dim)
+        # At most 16 keys: plain matmuls beat SDPA's kernel here and never start a parallel region.
+        scores = torch.matmul(query, keys[:, :, : index + 1].transpose(-1, -2))
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        out = torch.matmul(weights, values[:, :, : index + 1])
+        x = torch.addmm(x, out.view(batch, heads * head_dim), self.o_t)
+        gate_up = torch.mm(self.fast_post(x), self.gate_up_t)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return torch.addmm(x, F.silu(gate).mul_(up), self.down_t)
+
+    def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """Residual attention output, then the residual MLP: x [B, T, hidden], attended [B, T, H*D]."""
+        shape = x.shape
+        flat = torch.addmm(x.reshape(-1, shape[-1]), attended.reshape(-1, attended.shape[-1]), self.o.t())
+        gate_up = F.linear(rms_norm(flat, self.norm_post, self.eps_post), self.gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        flat = torch.addmm(flat, F.silu(gate) * up, self.down.t())
+        return flat.view(shape)
 
 
 def attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None,
-    scaling: float,
-    kind: str = "sdpa",
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, kind: str = "sdpa"
 ) -> torch.Tensor:
-    """Grouped-query attention -> [B, T, H*D].
+    """Grouped-query attention -> [B, T, H*D] (q already scaled).
 
-    q: [B, H, T, D]; k, v: [B, KV, L, D]; mask: bool [B or 1, 1, T, L] (True = attend) or None (all).
+    q: [B, T, H, D]; k, v: [B, KV, L, D]; mask: bool [B or 1, 1, T, L] (True = attend) or None (all).
     A single query row packs the query heads of one KV head as rows, so the cache is never copied.
     """
-    batch, heads, length, head_dim = q.shape
+    batch, length, heads, head_dim = q.shape
     kv_heads = k.shape[1]
     groups = heads // kv_heads
-    if length == 1 and groups > 1:
-        q = q.reshape(batch, kv_heads, groups, head_dim)
-    elif groups > 1:
-        k = k[:, :, None].expand(batch, kv_heads, groups, *k.shape[2:]).reshape(batch, heads, *k.shape[2:])
-        v = v[:, :, None].expand(batch, kv_heads, groups, *v.shape[2:]).reshape(batch, heads, *v.shape[2:])
+    if length == 1:
+        query = q.reshape(batch, kv_heads, groups, head_dim)
+    else:
+        query = q.transpose(1, 2)
+        if groups > 1:
+            k = (
+                k[:, :, None]
+                .expand(batch, kv_heads, groups, *k.shape[2:])
+                .reshape(batch, heads, *k.shape[2:])
+            )
+            v = (
+                v[:, :, None]
+                .expand(batch, kv_heads, groups, *v.shape[2:])
+                .reshape(batch, heads, *v.shape[2:])
+            )
     if kind == "eager":
-        scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+        scores = torch.matmul(query, k.transpose(-1, -2))
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
-        out = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+        out = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype), v)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
-    # [B, KV, groups, D] (packed) or [B, H, T, D] -> [B, T, H*D]
-    return out.reshape(batch, heads, length, head_dim).transpose(1, 2).reshape(batch, length, heads * head_dim)
+        out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=1.0)
+    if length == 1:  # [B, KV, groups, D] -> [B, 1, H*D]
+        return out.reshape(batch, 1, heads * head_dim)
+    return out.transpose(1, 2).reshape(batch, length, heads * head_dim)

@@ -12,10 +12,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moss_agent.models.realtime.config import RealtimeConfig
-from moss_agent.models.realtime.layers import DecoderLayer, RMSNorm, attend, project_qkv, rope_tables
+from moss_agent.models.realtime.layers import (
+    DecoderLayer,
+    FastNorm,
+    PackedLayer,
+    RMSNorm,
+    attend,
+    rms_norm,
+    rope_tables,
+    signed_sin,
+)
 
 
 @dataclass
@@ -60,8 +70,10 @@ class LocalTransformer(nn.Module):
         self.attention_kind = "sdpa"
         self.model = LocalTransformerBody(config)
         self.local_lm_heads = nn.ModuleList(
-            nn.Linear(config.local.hidden_size, config.audio_vocab_size, bias=False) for _ in range(config.rvq)
+            nn.Linear(config.local.hidden_size, config.audio_vocab_size, bias=False)
+            for _ in range(config.rvq)
         )
+        self._packed: list[PackedLayer] = []
         self.reset_rope()
 
     def reset_rope(self, device: torch.device | None = None) -> None:
@@ -69,7 +81,24 @@ class LocalTransformer(nn.Module):
         local = self.config.local
         cos, sin = rope_tables(self.rvq, local.head_dim, local.rope_theta, local.rope_factor, device=device)
         self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_sin", signed_sin(sin), persistent=False)
+        self._packed = []
+
+    def packed(self) -> list[PackedLayer]:
+        """The layers arranged for the fast step (rebuilt if the weights were moved or replaced)."""
+        if not self._packed or not self._packed[0].is_current():
+            self._packed = [PackedLayer(layer) for layer in self.model.layers]
+            dtype = self.local_lm_heads[0].weight.dtype
+            shape = (1, 1, 1, -1)
+            self._cos = [self.rope_cos[i].to(dtype).view(shape) for i in range(self.rvq)]
+            self._sin = [self.rope_sin[i].to(dtype).view(shape) for i in range(self.rvq)]
+            self._cos2 = [c.view(1, 1, -1) for c in self._cos]
+            self._sin2 = [c.view(1, 1, -1) for c in self._sin]
+            self._heads = [head.weight for head in self.local_lm_heads]
+            self._heads_t = [head.weight.t() for head in self.local_lm_heads]
+            self._final_norm = FastNorm(self.model.norm.weight, self.model.norm.variance_epsilon)
+            self._tables = [table.weight for table in self.model.embed_tokens]
+        return self._packed
 
     def new_cache(self, batch_size: int) -> LocalCache:
         weight = self.local_lm_heads[0].weight
@@ -82,27 +111,18 @@ class LocalTransformer(nn.Module):
 
     def step(self, x: torch.Tensor, index: int, cache: LocalCache) -> torch.Tensor:
         """Run position ``index`` for every row: x [B, 1, hidden] -> logits [B, audio_vocab] (model dtype)."""
-        cos = self.rope_cos[index : index + 1].to(x.dtype)[None]
-        sin = self.rope_sin[index : index + 1].to(x.dtype)[None]
-        for layer_index, layer in enumerate(self.model.layers):
-            residual = x
-            h = layer.input_layernorm(x)
-            q, k, v = project_qkv(layer.self_attn, h, cos, sin)
+        layers = self.packed()
+        cos, sin = self._cos[index], self._sin[index]
+        for layer_index, layer in enumerate(layers):
+            q, k, v = layer.project(x, cos, sin)
             keys = cache.keys[layer_index]
             values = cache.values[layer_index]
-            keys[:, :, index] = k[:, :, 0]
-            values[:, :, index] = v[:, :, 0]
-            out = attend(
-                q,
-                keys[:, :, : index + 1],
-                values[:, :, : index + 1],
-                None,
-                layer.self_attn.scaling,
-                self.attention_kind,
-            )
-            x = residual + layer.self_attn.o_proj(out)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.local_lm_heads[index](self.model.norm(x))[:, 0]
+            keys[:, :, index] = k[:, 0]
+            values[:, :, index] = v[:, 0]
+            out = attend(q, keys[:, :, : index + 1], values[:, :, : index + 1], None, self.attention_kind)
+            x = layer.finish(x, out)
+        norm = self.model.norm
+        return F.linear(rms_norm(x[:, 0], norm.weight, norm.variance_epsilon), self._heads[index])
 
     def generate(
         self,
@@ -111,15 +131,21 @@ class LocalTransformer(nn.Module):
         pick: Callable[[int, torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
         """hidden [B, hidden] -> codes [B, rvq]; ``pick(i, logits[B, V])`` chooses code i for every row."""
-        codes = torch.empty(hidden.shape[0], self.rvq, dtype=torch.long, device=hidden.device)
-        x = hidden[:, None, :]
+        layers = self.packed()
+        norm = self._final_norm
+        keys, values = cache.keys, cache.values
+        codes = []
+        x = hidden
         for index in range(self.rvq):
-            logits = self.step(x, index, cache)
+            cos, sin = self._cos2[index], self._sin2[index]
+            for layer_index, layer in enumerate(layers):
+                x = layer.step_one(x, cos, sin, keys[layer_index], values[layer_index], index)
+            logits = torch.mm(norm(x), self._heads_t[index])
             code = pick(index, logits)
-            codes[:, index] = code
+            codes.append(code)
             if index + 1 < self.rvq:
-                x = self.model.embed_tokens[index](code)[:, None, :]
-        return codes
+                x = F.embedding(code, self._tables[index])
+        return torch.stack(codes, dim=1)
 
     def teacher_forced_logits(self, hidden: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Step by step with teacher codes: hidden [B, hidden], codes [B, rvq] -> logits [B, rvq, V]."""
@@ -137,13 +163,12 @@ class LocalTransformer(nn.Module):
         parts = [hidden[:, None, :]]
         parts += [self.model.embed_tokens[i](codes[:, i])[:, None, :] for i in range(self.rvq - 1)]
         x = torch.cat(parts, dim=1)
-        cos = self.rope_cos.to(x.dtype)[None]
-        sin = self.rope_sin.to(x.dtype)[None]
+        cos = self.rope_cos.to(x.dtype)[None, :, None]
+        sin = self.rope_sin.to(x.dtype)[None, :, None]
         causal = torch.ones(self.rvq, self.rvq, dtype=torch.bool, device=x.device).tril()[None, None]
-        for layer in self.model.layers:
-            q, k, v = project_qkv(layer.self_attn, layer.input_layernorm(x), cos, sin)
-            out = attend(q, k, v, causal, layer.self_attn.scaling, self.attention_kind)
-            x = x + layer.self_attn.o_proj(out)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        for layer in self.packed():
+            q, k, v = layer.project(x, cos, sin)
+            out = attend(q, k.transpose(1, 2), v.transpose(1, 2), causal, self.attention_kind)
+            x = layer.finish(x, out)
         x = self.model.norm(x)
         return torch.stack([self.local_lm_heads[i](x[:, i]) for i in range(self.rvq)], dim=1)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import Qwen3Config, Qwen3Model
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
@@ -35,7 +36,7 @@ from moss_agent.models.loading import (
     resolve_checkpoint,
 )
 from moss_agent.models.realtime.config import RealtimeConfig
-from moss_agent.models.realtime.layers import ATTENTION_KINDS, attend, project_qkv
+from moss_agent.models.realtime.layers import ATTENTION_KINDS, PackedLayer, attend, rms_norm, signed_sin
 from moss_agent.models.realtime.local_transformer import LocalTransformer
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,10 @@ class BackboneCache:
 
     keys: torch.Tensor
     values: torch.Tensor
+    cos: torch.Tensor  # [capacity + 1, head_dim] RoPE for every position, model dtype
+    sin: torch.Tensor  # the same for sin, first half negated (see layers.signed_sin)
+    key_positions: torch.Tensor  # arange(capacity + 1)
+    slot_index: torch.Tensor  # arange(num_slots)
 
     @property
     def num_slots(self) -> int:
@@ -80,11 +85,14 @@ class MossTTSRealtime(nn.Module):
             ]
         )
         # _from_config mutates the config it is given (attention kind), so give it its own copy.
-        self.language_model = Qwen3Model._from_config(Qwen3Config(**language), attn_implementation=attn_implementation)
+        self.language_model = Qwen3Model._from_config(
+            Qwen3Config(**language), attn_implementation=attn_implementation
+        )
         self.language_model.embed_tokens = None  # dead weight upstream: inputs are always embeddings
         self.local_transformer = LocalTransformer(config)
         self.attention_kind = "eager" if attn_implementation == "eager" else "sdpa"
         self.local_transformer.attention_kind = self.attention_kind
+        self._packed: list[PackedLayer] = []
 
     @property
     def device(self) -> torch.device:
@@ -99,6 +107,7 @@ class MossTTSRealtime(nn.Module):
         rotary = Qwen3RotaryEmbedding(config=self.language_model.config)
         self.language_model.rotary_emb = rotary.to(device) if device is not None else rotary
         self.local_transformer.reset_rope(device)
+        self._packed = []
 
     # -- embeddings -------------------------------------------------------------------------
 
@@ -113,7 +122,9 @@ class MossTTSRealtime(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: [B, T, 1 + rvq]; attention_mask: [B, T] -> last hidden state [B, T, hidden] (post-norm)."""
-        out = self.language_model(inputs_embeds=self.embed(input_ids), attention_mask=attention_mask, use_cache=False)
+        out = self.language_model(
+            inputs_embeds=self.embed(input_ids), attention_mask=attention_mask, use_cache=False
+        )
         return out.last_hidden_state
 
     # -- cached path ---------------------------------------------------------------------------
@@ -122,33 +133,53 @@ class MossTTSRealtime(nn.Module):
         cfg = self.language_model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         shape = (cfg.num_hidden_layers, num_slots, cfg.num_key_value_heads, capacity + 1, head_dim)
+        positions = torch.arange(capacity + 1, device=self.device)
+        probe = torch.zeros(1, dtype=self.dtype, device=self.device)
+        cos, sin = self.language_model.rotary_emb(probe, positions[None])  # any rope type the config names
         return BackboneCache(
             keys=torch.zeros(shape, dtype=self.dtype, device=self.device),
             values=torch.zeros(shape, dtype=self.dtype, device=self.device),
+            cos=cos[0],
+            sin=signed_sin(sin[0]),
+            key_positions=positions,
+            slot_index=torch.arange(num_slots, device=self.device),
         )
+
+    def _layers(self) -> list[PackedLayer]:
+        if not self._packed or not self._packed[0].is_current():
+            self._packed = [PackedLayer(layer) for layer in self.language_model.layers]
+            tables = [self.embed_tokens[c] for c in range(1, self.config.rvq + 1)]
+            self._audio_table = _fuse_embeddings(self, tables)
+            self._audio_offsets = (
+                torch.arange(self.config.rvq, device=self.device) * self.config.audio_vocab_size
+            )
+        return self._packed
+
+    def _embed_fast(self, ids: torch.Tensor) -> torch.Tensor:
+        """Like ``embed`` with one lookup for all audio channels: ids [N, 1 + rvq] -> [N, hidden]."""
+        audio = F.embedding(ids[:, 1:] + self._audio_offsets, self._audio_table).sum(dim=1)
+        return audio + self.embed_tokens[0](ids[:, 0])
 
     def prefill(self, cache: BackboneCache, slot: int, ids: torch.Tensor, start: int) -> torch.Tensor:
         """Feed rows ids [T, 1 + rvq] to one slot at positions start..start+T-1 -> hidden [T, hidden]."""
+        layers = self._layers()
         length = ids.shape[0]
         end = start + length
         if end > cache.capacity:
             raise ConfigError(f"prefill would reach row {end}, beyond the cache capacity {cache.capacity}")
-        x = self.embed(ids)[None]
-        positions = torch.arange(start, end, device=x.device)
-        cos, sin = self.language_model.rotary_emb(x, positions[None])
-        keys_positions = torch.arange(end, device=x.device)
-        mask = (keys_positions[None, :] <= positions[:, None])[None, None]
-        for index, layer in enumerate(self.language_model.layers):
-            h = layer.input_layernorm(x)
-            q, k, v = project_qkv(layer.self_attn, h, cos, sin)
+        x = self._embed_fast(ids)[None]
+        cos = cache.cos[start:end].view(1, length, 1, -1)
+        sin = cache.sin[start:end].view(1, length, 1, -1)
+        mask = (cache.key_positions[None, :end] <= cache.key_positions[start:end, None])[None, None]
+        for index, layer in enumerate(layers):
+            q, k, v = layer.project(x, cos, sin)
             keys = cache.keys[index, slot : slot + 1]
             values = cache.values[index, slot : slot + 1]
-            keys[:, :, start:end] = k
-            values[:, :, start:end] = v
-            out = attend(q, keys[:, :, :end], values[:, :, :end], mask, layer.self_attn.scaling, self.attention_kind)
-            x = x + layer.self_attn.o_proj(out)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.language_model.norm(x)[0]
+            keys[:, :, start:end] = k.transpose(1, 2)
+            values[:, :, start:end] = v.transpose(1, 2)
+            out = attend(q, keys[:, :, :end], values[:, :, :end], mask, self.attention_kind)
+            x = layer.finish(x, out)
+        return self._final_norm(x[0])
 
     def decode(
         self, cache: BackboneCache, ids: torch.Tensor, positions: torch.Tensor, attend_length: int
@@ -158,29 +189,43 @@ class MossTTSRealtime(nn.Module):
         Slot s writes its row at ``positions[s]`` and attends to keys 0..positions[s] among the
         first ``attend_length`` cache rows, so its result does not depend on the other slots.
         """
-        x = self.embed(ids)[:, None]
-        cos, sin = self.language_model.rotary_emb(x, positions[:, None])
-        slots = torch.arange(ids.shape[0], device=x.device)
-        key_positions = torch.arange(attend_length, device=x.device)
-        mask = (key_positions[None, :] <= positions[:, None])[:, None, None, :]
-        for index, layer in enumerate(self.language_model.layers):
-            h = layer.input_layernorm(x)
-            q, k, v = project_qkv(layer.self_attn, h, cos, sin)
+        layers = self._layers()
+        slots = ids.shape[0]
+        x = self._embed_fast(ids)[:, None]
+        cos = cache.cos[positions].view(slots, 1, 1, -1)
+        sin = cache.sin[positions].view(slots, 1, 1, -1)
+        mask = (cache.key_positions[None, :attend_length] <= positions[:, None]).view(
+            slots, 1, 1, attend_length
+        )
+        rows = cache.slot_index
+        for index, layer in enumerate(layers):
+            q, k, v = layer.project(x, cos, sin)
             keys = cache.keys[index]
             values = cache.values[index]
-            keys[slots, :, positions] = k[:, :, 0]
-            values[slots, :, positions] = v[:, :, 0]
+            keys[rows, :, positions] = k[:, 0]
+            values[rows, :, positions] = v[:, 0]
             out = attend(
-                q,
-                keys[:, :, :attend_length],
-                values[:, :, :attend_length],
-                mask,
-                layer.self_attn.scaling,
-                self.attention_kind,
+                q, keys[:, :, :attend_length], values[:, :, :attend_length], mask, self.attention_kind
             )
-            x = x + layer.self_attn.o_proj(out)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.language_model.norm(x)[:, 0]
+            x = layer.finish(x, out)
+        return self._final_norm(x[:, 0])
+
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self.language_model.norm
+        return rms_norm(x, norm.weight, norm.variance_epsilon)
+
+
+def _fuse_embeddings(owner: nn.Module, tables: list[nn.Embedding]) -> torch.Tensor:
+    """One [n * V, hidden] table whose blocks are the given tables (their weights become views)."""
+    fused = getattr(owner, "_fused_audio_table", None)
+    if isinstance(fused, torch.Tensor) and fused.data_ptr() == tables[0].weight.data_ptr():
+        return fused
+    fused = torch.cat([table.weight.detach() for table in tables])
+    rows = tables[0].weight.shape[0]
+    for index, table in enumerate(tables):
+        table.weight.data = fused[index * rows : (index + 1) * rows]
+    object.__setattr__(owner, "_fused_audio_table", fused)
+    return fused
 
 
 # -- loading -----------------------------------------------------------------------------------
@@ -287,6 +332,11 @@ def load_realtime(
     tokenizer = load_realtime_tokenizer(folder, config)
     log.info(
         "loaded MOSS-TTS-Realtime",
-        extra={"folder": str(folder), "device": str(target), "dtype": str(torch_dtype), "attention": attention},
+        extra={
+            "folder": str(folder),
+            "device": str(target),
+            "dtype": str(torch_dtype),
+            "attention": attention,
+        },
     )
     return model, tokenizer

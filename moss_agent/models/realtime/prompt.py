@@ -63,7 +63,9 @@ class PromptBuilder:
         rows[:, 0] = torch.tensor(ids, dtype=torch.long)
         return rows
 
-    def system_rows(self, system_prompt: str | None = None, voice_codes: torch.Tensor | None = None) -> torch.Tensor:
+    def system_rows(
+        self, system_prompt: str | None = None, voice_codes: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """System message (upstream text when None) and optional voice prompt codes [T, nq]."""
         text = "<|im_start|>system\n" + (UPSTREAM_SYSTEM_PROMPT if system_prompt is None else system_prompt)
         text += "<|im_end|>\n"
@@ -73,7 +75,9 @@ class PromptBuilder:
             if frames.shape[0] == 0:
                 frames = None
         if frames is not None:
-            text += "<|im_start|>context\n" + VOICE_CONTEXT + AUDIO_PAD_TOKEN * frames.shape[0] + "<|im_end|>\n"
+            text += (
+                "<|im_start|>context\n" + VOICE_CONTEXT + AUDIO_PAD_TOKEN * frames.shape[0] + "<|im_end|>\n"
+            )
         rows = self.text_rows(self.encode(text))
         if frames is not None:
             where = (rows[:, 0] == self.config.audio_pad_text_id).nonzero().flatten()

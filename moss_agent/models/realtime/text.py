@@ -60,9 +60,7 @@ class GrowingTextTokenizer:
         return ids
 
 
-_UPSTREAM_SPLIT = re.compile(
-    r"[。！？!?\.\u2026]\s*|[,，;；:：\u2014\u2013\-]\s*|\)\s*|\]\s*|\n"
-)
+_UPSTREAM_SPLIT = re.compile(r"[。！？!?\.\u2026]\s*|[,，;；:：\u2014\u2013\-]\s*|\)\s*|\]\s*|\n")
 
 
 class UpstreamSegmentTokenizer:

@@ -70,10 +70,14 @@ def tiny_config(
         "rms_norm_eps": 1e-6,
         "rope_parameters": {"rope_type": "linear", "rope_theta": 1_000_000.0, "factor": 1.0},
     }
-    return RealtimeConfig.from_dict({"model_type": "moss_tts_realtime", "language_config": language, "local_config": local})
+    return RealtimeConfig.from_dict(
+        {"model_type": "moss_tts_realtime", "language_config": language, "local_config": local}
+    )
 
 
-def random_state_dict(config: RealtimeConfig, seed: int = 0, eos_gain: float = 1.5) -> dict[str, torch.Tensor]:
+def random_state_dict(
+    config: RealtimeConfig, seed: int = 0, eos_gain: float = 1.5
+) -> dict[str, torch.Tensor]:
     """Every key of the official checkpoint (fp32), filled as the module docstring says."""
     generator = torch.Generator().manual_seed(seed)
     state: dict[str, torch.Tensor] = {}
