@@ -150,8 +150,8 @@ def measure(name: str, raw: dict, device: torch.device, dtype: torch.dtype, quic
     seconds = 4.0 if quick else 20.0
     wav = 0.1 * torch.randn(1, 1, int(seconds * model.sample_rate), device=device)
     codes, _ = model.encode(wav)
-    encode_rt = seconds / best_seconds(lambda: model.encode(wav), device, 1, 2)
-    decode_rt = seconds / best_seconds(lambda: model.decode(codes), device, 1, 2)
+    encode_rt = seconds / best_seconds(lambda: model.encode(wav), device, 1, 3)
+    decode_rt = seconds / best_seconds(lambda: model.decode(codes), device, 1, 3)
     row = Row(name, params, str(dtype).removeprefix("torch."), decode_fps, encode_fps, encode_rt, decode_rt,
               probe.peak_mb())
     return row
