@@ -355,6 +355,22 @@ class RealtimeGenerator:
         """The rows in the slot's cache, [context_length, 1 + rvq] on the CPU (for checks and debugging)."""
         return self._rows[slot, : self.context_length(slot)].cpu()
 
+    def state_bytes(self) -> int:
+        """Bytes of preallocated per-slot state (KV caches, rows, text, sampling); divide by num_slots."""
+        tensors = [
+            self.cache.keys,
+            self.cache.values,
+            self._local_cache.keys,
+            self._local_cache.values,
+            self._rows,
+            self._text,
+            self._repetition.counts,
+            self._repetition.ring,
+            self._banned,
+            self._pending_hidden,
+        ]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def turn_running(self, slot: int) -> bool:
         return bool(self._running[slot])
 

@@ -1,0 +1,111 @@
+"""MOSS-TTS-Realtime streaming speed on the CPU: time to first frame, ms per frame, throughput.
+
+Random checkpoints in the official layout (real 151936-token vocabulary), never reaching EOS:
+- tiny:  hidden 64, 2 backbone + 2 local layers;
+- small: hidden 256, 4 backbone + 4 local layers.
+For 1, 4 and 16 concurrent slots of one ``RealtimeGenerator`` it reports
+- ttff_ms: first text delta pushed -> that slot's first frame (12-token prefill + frame 0),
+  mean over the slots that start together;
+- tick_ms: one batched step, i.e. ms per frame for every slot (a frame is 80 ms of audio);
+- frames_s: aggregate frames per second; rtf: compute / audio time per stream (tick_ms / 80);
+- state_mib_slot: preallocated state per slot (KV caches, rows, sampling state).
+Upstream's single-session loop runs about 155 ms/frame (tiny) and 280 ms/frame (small) on 2 cores.
+
+    .venv/bin/python benchmarks/realtime.py                    # 2 threads, both configs
+    .venv/bin/python benchmarks/realtime.py --threads 1 --configs tiny --slots 1 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from moss_agent.models.realtime import RealtimeGenerator, SamplingConfig, load_realtime, save_tiny_realtime
+
+CONFIGS = {
+    "tiny": {"hidden": 64, "backbone_layers": 2, "local_layers": 2, "heads": 4, "kv_heads": 2},
+    "small": {"hidden": 256, "backbone_layers": 4, "local_layers": 4, "heads": 8, "kv_heads": 4},
+}
+TEXT = (
+    "Thanks for calling! Your order shipped this morning and should arrive on Thursday. "
+    "Is there anything else I can help you with today? "
+)
+FRAME_S = 0.08
+
+
+def run(model, tokenizer, slots: int, ticks: int, warmup: int, max_context: int) -> dict[str, float]:
+    gen = RealtimeGenerator(model, tokenizer, num_slots=slots, max_context=max_context)
+    sampling = SamplingConfig()
+    for slot in range(slots):
+        gen.start_conversation(slot)
+        gen.start_turn(slot, "Where is my order?", None, sampling=sampling, seed=slot, max_frames=100_000)
+    # Text arrives as small deltas; each push is followed by a tick, as an engine loop would do.
+    deltas = [TEXT[i : i + 6] for i in range(0, len(TEXT), 6)]
+    first_frame: dict[int, float] = {}
+    start = time.perf_counter()
+    for delta in deltas:
+        for slot in range(slots):
+            gen.push_text(slot, delta)
+        out = gen.step()
+        now = time.perf_counter()
+        for slot in out.produced.nonzero().flatten().tolist():
+            first_frame.setdefault(slot, now - start)
+    for slot in range(slots):
+        gen.end_text(slot)  # then <|text_pad|> rows: the model never stops (no EOS), every tick is full
+    for _ in range(warmup):
+        gen.step()
+    times = []
+    for _ in range(ticks):
+        began = time.perf_counter()
+        out = gen.step()
+        times.append(time.perf_counter() - began)
+        assert int(out.produced.sum()) == slots
+    tick = statistics.median(times)
+    return {
+        "ttff_ms": 1000 * statistics.mean(first_frame.values()),
+        "tick_ms": 1000 * tick,
+        "frames_s": slots / tick,
+        "rtf": tick / FRAME_S,
+        "state_mib_slot": gen.state_bytes() / slots / 2**20,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--slots", nargs="+", type=int, default=[1, 4, 16])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ticks", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--max-context", type=int, default=1024)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, max_context {args.max_context}, median of {args.ticks} ticks"
+    )
+    header = f"{'config':<7}{'slots':>6}{'ttff_ms':>9}{'tick_ms':>9}{'frames/s':>10}{'rtf':>7}{'x1slot':>8}{'MiB/slot':>10}"
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.configs:
+            folder = save_tiny_realtime(Path(tmp) / name, seed=0, eos_gain=0.0, **CONFIGS[name])
+            model, tokenizer = load_realtime(folder, device="cpu", dtype="float32")
+            print(header)
+            single = None
+            for slots in args.slots:
+                result = run(model, tokenizer, slots, args.ticks, args.warmup, args.max_context)
+                single = single or (result["frames_s"] if slots == 1 else None)
+                scale = f"{result['frames_s'] / single:.1f}" if single else "-"
+                print(
+                    f"{name:<7}{slots:>6}{result['ttff_ms']:>9.1f}{result['tick_ms']:>9.2f}{result['frames_s']:>10.1f}"
+                    f"{result['rtf']:>7.3f}{scale:>8}{result['state_mib_slot']:>10.2f}"
+                )
+
+
+if __name__ == "__main__":
+    main()
