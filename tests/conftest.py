@@ -5,6 +5,14 @@ from pathlib import Path
 
 import pytest
 
+def pytest_configure(config: pytest.Config) -> None:
+    # The models under test are tiny: one thread avoids oversubscribing small CI machines, where
+    # intra-op threads of parallel test processes (and helper threads) fight for two cores.
+    import torch
+
+    torch.set_num_threads(1)
+
+
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures"
 
