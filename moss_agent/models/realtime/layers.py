@@ -107,18 +107,24 @@ def signed_sin(sin: torch.Tensor) -> torch.Tensor:
 
 
 def _fuse(owner: nn.Module, name: str, linears: list[nn.Linear]) -> torch.Tensor:
-    """One [sum(out), in] weight whose row blocks are the given linears' weights (shared storage)."""
+    """One contiguous [in, sum(out)] matrix (the transposed weights side by side); each linear's
+    weight becomes a view of it, so memory is shared and x @ matrix needs no transposition."""
     fused = getattr(owner, name, None)
     if isinstance(fused, torch.Tensor) and fused.data_ptr() == linears[0].weight.data_ptr():
         return fused
-    fused = torch.cat([linear.weight.detach() for linear in linears])
+    fused = torch.cat([linear.weight.detach().t() for linear in linears], dim=1).contiguous()
     start = 0
     for linear in linears:
         rows = linear.weight.shape[0]
-        linear.weight.data = fused[start : start + rows]
+        linear.weight.data = fused[:, start : start + rows].t()
         start += rows
     object.__setattr__(owner, name, fused)  # a plain attribute: not a parameter, not in state_dict
     return fused
+
+
+def transposed_weight(linear: nn.Linear) -> torch.Tensor:
+    """The weight as a contiguous [in, out] matrix; the module keeps a transposed view of it."""
+    return _fuse(linear, "_weight_t", [linear])
 
 
 class PackedLayer:
@@ -129,10 +135,11 @@ class PackedLayer:
         self.head_dim = attn.head_dim
         self.heads = attn.q_proj.weight.shape[0] // self.head_dim
         self.kv_heads = attn.k_proj.weight.shape[0] // self.head_dim
-        self.qkv = _fuse(attn, "_fused_qkv", [attn.q_proj, attn.k_proj, attn.v_proj])
-        self.gate_up = _fuse(mlp, "_fused_gate_up", [mlp.gate_proj, mlp.up_proj])
-        self.o = attn.o_proj.weight
-        self.down = mlp.down_proj.weight
+        self.qkv_t = _fuse(attn, "_fused_qkv", [attn.q_proj, attn.k_proj, attn.v_proj])
+        self.gate_up_t = _fuse(mlp, "_fused_gate_up", [mlp.gate_proj, mlp.up_proj])
+        self.o_t = transposed_weight(attn.o_proj)
+        self.down_t = transposed_weight(mlp.down_proj)
+        self.qkv, self.gate_up = self.qkv_t.t(), self.gate_up_t.t()
         self.norm_in = layer.input_layernorm.weight
         self.norm_post = layer.post_attention_layernorm.weight
         self.eps_in = layer.input_layernorm.variance_epsilon
@@ -150,14 +157,9 @@ class PackedLayer:
         self.fast_in = FastNorm(self.norm_in, self.eps_in)
         self.fast_post = FastNorm(self.norm_post, self.eps_post)
         self.fast_qk = FastNorm(self.qk_norm, self.eps_head)
-        # transposed views for torch.mm / addmm on 2-D activations (no copies)
-        self.qkv_t = self.qkv.t()
-        self.o_t = self.o.t()
-        self.gate_up_t = self.gate_up.t()
-        self.down_t = self.down.t()
 
     def is_current(self) -> bool:
-        return self.qkv.data_ptr() == self.source.data_ptr()
+        return self.qkv_t.data_ptr() == self.source.data_ptr()
 
     def project(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -207,10 +209,10 @@ class PackedLayer:
     def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """Residual attention output, then the residual MLP: x [B, T, hidden], attended [B, T, H*D]."""
         shape = x.shape
-        flat = torch.addmm(x.reshape(-1, shape[-1]), attended.reshape(-1, attended.shape[-1]), self.o.t())
+        flat = torch.addmm(x.reshape(-1, shape[-1]), attended.reshape(-1, attended.shape[-1]), self.o_t)
         gate_up = F.linear(rms_norm(flat, self.norm_post, self.eps_post), self.gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
-        flat = torch.addmm(flat, F.silu(gate) * up, self.down.t())
+        flat = torch.addmm(flat, F.silu(gate) * up, self.down_t)
         return flat.view(shape)
 
 

@@ -25,6 +25,7 @@ from moss_agent.models.realtime.layers import (
     rms_norm,
     rope_tables,
     signed_sin,
+    transposed_weight,
 )
 
 
@@ -95,7 +96,7 @@ class LocalTransformer(nn.Module):
             self._cos2 = [c.view(1, 1, -1) for c in self._cos]
             self._sin2 = [c.view(1, 1, -1) for c in self._sin]
             self._heads = [head.weight for head in self.local_lm_heads]
-            self._heads_t = [head.weight.t() for head in self.local_lm_heads]
+            self._heads_t = [transposed_weight(head) for head in self.local_lm_heads]
             self._final_norm = FastNorm(self.model.norm.weight, self.model.norm.variance_epsilon)
             self._tables = [table.weight for table in self.model.embed_tokens]
         return self._packed
