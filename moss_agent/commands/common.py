@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
@@ -149,3 +150,46 @@ async def collect_turn(events: Any, handle: Any) -> tuple[Any, Any]:
     result = await handle
     audio = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
     return audio, result
+
+
+def add_listening_options(parser: argparse.ArgumentParser) -> None:
+    """Options of commands that listen to a user (serve, chat, mqtt-worker)."""
+    group = parser.add_argument_group("conversation")
+    group.add_argument("--greeting", default=None, help="what the agent says when a conversation starts")
+    group.add_argument("--hang", type=float, default=0.6, help="seconds of silence that end the user's turn (default 0.6)")
+
+
+def session_config(args: argparse.Namespace, *, echo_mode: str = "none") -> Any:
+    """The SessionConfig from the LLM and listening options."""
+    from moss_agent.config import SessionConfig, TurnTakingConfig
+
+    return SessionConfig(llm=llm_config(args), turns=TurnTakingConfig(hang_s=args.hang, echo_mode=echo_mode))  # type: ignore[arg-type]
+
+
+def silero_vad() -> Any:
+    """A fresh Silero VAD (one per listening stream: the model is recurrent)."""
+    from moss_agent.speech.vad import SileroVad
+
+    return SileroVad()
+
+
+async def build_speech_stack(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """(engine, recognizer, voice prompt) from the options; the slow loading runs off the event loop."""
+    engine = await asyncio.to_thread(build_engine, args)
+    stt = await asyncio.to_thread(build_stt, args)
+    return engine, stt, load_voice(args)
+
+
+async def wait_for_stop_signal() -> None:
+    """Return on SIGINT or SIGTERM (so a server can shut down cleanly and exit 0)."""
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

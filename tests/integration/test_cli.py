@@ -73,3 +73,71 @@ def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "moss_agent.cli", "--help"], capture_output=True, text=True, check=True)
     for command in ("reply", "say", "make-tiny"):
         assert command in out.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# chat, serve and mqtt-worker
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_help_lists_the_serving_commands():
+    out = subprocess.run([sys.executable, "-m", "moss_agent.cli", "--help"], capture_output=True, text=True, check=True)
+    for command in ("chat", "serve", "mqtt-worker"):
+        assert command in out.stdout
+
+
+async def test_serve_makes_a_token_offers_the_page_refuses_a_bad_token_and_stops_on_sigint(cache):
+    import asyncio
+    import os
+    import signal
+
+    aiohttp = pytest.importorskip("aiohttp")
+    port = _free_port()
+    command = [sys.executable, "-m", "moss_agent.cli", "serve", "--tiny", "--slots", "1", "--port", str(port),
+               "--loopback-only", "--max-seconds", "0.8"]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
+        assert f"http://127.0.0.1:{port}/?token=" in line, line + (proc.stderr.read() if proc.poll() else "")
+        token = line.split("?token=")[1].split()[0]
+        assert len(token) >= 16  # made up, since none was given
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/") as page:
+                assert page.status == 200 and "<html" in (await page.text()).lower()
+            offer = {"type": "offer", "sdp": "v=0\r\n"}
+            async with http.post(f"http://127.0.0.1:{port}/offer", json=offer, headers={"Authorization": "Bearer nope"}) as r:
+                assert r.status == 401 and (await r.json())["code"] == "unauthorized"
+            # The printed token passes; this SDP does not.
+            async with http.post(f"http://127.0.0.1:{port}/offer", json=offer, params={"token": token}) as r:
+                assert r.status == 400
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+        assert "UNTRAINED" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_mqtt_worker_reads_the_password_from_a_file_or_the_environment(tmp_path, monkeypatch):
+    from moss_agent.cli import build_parser
+    from moss_agent.commands.mqtt_worker import parse_broker, read_password
+
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    parser = build_parser()
+    assert read_password(parser.parse_args(["mqtt-worker", "--password-file", str(secret)])) == "s3cret"
+    monkeypatch.setenv("MOSS_MQTT_PASSWORD", "from-env")
+    assert read_password(parser.parse_args(["mqtt-worker"])) == "from-env"
+    assert parse_broker("broker.local:8883") == ("broker.local", 8883)
+    assert parse_broker("broker.local") == ("broker.local", 1883)
+    assert main(["mqtt-worker", "--broker", "host:port", "--tiny"]) == 2
+    assert main(["mqtt-worker", "--password-file", str(tmp_path / "missing"), "--tiny"]) == 2

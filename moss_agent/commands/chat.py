@@ -1,0 +1,160 @@
+"""``moss-agent chat``: talk to the agent through this machine's microphone and speaker.
+
+Echo: with open speakers the microphone hears the agent, so by default the agent does not listen
+while it speaks (``--echo half_duplex``: no barge-in). ``--echo aec`` cancels the echo with the
+WebRTC audio processing module (package ``aec-audio-processing``) and allows barge-in; ``--echo
+none`` trusts a headset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from moss_agent.commands import common
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser(
+        "chat",
+        help="talk with the agent through the microphone and speaker",
+        description="A local voice assistant: microphone -> VAD -> speech recognition -> LLM -> "
+        "MOSS-TTS-Realtime -> speaker. Ctrl-C ends it. -v prints per-turn latency.",
+    )
+    parser.add_argument("--input-device", default=None, help="microphone name (part of it) or index (default: system)")
+    parser.add_argument("--output-device", default=None, help="speaker name (part of it) or index (default: system)")
+    parser.add_argument("--list-devices", action="store_true", help="list the audio devices and exit")
+    parser.add_argument(
+        "--echo", choices=("half_duplex", "aec", "none"), default="half_duplex",
+        help="half_duplex: do not listen while speaking (open speakers, the default); aec: echo "
+        "cancellation with barge-in (needs aec-audio-processing); none: a headset",
+    )  # fmt: skip
+    common.add_engine_options(parser, slots=1)
+    common.add_llm_options(parser)
+    common.add_stt_options(parser)
+    common.add_listening_options(parser)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list_devices:
+        from moss_agent.transports.local import list_devices
+
+        for device in list_devices():
+            print(
+                f"{device['index']:3d}  {device['name']}  (in {device['max_input_channels']}, "
+                f"out {device['max_output_channels']}, {device['default_samplerate']:.0f} Hz, {device['hostapi']})"
+            )
+        return 0
+    return asyncio.run(_chat(args))
+
+
+def _device(spec: str | None) -> int | str | None:
+    return int(spec) if spec is not None and spec.isdigit() else spec
+
+
+def echo_canceller(mode: str) -> Any:
+    """The echo canceller for ``--echo aec`` (None otherwise); a clear error when it is not installed."""
+    if mode != "aec":
+        return None
+    from moss_agent.streaming.echo import WebRtcEchoCanceller
+
+    return WebRtcEchoCanceller(16000)
+
+
+async def _chat(args: argparse.Namespace) -> int:
+    from moss_agent.transports.local import LocalAudio
+
+    canceller = echo_canceller(args.echo)
+    engine, stt, voice = await common.build_speech_stack(args)
+    config = common.session_config(args, echo_mode=args.echo)
+    async with engine, LocalAudio(
+        input_device=_device(args.input_device), output_device=_device(args.output_device),
+        sample_rate=engine.sample_rate,
+    ) as audio:  # fmt: skip
+        print("listening; speak to the agent (Ctrl-C to stop)", file=sys.stderr)
+        stop = asyncio.create_task(common.wait_for_stop_signal(), name="chat-stop")
+        summary = await converse(
+            engine, input=audio.input, output=audio.output, llm=common.build_llm(args), vad=common.silero_vad(),
+            stt=stt, config=config, echo_canceller=canceller, voice_prompt=voice, greeting=args.greeting,
+            verbose=args.verbose, stop=stop,
+        )  # fmt: skip
+    if args.verbose:
+        print(summary.format(), file=sys.stderr)
+    return 0
+
+
+async def converse(
+    backend: Any,
+    *,
+    input: Any,
+    output: Any,
+    llm: Any,
+    vad: Any,
+    stt: Any,
+    config: Any,
+    echo_canceller: Any = None,
+    voice_prompt: Any = None,
+    greeting: str | None = None,
+    verbose: bool = False,
+    stop: asyncio.Future[Any] | None = None,
+    max_turns: int | None = None,
+    show: Callable[[str], None] | None = None,
+) -> Any:
+    """Run one voice conversation on ``input``/``output``, printing what each side says.
+
+    Ends when ``stop`` completes or after ``max_turns`` agent turns (greeting included); returns
+    the session's SessionSummary. With ``verbose`` every turn's latency breakdown is printed.
+    """
+    from moss_agent.events import ErrorEvent, Interrupted, Metrics, TextDelta, TurnEnded
+    from moss_agent.streaming.metrics import format_breakdown
+    from moss_agent.streaming.session import Session
+
+    def default_show(line: str) -> None:
+        print(line, flush=True)
+
+    say = show or default_show
+    session = Session(
+        backend, llm=llm, output=output, input=input, vad=vad, stt=stt, echo_canceller=echo_canceller,
+        config=config, voice_prompt=voice_prompt, name="chat",
+    )  # fmt: skip
+    async with session:
+        events = session.events()
+        if greeting:
+            session.say(greeting)
+
+        async def report() -> None:
+            turns = 0
+            async for event in events:
+                if isinstance(event, TextDelta) and event.role == "user" and event.text:
+                    say(f"you: {event.text}")
+                elif isinstance(event, TurnEnded):
+                    say(f"agent: {event.text}")
+                elif isinstance(event, Interrupted):
+                    say(f"agent (interrupted after {event.heard_s:.1f} s): {event.heard_text}")
+                elif isinstance(event, ErrorEvent):
+                    say(f"error: {event.message}")
+                elif isinstance(event, Metrics):
+                    if verbose:
+                        say(format_breakdown(event))
+                    turns += 1
+                    if max_turns is not None and turns >= max_turns:
+                        return
+
+        reporter = asyncio.create_task(report(), name="chat-report")
+        waits: set[asyncio.Future[Any]] = {reporter}
+        if stop is not None:
+            waits.add(stop)
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            reporter.cancel()
+            if stop is not None:
+                stop.cancel()
+            events.close()
+        if reporter.done() and not reporter.cancelled() and reporter.exception() is not None:
+            raise reporter.exception()  # type: ignore[misc]
+    return session.summary

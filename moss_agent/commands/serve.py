@@ -1,0 +1,63 @@
+"""``moss-agent serve``: a WebRTC voice bot with its web page; one conversation per browser tab."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import sys
+
+from moss_agent.commands import common
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a WebRTC voice bot and its web page",
+        description="Serve the voice page and WebRTC signaling. Each browser tab that connects gets its "
+        "own conversation (one engine slot). Browsers only open the microphone on https:// or on "
+        "127.0.0.1/localhost: for other machines put the server behind an HTTPS reverse proxy.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    parser.add_argument("--token", default=None, help="signaling token clients must present (default: a new random one)")
+    parser.add_argument(
+        "--loopback-only", action="store_true",
+        help="keep WebRTC media on 127.0.0.1 (a browser on this machine; hosts without a network)",
+    )  # fmt: skip
+    common.add_engine_options(parser, slots=4)
+    common.add_llm_options(parser)
+    common.add_stt_options(parser)
+    common.add_listening_options(parser)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    return asyncio.run(_serve(args))
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from moss_agent.serving import session_handler
+    from moss_agent.transports.webrtc import WebRTCServer
+
+    token = args.token or secrets.token_urlsafe(16)
+    engine, stt, voice = await common.build_speech_stack(args)
+    handler = session_handler(
+        engine, llm_factory=lambda: common.build_llm(args), vad_factory=common.silero_vad, stt=stt,
+        config=common.session_config(args), voice_prompt=voice, greeting=args.greeting,
+    )  # fmt: skip
+    server = WebRTCServer(
+        handler, token=token, host=args.host, port=args.port, output_rate=engine.sample_rate,
+        loopback_only=args.loopback_only,
+    )  # fmt: skip
+    async with engine:
+        url = await server.start()
+        try:
+            print(f"serving {args.slots} conversation slots; open {url}?token={token}", flush=True)
+            if not args.token:
+                print(f"token: {token}", file=sys.stderr, flush=True)
+            await common.wait_for_stop_signal()
+            print("stopping", file=sys.stderr, flush=True)
+        finally:
+            await server.stop()
+    return 0
