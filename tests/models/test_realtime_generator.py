@@ -349,3 +349,29 @@ def test_release_and_reuse(model, tokenizer, tmp_path: Path) -> None:
     gen.start_conversation(0)
     again = torch.stack(_turn(gen, 0, max_frames=5))
     assert torch.equal(first, again)
+
+
+def test_held_slots_stay_untouched(model, tokenizer) -> None:
+    """``step(hold)`` skips held slots; their frames later equal those of an unheld run."""
+
+    def run(hold_ticks: range) -> list[torch.Tensor]:
+        gen = RealtimeGenerator(model, tokenizer, num_slots=2, max_context=256)
+        for slot in range(2):
+            gen.start_conversation(slot)
+            gen.start_turn(slot, "Hi", None, sampling=SamplingConfig(), seed=slot, max_frames=12)
+            gen.push_text(slot, TEXT)
+            gen.end_text(slot)
+        hold = torch.tensor([False, True])
+        frames = []
+        for tick in range(40):
+            held = tick in hold_ticks
+            before = gen.context_length(1)
+            out = gen.step(hold if held else None)
+            if held:
+                assert not bool(out.produced[1]) and gen.context_length(1) == before
+            if out.produced[1]:
+                frames.append(out.frames[1])
+        return frames
+
+    free, held = run(range(0)), run(range(2, 9))
+    assert len(free) == 12 and all(torch.equal(a, b) for a, b in zip(free, held, strict=True))

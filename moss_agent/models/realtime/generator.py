@@ -16,6 +16,11 @@ Usage (the engine owns one generator per device, on one thread)::
         out = gen.step()                   # StepOutput, CPU tensors over all slots
         for slot in out.produced.nonzero().flatten().tolist(): ...   # out.frames[slot]: [rvq]
     text = gen.rollback(slot, heard_frames)  # after an interruption: keep what the user heard
+    gen.release(slot)
+
+``step(hold)`` / ``has_work(hold)`` take an optional [S] bool mask of slots to skip this tick.
+``push_tokens`` feeds ids directly; ``restore_context(slot, rows)`` rebuilds a slot from saved
+``context_rows``. A slot's frames never depend on the other slots (same seed, same frames).
 
 Timing facts: frame f of a turn sits in the row of text token 12+f (``StepOutput.text_position``
 gives how many text tokens the model had read when it made each frame). After the text ends,
