@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Callable
 from typing import Any
 
 from moss_agent.commands import common
@@ -66,6 +65,7 @@ def echo_canceller(mode: str) -> Any:
 
 
 async def _chat(args: argparse.Namespace) -> int:
+    from moss_agent.serving import converse
     from moss_agent.transports.local import LocalAudio
 
     canceller = echo_canceller(args.echo)
@@ -85,76 +85,3 @@ async def _chat(args: argparse.Namespace) -> int:
     if args.verbose:
         print(summary.format(), file=sys.stderr)
     return 0
-
-
-async def converse(
-    backend: Any,
-    *,
-    input: Any,
-    output: Any,
-    llm: Any,
-    vad: Any,
-    stt: Any,
-    config: Any,
-    echo_canceller: Any = None,
-    voice_prompt: Any = None,
-    greeting: str | None = None,
-    verbose: bool = False,
-    stop: asyncio.Future[Any] | None = None,
-    max_turns: int | None = None,
-    show: Callable[[str], None] | None = None,
-) -> Any:
-    """Run one voice conversation on ``input``/``output``, printing what each side says.
-
-    Ends when ``stop`` completes or after ``max_turns`` agent turns (greeting included); returns
-    the session's SessionSummary. With ``verbose`` every turn's latency breakdown is printed.
-    """
-    from moss_agent.events import ErrorEvent, Interrupted, Metrics, TextDelta, TurnEnded
-    from moss_agent.streaming.metrics import format_breakdown
-    from moss_agent.streaming.session import Session
-
-    def default_show(line: str) -> None:
-        print(line, flush=True)
-
-    say = show or default_show
-    session = Session(
-        backend, llm=llm, output=output, input=input, vad=vad, stt=stt, echo_canceller=echo_canceller,
-        config=config, voice_prompt=voice_prompt, name="chat",
-    )  # fmt: skip
-    async with session:
-        events = session.events()
-        if greeting:
-            session.say(greeting)
-
-        async def report() -> None:
-            turns = 0
-            async for event in events:
-                if isinstance(event, TextDelta) and event.role == "user" and event.text:
-                    say(f"you: {event.text}")
-                elif isinstance(event, TurnEnded):
-                    say(f"agent: {event.text}")
-                elif isinstance(event, Interrupted):
-                    say(f"agent (interrupted after {event.heard_s:.1f} s): {event.heard_text}")
-                elif isinstance(event, ErrorEvent):
-                    say(f"error: {event.message}")
-                elif isinstance(event, Metrics):
-                    if verbose:
-                        say(format_breakdown(event))
-                    turns += 1
-                    if max_turns is not None and turns >= max_turns:
-                        return
-
-        reporter = asyncio.create_task(report(), name="chat-report")
-        waits: set[asyncio.Future[Any]] = {reporter}
-        if stop is not None:
-            waits.add(stop)
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            reporter.cancel()
-            if stop is not None:
-                stop.cancel()
-            events.close()
-        if reporter.done() and not reporter.cancelled() and reporter.exception() is not None:
-            raise reporter.exception()  # type: ignore[misc]
-    return session.summary
