@@ -375,3 +375,14 @@ def test_held_slots_stay_untouched(model, tokenizer) -> None:
 
     free, held = run(range(0)), run(range(2, 9))
     assert len(free) == 12 and all(torch.equal(a, b) for a, b in zip(free, held, strict=True))
+
+
+def test_bucketed_attention_gives_the_same_greedy_frames(model, tokenizer) -> None:
+    results = []
+    for bucket in (None, 16):
+        gen = RealtimeGenerator(model, tokenizer, num_slots=2, max_context=256, attention_bucket=bucket)
+        for slot in range(2):
+            gen.start_conversation(slot)
+        frames = [_turn(gen, 0, max_frames=10), _turn(gen, 1, text=TEXT[:40], max_frames=10)]
+        results.append(torch.stack([torch.stack(f) for f in frames]))
+    assert torch.equal(results[0], results[1])

@@ -121,9 +121,12 @@ class RealtimeGenerator:
         max_repetition_window: int = 64,
         upstream_compat: bool = False,
         seed: int | None = None,
+        attention_bucket: int | None = None,
     ) -> None:
         if num_slots < 1:
             raise ConfigError(f"num_slots must be >= 1, got {num_slots}")
+        if attention_bucket is not None and attention_bucket < 1:
+            raise ConfigError(f"attention_bucket must be >= 1 or None, got {attention_bucket}")
         if max_context < 4 * DELAY_TOKENS:
             raise ConfigError(f"max_context {max_context} is too small; use at least {4 * DELAY_TOKENS}")
         config = model.config
@@ -134,6 +137,11 @@ class RealtimeGenerator:
         self.max_context = max_context
         self.max_frames_per_turn = max_frames_per_turn
         self.upstream_compat = upstream_compat
+        # None: every tick attends over the whole preallocated cache, so a slot's numbers never
+        # depend on the other slots. An int reads only the used rows, rounded up to this bucket:
+        # much less memory traffic for a long max_context, at the price of rounding-level
+        # differences between batch compositions.
+        self.attention_bucket = attention_bucket
         self.prompts = PromptBuilder(tokenizer, config)
         self.device = model.device
         self._seed_source = random.Random(seed)
@@ -436,7 +444,11 @@ class RealtimeGenerator:
         frame_index_d = self._frames.to(device, non_blocking=True)
 
         ids = torch.cat([token_d[:, None], self._prev_frame], dim=1)
-        hidden = self.model.decode(self.cache, ids, positions_d, self.max_context + 1)
+        attend_length = self.max_context + 1
+        if self.attention_bucket:
+            used = int(positions.max()) + 1
+            attend_length = min(attend_length, -(-used // self.attention_bucket) * self.attention_bucket)
+        hidden = self.model.decode(self.cache, ids, positions_d, attend_length)
         hidden = torch.where(fresh_d[:, None], self._pending_hidden, hidden)
         self.last_hidden = hidden  # [S, hidden] backbone states that made this tick's frames (checks)
         self._rows[self._slot_index_device, positions_d] = ids
