@@ -56,16 +56,15 @@ class SamplingConfig:
         return self.greedy or self.temperature == 0
 
 
-def penalty_factors(present: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
-    """present [B, ...] bool, penalty [B] -> factor [B, ...]: the penalty where seen, 1 elsewhere."""
-    shape = (-1,) + (1,) * (present.dim() - 1)
-    return torch.where(present, penalty.view(shape), 1.0)
-
-
-def apply_repetition_penalty(logits: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """HF-style penalty (negative logits times, positive divided by the factor); factor from
-    ``penalty_factors``. A factor of 1 leaves a logit exactly unchanged."""
-    return torch.where(logits.signbit(), logits * factor, logits / factor)
+def apply_repetition_penalty(
+    logits: torch.Tensor, history: torch.Tensor, penalty: torch.Tensor
+) -> torch.Tensor:
+    """HF-style penalty, in place: every id in ``history`` [B, W] (repeats allowed) has its logit
+    multiplied (if negative) or divided (if positive) by ``penalty`` [B, 1]; 1 leaves it unchanged.
+    logits: [B, V] float."""
+    values = logits.gather(1, history)
+    values = torch.where(values.signbit(), values * penalty, values / penalty)
+    return logits.scatter_(1, history, values)
 
 
 class RowSampler:
@@ -166,38 +165,36 @@ def counter_uniforms(seeds: torch.Tensor, counters: torch.Tensor, count: int) ->
 
 
 class RepetitionWindow:
-    """Per-row, per-codebook counts of the codes in each row's last ``window`` frames.
+    """Each row's codes of its last ``window`` frames, per codebook, for ``apply_repetition_penalty``.
 
-    counts: [B, C, V] int32; ring: [B, R, C] of recent frames, R = max_window + 1.
+    ring: [B, C, R] (R = max_window). Row b writes frame n at n % window and also into every
+    position not in use yet (all of them at frame 0, and those >= window), so every position
+    always holds a code from the window: repeats are harmless to the penalty, and no per-row
+    lengths or masks are needed.
     """
 
-    def __init__(self, batch: int, codebooks: int, vocab: int, max_window: int, device: torch.device) -> None:
-        self.max_window = max_window
-        self.counts = torch.zeros(batch, codebooks, vocab, dtype=torch.int32, device=device)
-        self.ring = torch.zeros(batch, max_window + 1, codebooks, dtype=torch.long, device=device)
-        self._rows = torch.arange(batch, device=device)
+    def __init__(self, batch: int, codebooks: int, max_window: int, device: torch.device) -> None:
+        self.max_window = max(max_window, 1)
+        self.ring = torch.zeros(batch, codebooks, self.max_window, dtype=torch.long, device=device)
+        self.window = torch.ones(batch, 1, dtype=torch.long, device=device)
+        self.penalty = torch.ones(batch, 1, device=device)
+        self._positions = torch.arange(self.max_window, device=device)[None, :]
 
-    def reset(self, row: int) -> None:
-        self.counts[row].zero_()
+    def start(self, row: int, window: int, penalty: float) -> None:
+        """New turn for ``row``: window 0 or penalty 1 turns the penalty off."""
+        self.window[row] = max(window, 1)
+        self.penalty[row] = penalty if window > 0 else 1.0
 
-    def present(self) -> torch.Tensor:
-        """[B, C, V] bool: which codes each row saw in its window."""
-        return self.counts > 0
+    def frame_penalty(self, frame_index: torch.Tensor) -> torch.Tensor:
+        """[B, 1] penalty for frame ``frame_index`` [B]: none on a turn's first frame (empty history)."""
+        return torch.where(frame_index[:, None] > 0, self.penalty, 1.0)
 
-    def record(
-        self, codes: torch.Tensor, frame_index: torch.Tensor, window: torch.Tensor, active: torch.Tensor
-    ) -> None:
-        """Add frame ``frame_index[b]`` (codes [B, C]) for active rows and drop the frame leaving the window."""
-        size = self.max_window + 1
-        slot = frame_index % size
-        old_ring = self.ring[self._rows, slot]
-        self.ring[self._rows, slot] = torch.where(active[:, None], codes, old_ring)
-        counted = active & (window > 0)
-        add = counted.to(torch.int32)[:, None, None].expand(-1, codes.shape[1], 1)
-        self.counts.scatter_add_(2, codes[:, :, None], add)
-        leaving = frame_index - window
-        drop = counted & (leaving >= 0)
-        left_codes = self.ring[self._rows, leaving.clamp(min=0) % size]
-        self.counts.scatter_add_(
-            2, left_codes[:, :, None], -drop.to(torch.int32)[:, None, None].expand_as(add)
-        )
+    def history(self, codebook: int) -> torch.Tensor:
+        return self.ring[:, codebook]
+
+    def record(self, codes: torch.Tensor, frame_index: torch.Tensor, active: torch.Tensor) -> None:
+        """Store frame ``frame_index[b]`` (codes [B, C]) for the active rows."""
+        slot = (frame_index % self.window[:, 0])[:, None]
+        write = (self._positions == slot) | (self._positions >= self.window) | (frame_index[:, None] == 0)
+        write &= active[:, None]
+        self.ring = torch.where(write[:, None, :], codes[:, :, None], self.ring)

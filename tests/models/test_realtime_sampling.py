@@ -11,7 +11,6 @@ from moss_agent.models.sampling import (
     SamplingConfig,
     apply_repetition_penalty,
     counter_uniforms,
-    penalty_factors,
     sample_rows,
 )
 
@@ -29,19 +28,13 @@ def _upstream_candidates(logits: torch.Tensor, temperature: float, top_k: int, t
     return {int(i) for i in kept if torch.isfinite(scaled[i])}
 
 
-def test_penalty_matches_gather_scatter() -> None:
-    torch.manual_seed(0)
-    logits = torch.randn(3, 20)
-    history = torch.tensor([[1, 1, 5], [0, 19, 2], [7, 7, 7]])
-    penalty = torch.tensor([1.1, 2.0, 1.0])
-    present = torch.zeros(3, 20, dtype=torch.bool).scatter(1, history, True)
-    ours = apply_repetition_penalty(logits, penalty_factors(present, penalty))
-    expected = logits.clone()
-    for row in range(3):
-        seen = history[row]
-        values = expected[row].gather(0, seen)
-        expected[row].scatter_(0, seen, torch.where(values < 0, values * penalty[row], values / penalty[row]))
-    assert torch.equal(ours, expected)
+def _upstream_penalty(logits: torch.Tensor, history: list[int], penalty: float) -> torch.Tensor:
+    out = logits.clone()
+    if history:
+        seen = torch.tensor(history)
+        values = out.gather(0, seen)
+        out.scatter_(0, seen, torch.where(values < 0, values * penalty, values / penalty))
+    return out
 
 
 @pytest.mark.parametrize(
@@ -100,24 +93,26 @@ def test_counter_uniforms_are_per_row_streams() -> None:
     assert float((histogram - 0.1).abs().max()) < 0.01
 
 
-def test_repetition_window_matches_brute_force() -> None:
+def test_repetition_window_matches_upstream_penalty() -> None:
     torch.manual_seed(3)
     batch, codebooks, vocab, frames = 3, 4, 12, 30
-    tracker = RepetitionWindow(batch, codebooks, vocab, max_window=8, device=torch.device("cpu"))
-    window = torch.tensor([8, 3, 1])
+    tracker = RepetitionWindow(batch, codebooks, max_window=8, device=torch.device("cpu"))
+    settings = [(8, 1.1), (3, 2.0), (0, 1.5)]  # window 0 turns the penalty off
+    for row, (window, penalty) in enumerate(settings):
+        tracker.start(row, window, penalty)
     history = torch.randint(0, vocab, (frames, batch, codebooks))
     active = torch.rand(frames, batch) > 0.3
     made: list[list[torch.Tensor]] = [[] for _ in range(batch)]
     index = torch.zeros(batch, dtype=torch.long)
     for step in range(frames):
-        present = tracker.present()
-        for row in range(batch):
-            recent = made[row][-int(window[row]) :] if made[row] else []
-            expected = torch.zeros(codebooks, vocab, dtype=torch.bool)
-            for frame in recent:
-                expected[torch.arange(codebooks), frame] = True
-            assert torch.equal(present[row], expected)
-        tracker.record(history[step], index, window, active[step])
+        penalty = tracker.frame_penalty(index)
+        for codebook in range(codebooks):
+            logits = torch.randn(batch, vocab)
+            ours = apply_repetition_penalty(logits.clone(), tracker.history(codebook), penalty)
+            for row, (window, factor) in enumerate(settings):
+                recent = [int(f[codebook]) for f in made[row][-window:]] if window else []
+                assert torch.equal(ours[row], _upstream_penalty(logits[row], recent, factor))
+        tracker.record(history[step], index, active[step])
         for row in range(batch):
             if active[step, row]:
                 made[row].append(history[step, row])

@@ -59,7 +59,6 @@ from moss_agent.models.sampling import (
     SamplingConfig,
     apply_repetition_penalty,
     counter_uniforms,
-    penalty_factors,
 )
 
 log = logging.getLogger(__name__)
@@ -159,14 +158,12 @@ class RealtimeGenerator:
         )
         self._prev_frame = torch.full((num_slots, rvq), config.audio_pad, dtype=torch.long, device=device)
         self._pending_hidden = torch.zeros(num_slots, config.hidden_size, dtype=model.dtype, device=device)
-        self._repetition = RepetitionWindow(num_slots, rvq, vocab, max_repetition_window, device)
+        self._repetition = RepetitionWindow(num_slots, rvq, max_repetition_window, device)
         self._banned = torch.zeros(num_slots, rvq, vocab, dtype=torch.bool, device=device)
         self._special = torch.zeros(rvq, vocab, dtype=torch.bool, device=device)
         self._special[:, config.audio_pad : config.audio_bos + 1] = True
         self._special[1:, config.audio_eos] = True
         self._sampler = RowSampler(num_slots, self._top_k_cap, device)
-        self._penalty = torch.ones(num_slots, device=device)
-        self._window = torch.zeros(num_slots, dtype=torch.long, device=device)
         self._seeds = torch.zeros(num_slots, dtype=torch.long, device=device)
 
         # Control state (CPU), mirrored exactly on the host so no tick needs to ask the device.
@@ -304,10 +301,8 @@ class RealtimeGenerator:
             greedy=sampling.is_greedy,
         )
         window = sampling.repetition_window if sampling.repetition_penalty != 1.0 else 0
-        self._penalty[slot] = sampling.repetition_penalty
-        self._window[slot] = window
+        self._repetition.start(slot, window, sampling.repetition_penalty)
         self._seeds[slot] = self._seed_source.getrandbits(62) if seed is None else seed
-        self._repetition.reset(slot)
         self._banned[slot] = self._special if sampling.mask_special_codes else False
         running = [s.turn.sampling for s in self._slots if s.turn is not None and not s.turn.closed]
         self._any_sampling = any(not s.is_greedy for s in running)
@@ -377,7 +372,6 @@ class RealtimeGenerator:
             self._local_cache.values,
             self._rows,
             self._text,
-            self._repetition.counts,
             self._repetition.ring,
             self._banned,
             self._pending_hidden,
@@ -455,7 +449,7 @@ class RealtimeGenerator:
         frames = self.model.local_transformer.generate(hidden, self._local_cache, self._picker(frame_index_d))
         self._prev_frame = torch.where(generating_d[:, None], frames, self._prev_frame)
         if self._any_penalty:
-            self._repetition.record(frames, frame_index_d, self._window, generating_d)
+            self._repetition.record(frames, frame_index_d, generating_d)
         frames_cpu = frames.cpu()
 
         frame_index = self._frames.clone()
@@ -502,15 +496,16 @@ class RealtimeGenerator:
             turn.prefill_len = take
 
     def _picker(self, frame_index: torch.Tensor) -> Any:
-        factors = penalty_factors(self._repetition.present(), self._penalty) if self._any_penalty else None
+        repetition = self._repetition if self._any_penalty else None
+        penalty = repetition.frame_penalty(frame_index) if repetition is not None else None
         uniforms = counter_uniforms(self._seeds, frame_index, self.config.rvq) if self._any_sampling else None
         banned = self._banned if self._any_banned else None
         sampler, any_greedy = self._sampler, self._any_greedy
 
         def pick(index: int, logits: torch.Tensor) -> torch.Tensor:
             scores = logits.float()
-            if factors is not None:
-                scores = apply_repetition_penalty(scores, factors[:, index])
+            if repetition is not None:
+                scores = apply_repetition_penalty(scores, repetition.history(index), penalty)
             if banned is not None:
                 scores = scores.masked_fill(banned[:, index], float("-inf"))
             if uniforms is None:
