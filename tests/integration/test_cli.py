@@ -141,3 +141,72 @@ def test_mqtt_worker_reads_the_password_from_a_file_or_the_environment(tmp_path,
     assert parse_broker("broker.local") == ("broker.local", 1883)
     assert main(["mqtt-worker", "--broker", "host:port", "--tiny"]) == 2
     assert main(["mqtt-worker", "--password-file", str(tmp_path / "missing"), "--tiny"]) == 2
+
+
+try:  # the JACK dummy server fixture; absent without sounddevice
+    from test_local_audio_jack import JACK_TOOLS, JACKD, jack_connect, jack_server  # noqa: F401
+except pytest.skip.Exception:
+    JACKD, JACK_TOOLS = None, False
+
+
+@pytest.mark.skipif(JACKD is None or not JACK_TOOLS, reason="jackd and its tools are needed (apt-get install jackd2)")
+async def test_chat_hears_a_jack_microphone_and_answers_on_the_speaker(cache, jack_server):
+    """``moss-agent chat`` on a real PortAudio device (JACK dummy): speech into its microphone port
+    is transcribed and answered; Ctrl-C ends it with status 0."""
+    import asyncio
+    import signal
+
+    import numpy as np
+
+    from moss_agent.events import AudioChunk
+    from moss_agent.testing.speech import espeak_ng_path, silence, synthesize_speech
+    from moss_agent.transports.local import LocalAudio
+
+    if espeak_ng_path() is None:
+        pytest.skip("espeak-ng is not installed")
+    command = [sys.executable, "-m", "moss_agent.cli", "-v", "chat", "--tiny", "--device", "cpu", "--greedy",
+               "--max-seconds", "0.8"]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None and proc.stdout is not None
+        async with asyncio.timeout(60):
+            while "listening" not in (line := await asyncio.to_thread(proc.stderr.readline)):
+                assert line, "moss-agent chat exited before listening"
+            ports = subprocess.run(["jack_lsp"], capture_output=True, text=True, check=True).stdout.split()
+            chat_mic = next(p for p in ports if p.startswith("PortAudio") and ":in_" in p)
+            chat_speaker = next(p for p in ports if p.startswith("PortAudio") and ":out_0" in p)
+            # The test is the user: its output is the chat's microphone, its input hears the chat's speaker.
+            async with LocalAudio(sample_rate=24000) as user:
+                ours = subprocess.run(["jack_lsp"], capture_output=True, text=True, check=True).stdout.split()
+                mouth = next(p for p in ours if p not in ports and ":out_0" in p)
+                ear = next(p for p in ours if p not in ports and ":in_" in p)
+                await asyncio.to_thread(jack_connect, jack_server, mouth, chat_mic)
+                await asyncio.to_thread(jack_connect, jack_server, chat_speaker, ear)
+                loudness: list[float] = []
+
+                async def listen() -> None:
+                    async for chunk in user.input:
+                        loudness.append(float(np.sqrt(np.mean(chunk.pcm**2))))
+
+                listener = asyncio.create_task(listen())
+                speech = np.concatenate([synthesize_speech("good morning", 24000), silence(1.5, 24000)])
+                for start in range(0, len(speech), 2400):
+                    await user.output.write(AudioChunk(speech[start : start + 2400], 24000, turn_id=1))
+                lines = []
+                while not (line := await asyncio.to_thread(proc.stdout.readline)).startswith("agent: "):
+                    assert line, "moss-agent chat exited before answering"
+                    lines.append(line.strip())
+                answer = line.strip()
+                while not (line := await asyncio.to_thread(proc.stdout.readline)).startswith("turn "):
+                    assert line, "moss-agent chat exited before its latency breakdown"
+                listener.cancel()
+        heard = next(x for x in lines if x.startswith("you: "))[len("you: ") :]
+        assert answer == f"agent: You said: {heard}"
+        assert "user end of speech -> first agent audio" in line  # -v: per-turn latency
+        assert max(loudness) > 1e-3  # the reply was played on the chat's speaker port
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
