@@ -53,7 +53,8 @@ def load_engine(args: argparse.Namespace) -> RealtimeEngine:
 
 async def read_line(prompt: str) -> str:
     print(prompt, end="", flush=True)
-    return (await asyncio.to_thread(sys.stdin.readline)).strip()
+    line: str = await asyncio.to_thread(sys.stdin.readline)
+    return line.strip()
 
 
 async def chat(args: argparse.Namespace) -> int:

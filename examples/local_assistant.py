@@ -22,7 +22,7 @@ from typing import Any
 
 from moss_agent.audio import load_audio, write_wav
 from moss_agent.commands.common import CODEC_ID, REALTIME_ID, UNTRAINED_NOTICE, ensure_tiny_checkpoints
-from moss_agent.config import LLMConfig, SessionConfig, TurnTakingConfig
+from moss_agent.config import EchoMode, LLMConfig, SessionConfig, TurnTakingConfig
 from moss_agent.engine.realtime import RealtimeEngine, RealtimeEngineConfig
 from moss_agent.serving import converse
 from moss_agent.speech.stt import OpenAITranscriber, PocketSphinxRecognizer
@@ -61,8 +61,9 @@ def load_engine(args: argparse.Namespace) -> RealtimeEngine:
 async def assist(args: argparse.Namespace) -> int:
     if args.tiny:
         print(UNTRAINED_NOTICE, file=sys.stderr)
-    llm_config = LLMConfig(base_url=args.llm_url or LLMConfig.base_url, model=args.llm_model, api_key=args.api_key)
-    echo_mode = "none" if args.mic_wav else args.echo  # a file cannot hear the speaker
+    endpoint = {"base_url": args.llm_url} if args.llm_url else {}
+    llm_config = LLMConfig(**endpoint, model=args.llm_model, api_key=args.api_key)
+    echo_mode: EchoMode = "none" if args.mic_wav else args.echo  # a file cannot hear the speaker
     config = SessionConfig(llm=llm_config, turns=TurnTakingConfig(echo_mode=echo_mode))
     canceller = None
     if echo_mode == "aec":

@@ -57,7 +57,8 @@ def load_engine(args: argparse.Namespace) -> RealtimeEngine:
 async def serve(args: argparse.Namespace) -> int:
     if args.tiny:
         print(UNTRAINED_NOTICE, file=sys.stderr)
-    llm_config = LLMConfig(base_url=args.llm_url or LLMConfig.base_url, model=args.llm_model, api_key=args.api_key)
+    endpoint = {"base_url": args.llm_url} if args.llm_url else {}
+    llm_config = LLMConfig(**endpoint, model=args.llm_model, api_key=args.api_key)
     engine = await asyncio.to_thread(load_engine, args)
     stt = (
         OpenAITranscriber(args.stt_url, args.api_key)

@@ -37,6 +37,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     parser.add_argument("--group", default="moss-workers", help="worker pool name (shared subscription group)")
     parser.add_argument("--topic-root", default="moss/v1", help="topic prefix (default moss/v1)")
     parser.add_argument("--worker-id", default=None, help="this worker's id (default: random)")
+    parser.add_argument(
+        "--half-duplex", action="store_true",
+        help="for devices with open speakers and no echo cancellation: do not listen while the agent speaks",
+    )  # fmt: skip
     parser.add_argument("--max-sessions", type=int, default=None, help="conversations at once (default: --slots)")
     common.add_engine_options(parser, slots=4)
     common.add_llm_options(parser)
@@ -81,7 +85,8 @@ async def _work(args: argparse.Namespace) -> int:
     engine, stt, voice = await common.build_speech_stack(args)
     handler = session_handler(
         engine, llm_factory=lambda: common.build_llm(args), vad_factory=common.silero_vad, stt=stt,
-        config=common.session_config(args), voice_prompt=voice, greeting=args.greeting,
+        config=common.session_config(args, echo_mode="half_duplex" if args.half_duplex else "none"),
+        voice_prompt=voice, greeting=args.greeting,
     )  # fmt: skip
     stop = asyncio.create_task(common.wait_for_stop_signal(), name="mqtt-worker-stop")
     async with engine:
