@@ -143,6 +143,7 @@ class RealtimeGenerator:
         self.attention_bucket = attention_bucket
         self.prompts = PromptBuilder(tokenizer, config)
         self.device = model.device
+        model.prepare_inference()  # no first-turn latency spike
         self._seed_source = random.Random(seed)
         self._top_k_cap = min(max_top_k, config.audio_vocab_size)
         self._max_window = max_repetition_window

@@ -145,6 +145,12 @@ class MossTTSRealtime(nn.Module):
             slot_index=torch.arange(num_slots, device=self.device),
         )
 
+    def prepare_inference(self) -> None:
+        """Arrange the weights for the cached path now (otherwise done on first use); call again
+        after moving or replacing weights (stale arrangements are also detected and rebuilt)."""
+        self._layers()
+        self.local_transformer.packed()
+
     def _layers(self) -> list[PackedLayer]:
         if not self._packed or not self._packed[0].is_current():
             self._packed = [PackedLayer(layer) for layer in self.language_model.layers]
