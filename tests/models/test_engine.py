@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from moss_agent.engine.realtime import RealtimeEngine, RealtimeEngineConfig
 from moss_agent.errors import EngineError, OverloadError
@@ -173,3 +175,22 @@ def test_engine_rejects_a_mismatched_config(tiny_realtime_dir, codec):
     generator = RealtimeGenerator(model, tokenizer, num_slots=2, max_context=256)
     with pytest.raises(ConfigError, match="slots"):
         RealtimeEngine(generator, codec, RealtimeEngineConfig(num_slots=3))
+
+
+async def test_long_conversations_drop_old_turns_but_keep_the_prefix(tiny_realtime_dir, codec):
+    async with make_engine(tiny_realtime_dir, codec, max_context=320, max_frames_per_turn=16) as engine:
+        conversation = await engine.open_conversation(system_prompt="You are a calm narrator.")
+        generator, slot = engine.generator, conversation.slot
+        prefix_rows = engine._prefix_rows[slot]
+        lengths, prefix = [], None
+        for turn in range(14):
+            chunks = await speak(conversation, f"Turn number {turn}, a few words.", turn + 1,
+                                 UserTurn(f"Question {turn} from the user?"))
+            assert chunks, f"turn {turn} produced no audio"
+            rows = generator.context_rows(slot)
+            prefix = rows[:prefix_rows] if prefix is None else prefix
+            assert torch.equal(rows[:prefix_rows], prefix), "the system prompt rows were lost"
+            lengths.append(len(rows))
+        assert max(lengths) <= 320
+        assert any(b < a for a, b in itertools.pairwise(lengths)), "the context was never trimmed"
+        await conversation.aclose()

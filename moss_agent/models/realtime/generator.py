@@ -277,10 +277,15 @@ class RealtimeGenerator:
         self._length[slot] = start + rows.shape[0]
         return hidden[-1]
 
-    def restore_context(self, slot: int, rows: torch.Tensor) -> None:
+    def restore_context(self, slot: int, rows: torch.Tensor, *, keep_pending: bool = False) -> None:
         """Reset ``slot`` to a conversation whose context is exactly ``rows`` [L, 1 + rvq]
-        (e.g. ``context_rows`` of another slot); the next ``start_turn`` continues after them."""
+        (e.g. ``context_rows`` of another slot); the next ``start_turn`` continues after them.
+
+        ``keep_pending``: keep the rows that close the last turn (not yet fed), e.g. when the
+        context is compacted by dropping old turns but the last one stays.
+        """
         state = self._check_slot(slot)
+        pending = state.pending_rows if keep_pending else []
         if rows.dim() != 2 or rows.shape[1] != 1 + self.config.rvq:
             raise ConfigError(f"rows must be [length, {1 + self.config.rvq}], got {tuple(rows.shape)}")
         if rows.shape[0] + DELAY_TOKENS + 1 + _END_ROWS > self.max_context:
@@ -288,7 +293,7 @@ class RealtimeGenerator:
         self._stop(slot)
         state.active = True
         state.turn = None
-        state.pending_rows = []
+        state.pending_rows = pending
         self._length[slot] = 0
         if rows.shape[0]:
             self._feed_prompt(slot, rows.to(torch.long))
