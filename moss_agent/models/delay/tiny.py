@@ -180,14 +180,25 @@ def save_tiny_delay(
     ffn: int = 32,
     seed: int = 0,
     steer: bool = True,
+    scripted_frames: float | None = None,
     dtype: torch.dtype = torch.bfloat16,
     tokenizer_source: Path | None = None,
 ) -> Path:
-    """Write a random MossTTSDelay checkpoint (official layout) into ``folder`` and return it."""
+    """Write a random MossTTSDelay checkpoint (official layout) into ``folder`` and return it.
+
+    ``scripted_frames`` makes the text channel follow the real models' script whatever the input:
+    ``<|audio_start|>``, gen slots (when sampling, about ``scripted_frames`` of them on average;
+    greedy never stops before ``max_new_tokens``), the flush, then ``<|im_end|>``. The audio codes
+    stay random functions of the input. For engine and CLI trials that need audio out of a tiny model.
+    """
     raw = delay_config_dict(
         n_vq=n_vq, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim, ffn=ffn
     )
     config = TTSModelConfig.from_dict(raw)
+    if scripted_frames is not None:
+        weights = random_weights(config, seed=seed)
+        _script_text_head(weights, config, scripted_frames)
+        return write_checkpoint(folder, raw, weights, dtype=dtype, tokenizer_source=tokenizer_source)
     gains = {
         config.im_end_token_id: 8.0,
         config.audio_start_token_id: 8.0,
@@ -197,3 +208,28 @@ def save_tiny_delay(
     }
     weights = random_weights(config, seed=seed, steer=gains if steer else None)
     return write_checkpoint(folder, raw, weights, dtype=dtype, tokenizer_source=tokenizer_source)
+
+
+def _script_text_head(weights: dict[str, torch.Tensor], config: TTSModelConfig, mean_frames: float) -> None:
+    """Hidden dim 0 is made a large constant (every embedding row holds +8 there), so after the final
+    norm it carries a fixed value; only the text head reads it, giving input-independent text logits.
+    The audio heads ignore dim 0 and so still depend on the input."""
+    import math
+
+    text_temperature = 1.5  # the Delay default the gen/delay odds are tuned for
+    for key, value in weights.items():
+        if "embed_tokens" in key or key.startswith("emb_ext."):
+            value[:, 0] = 8.0
+        elif key.startswith("lm_heads."):
+            value[:, 0] = 0.0
+    weights["language_model.norm.weight"][0] = 1.0
+    scale = 1.0 / config.hidden_size**0.5  # h[0] is about sqrt(hidden) after the norm
+    head = weights["lm_heads.0.weight"]
+    gap = text_temperature * math.log(max(mean_frames, 1.0))
+    for token, logit in (
+        (config.im_end_token_id, 60.0),
+        (config.audio_start_token_id, 40.0),
+        (config.audio_assistant_gen_slot_token_id, 40.0),
+        (config.audio_assistant_delay_slot_token_id, 40.0 - gap),
+    ):
+        head[token, 0] = logit * scale
