@@ -78,6 +78,27 @@ def ensure_tiny_checkpoints(folder: Path | None = None) -> tuple[Path, Path]:
     return model_dir, codec_dir
 
 
+def ensure_tiny_batch_checkpoint(folder: Path | None = None) -> Path:
+    """Make (once) and return a tiny random Delay model matching the tiny codec (16 codebooks of
+    1024 codes) whose text channel follows the real script, so it produces (noise) audio."""
+    import shutil
+    import tempfile
+
+    from moss_agent.models.delay.tiny import save_tiny_delay
+
+    model_dir = (folder or cache_dir() / "tiny") / "delay16"
+    if not (model_dir / "config.json").is_file():
+        model_dir.parent.mkdir(parents=True, exist_ok=True)
+        # Written aside and renamed: an interrupted write never looks like a checkpoint.
+        staging = Path(tempfile.mkdtemp(dir=model_dir.parent, prefix=".delay16-"))
+        save_tiny_delay(staging, n_vq=16, seed=0, scripted_frames=25)
+        try:
+            staging.rename(model_dir)
+        except OSError:  # made meanwhile by another process
+            shutil.rmtree(staging, ignore_errors=True)
+    return model_dir
+
+
 def build_engine(args: argparse.Namespace) -> Any:
     """A RealtimeEngine from the engine options (loads weights: call off the event loop)."""
     from moss_agent.engine.realtime import RealtimeEngine, RealtimeEngineConfig

@@ -235,7 +235,7 @@ class BatchEngine:
         except MossError as exc:
             raise ConfigError(f"request {index}: {exc}") from exc
         return _Job(
-            index, kind, _describe(item), pieces, params or self._default_params(kind), [None] * len(pieces)
+            index, kind, _describe(item), pieces, params or self.default_params(kind), [None] * len(pieces)
         )
 
     def _split(self, item: Request) -> list[Request]:
@@ -258,7 +258,7 @@ class BatchEngine:
             ]
         return [item]
 
-    def _default_params(self, kind: str) -> SamplingParams:
+    def default_params(self, kind: str) -> SamplingParams:
         name = _PRESETS.get(kind) or ("moss-tts-local" if self.tts.architecture == "local" else "moss-tts")
         # Per-sample repetition history: a request's audio never depends on what it was batched with.
         return replace(preset(name), repetition_scope="sample")
