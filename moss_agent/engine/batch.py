@@ -175,12 +175,11 @@ class BatchEngine:
             return load_audio(audio, self.sample_rate)
         if isinstance(audio, Waveform):
             return resample(np.asarray(audio.samples, dtype=np.float32), audio.sample_rate, self.sample_rate)
-        if isinstance(audio, torch.Tensor):
-            audio = audio.detach().float().cpu().numpy()
-        if isinstance(audio, np.ndarray) and np.issubdtype(audio.dtype, np.floating):
-            if audio.ndim == 2:
-                audio = audio.mean(axis=0 if audio.shape[0] < audio.shape[1] else 1)
-            return np.ascontiguousarray(audio.reshape(-1), dtype=np.float32)
+        array = audio.detach().float().cpu().numpy() if isinstance(audio, torch.Tensor) else audio
+        if isinstance(array, np.ndarray) and np.issubdtype(array.dtype, np.floating):
+            if array.ndim == 2:  # channels first or last: the shorter axis is the channels
+                array = array.mean(axis=0 if array.shape[0] < array.shape[1] else 1)
+            return np.ascontiguousarray(array.reshape(-1), dtype=np.float32)
         raise ConfigError(
             f"audio must be a file path, a Waveform, float samples at {self.sample_rate} Hz or codes [T, n_vq]; "
             f"got {type(audio).__name__}"
@@ -226,10 +225,10 @@ class BatchEngine:
                 value = getattr(item, name)
                 if isinstance(value, torch.Tensor):
                     item = replace(item, **{name: self._check_codes(value)})  # type: ignore[arg-type]
-                elif name == "references":
+                elif isinstance(item, DialogueRequest):
                     item = replace(
                         item, references=[None if c is None else self._check_codes(c) for c in value]
-                    )  # type: ignore[arg-type]
+                    )
             pieces = self._split(item)
             prepare_batch(self.tts.processor, pieces[:1])  # surfaces prompt errors now, not mid-run
         except MossError as exc:
@@ -401,9 +400,9 @@ class BatchEngine:
             for b, (_, _, seg) in enumerate(group):
                 codes[:, b, : len(seg)] = seg[:, : self.n_vq].T
             wav, _ = self.codec.decode(codes.to(self.codec.device), [len(seg) for _, _, seg in group])
-            wav = wav[:, 0].float().cpu().numpy()
+            decoded = wav[:, 0].float().cpu().numpy()
             for b, (i, s, seg) in enumerate(group):
-                waves[(i, s)] = wav[b, : len(seg) * frame]
+                waves[(i, s)] = decoded[b, : len(seg) * frame]
             start += count
         out = []
         for i, sample in enumerate(samples):
@@ -427,7 +426,8 @@ def _loudness_normalize(
 ) -> np.ndarray:
     power = float(np.mean(np.square(samples, dtype=np.float64))) + 1e-9
     gain_db = float(np.clip(target_dbfs - 10.0 * np.log10(power), -max_gain_db, max_gain_db))
-    return (samples * 10.0 ** (gain_db / 20.0)).astype(np.float32)
+    gained: np.ndarray = (samples * 10.0 ** (gain_db / 20.0)).astype(np.float32)
+    return gained
 
 
 __all__ = ["KINDS", "AudioLike", "AudioResult", "BatchEngine", "Waveform"]
