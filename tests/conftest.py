@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+
 def pytest_configure(config: pytest.Config) -> None:
     # The models under test are tiny: one thread avoids oversubscribing small CI machines, where
     # intra-op threads of parallel test processes (and helper threads) fight for two cores.
