@@ -67,6 +67,12 @@ def add_batch_options(parser: argparse.ArgumentParser, kind: str) -> None:
         "--max-chars", type=int, default=300, help="longest text piece; longer texts are split (default 300)"
     )
     group.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="cap on each text piece's audio (default: about 320 s)",
+    )
+    group.add_argument(
         "--greedy", action="store_true", help="greedy decoding instead of the model card's sampling"
     )
     group.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable output")
@@ -126,8 +132,13 @@ def build_batch_engine(args: argparse.Namespace) -> Any:
         print(UNTRAINED_NOTICE, file=sys.stderr)
         model = common.ensure_tiny_batch_checkpoint()
         codec = common.ensure_tiny_checkpoints()[1]
+    options: dict[str, Any] = {"max_chars": args.max_chars}
+    if args.max_seconds is not None:
+        if args.max_seconds <= 0:
+            raise ConfigError(f"--max-seconds must be > 0, got {args.max_seconds}")
+        options["max_new_tokens"] = round(args.max_seconds * 12.5) + 40  # + the flush and end rows
     registry = ModelRegistry(device=args.device, dtype=args.dtype)
-    return registry.batch_engine(model, codec, max_chars=args.max_chars)
+    return registry.batch_engine(model, codec, **options)
 
 
 def run_batch(

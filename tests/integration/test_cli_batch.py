@@ -48,7 +48,7 @@ def read(path: Path) -> np.ndarray:
     [
         ["tts", "Hello there. How are you today?", "--seed", "1"],
         ["voice-design", "Good evening.", "--instruction", "a calm low voice", "--seed", "1"],
-        ["sfx", "rain on a tin roof", "--duration", "1.5", "--greedy"],
+        ["sfx", "rain on a tin roof", "--duration", "1.5", "--greedy", "--max-seconds", "2"],
         ["dialogue", "[S1] hi. [S2] hello there.", "--seed", "2"],
     ],
     ids=lambda argv: argv[0],
@@ -146,3 +146,12 @@ def test_usage_errors(cache, tmp_path, capsys):
     assert "--output-dir is for --jsonl" in capsys.readouterr().err
     assert main(["dialogue", "no tags here", "--tiny", "-o", str(tmp_path / "d.wav")]) == 2
     assert "speaker tags" in capsys.readouterr().err
+
+
+def test_max_seconds_caps_each_piece(cache, tmp_path, capsys):
+    out = tmp_path / "capped.wav"
+    # Greedy decoding never ends on the tiny model, so the cap decides the length.
+    assert main(["tts", "Go on.", "--greedy", "--max-seconds", "1", "--tiny", "-q", "-o", str(out)]) == 0
+    frames = len(read(out)) // 1920
+    assert 0 < frames <= round(1 * 12.5) + 40
+    assert "length limit" in capsys.readouterr().err
