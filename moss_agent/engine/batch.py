@@ -330,11 +330,16 @@ class BatchEngine:
                 if seed is not None:
                     generator = torch.Generator(device=self.tts.model.device).manual_seed(seed + number)
                 pieces = [jobs[j].pieces[k] for j, k in batch]
+                budget = max(self._row_budget(p) for p in pieces)
+
                 samples = self.tts.generate(
                     pieces,
                     params=jobs[batch[0][0]].params,
-                    max_new_tokens=max(self._row_budget(p) for p in pieces),
+                    max_new_tokens=budget,
                     generator=generator,
+                    on_step=_row_counter(bar, f"batch {number + 1}/{len(batches)}", budget)
+                    if progress
+                    else None,
                 )
                 for (j, k), sample, pcm in zip(batch, samples, self.decode(samples), strict=True):
                     job = jobs[j]
@@ -411,6 +416,16 @@ class BatchEngine:
                 parts[0] = parts[0][sample.prompt_frames * frame :]
             out.append(np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32))
         return out
+
+
+def _row_counter(bar: Any, label: str, budget: int) -> Any:
+    """An on_step callback showing a batch's audio seconds as they grow (a large model's batch runs for minutes)."""
+
+    def show(step: int, rows: torch.Tensor) -> None:
+        if step % 25 == 0:
+            bar.set_postfix_str(f"{label}: {step / 12.5:.0f}/{budget / 12.5:.0f} s", refresh=True)
+
+    return show
 
 
 def _describe(item: Request) -> str:
