@@ -196,11 +196,15 @@ class PackedLayer:
         qk = torch.addcmul(qk * cos, qk.roll(head_dim // 2, dims=-1), sin)
         keys[:, :, index] = qk[:, heads:]
         values[:, :, index] = qkv[:, heads + kv_heads :]
-        query = qk[:, :heads].view(batch, kv_heads, heads // kv_heads, head_dim)
-        # At most 16 keys: plain matmuls beat SDPA's kernel here and never start a parallel region.
-        scores = torch.matmul(query, keys[:, :, : index + 1].transpose(-1, -2))
-        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-        out = torch.matmul(weights, values[:, :, : index + 1])
+        query = qk[:, :heads].view(batch, kv_heads, heads // kv_heads, 1, head_dim)
+        # At most 16 keys. Broadcast multiply-and-sum instead of bmm/SDPA: those kernels open a
+        # thread-pool region for any batch of more than one matrix, and on a small or shared CPU
+        # waking the other threads costs far more than this arithmetic (up to a scheduler tick
+        # when another process holds the cores); elementwise ops stay on this thread below
+        # torch's grain size.
+        scores = torch.mul(query, keys[:, :, None, : index + 1]).sum(-1)  # [B, KV, G, index + 1]
+        weights = _softmax_inline(scores)
+        out = torch.mul(weights[..., None], values[:, :, None, : index + 1]).sum(-2)  # [B, KV, G, D]
         x = torch.addmm(x, out.view(batch, heads * head_dim), self.o_t)
         gate_up = torch.mm(self.fast_post(x), self.gate_up_t)
         gate, up = gate_up.chunk(2, dim=-1)
@@ -214,6 +218,13 @@ class PackedLayer:
         gate, up = gate_up.chunk(2, dim=-1)
         flat = torch.addmm(flat, F.silu(gate) * up, self.down_t)
         return flat.view(shape)
+
+
+def _softmax_inline(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim from elementwise ops and reductions, which stay on the calling
+    thread for small inputs (torch.softmax splits rows across threads from two rows up)."""
+    exp = (scores - scores.amax(dim=-1, keepdim=True)).exp_()
+    return exp.div_(exp.sum(dim=-1, keepdim=True))
 
 
 def attend(
