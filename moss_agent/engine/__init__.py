@@ -1,1 +1,28 @@
+"""Where torch meets asyncio: device threads that batch many sessions or requests on one device.
 
+- ``RealtimeEngine``: MOSS-TTS-Realtime conversations in fixed slots, one batched forward per tick.
+- ``BatchEngine``: MOSS-TTS / TTSD / VoiceGenerator / SoundEffect requests to audio.
+- ``ModelRegistry``: loads each component once, so every engine in a process shares one codec.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "RealtimeEngine": "realtime",
+    "RealtimeEngineConfig": "realtime",
+    "BatchEngine": "batch",
+    "AudioResult": "batch",
+    "Waveform": "batch",
+    "ModelRegistry": "registry",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"moss_agent.engine.{_EXPORTS[name]}"), name)
+    raise AttributeError(name)
