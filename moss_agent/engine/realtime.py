@@ -57,6 +57,7 @@ class RealtimeEngineConfig:
     max_ahead_s: float = 4.0
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     seed: int | None = None
+    cuda_graph: bool = True  # replay each tick from a CUDA graph on CUDA devices (ignored on CPU)
 
     def __post_init__(self) -> None:
         if self.num_slots < 1:
@@ -140,6 +141,7 @@ class RealtimeEngine:
             config.max_context,
             max_frames_per_turn=config.max_frames_per_turn,
             seed=config.seed,
+            cuda_graph=config.cuda_graph,
         )
         return cls(generator, codec, config)
 

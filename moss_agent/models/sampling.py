@@ -197,4 +197,4 @@ class RepetitionWindow:
         slot = (frame_index % self.window[:, 0])[:, None]
         write = (self._positions == slot) | (self._positions >= self.window) | (frame_index[:, None] == 0)
         write &= active[:, None]
-        self.ring = torch.where(write[:, None, :], codes[:, :, None], self.ring)
+        self.ring.copy_(torch.where(write[:, None, :], codes[:, :, None], self.ring))

@@ -18,7 +18,9 @@ Usage (the engine owns one generator per device, on one thread)::
     text = gen.rollback(slot, heard_frames)  # after an interruption: keep what the user heard
     gen.release(slot)
 
-``step(hold)`` / ``has_work(hold)`` take an optional [S] bool mask of slots to skip this tick.
+On CUDA the device part of a tick (backbone row, 16 local steps, sampling) is captured once in a
+CUDA graph and replayed (``cuda_graph=True``, the default; off with ``attention_bucket``); on the
+CPU it runs eagerly. ``step(hold)`` / ``has_work(hold)`` take an optional [S] bool mask of slots to skip this tick.
 ``push_tokens`` feeds ids directly; ``restore_context(slot, rows)`` rebuilds a slot from saved
 ``context_rows``. A slot's frames never depend on the other slots (same seed, same frames).
 
@@ -121,6 +123,7 @@ class RealtimeGenerator:
         upstream_compat: bool = False,
         seed: int | None = None,
         attention_bucket: int | None = None,
+        cuda_graph: bool = True,
     ) -> None:
         if num_slots < 1:
             raise ConfigError(f"num_slots must be >= 1, got {num_slots}")
@@ -185,6 +188,21 @@ class RealtimeGenerator:
         self._any_banned = False
         self._slot_index_device = self._slot_index.to(device)
         self.last_hidden: torch.Tensor | None = None
+
+        # The tick's device inputs live in fixed buffers, so the device part of a tick reads and
+        # writes the same memory every time and can be replayed from a CUDA graph.
+        self._in_token = torch.zeros(num_slots, dtype=torch.long, device=device)
+        self._in_positions = torch.zeros(num_slots, dtype=torch.long, device=device)
+        self._in_fresh = torch.zeros(num_slots, dtype=torch.bool, device=device)
+        self._in_generating = torch.zeros(num_slots, dtype=torch.bool, device=device)
+        self._in_frame_index = torch.zeros(num_slots, dtype=torch.long, device=device)
+        # A graph needs fixed shapes, so it is used only without attention buckets (which change
+        # how many cache rows a tick reads); elsewhere (CPU included) the same code runs eagerly.
+        self.uses_cuda_graph = cuda_graph and self.device.type == "cuda" and attention_bucket is None
+        self._graph: TickGraph | None = None
+        # Run every sampling feature each tick, as the graph does, instead of skipping those no
+        # row uses; the frames are the same either way (tests check it on the CPU).
+        self.full_tick = self.uses_cuda_graph
 
     # -- conversation and turn control ---------------------------------------------------------
 
@@ -436,26 +454,23 @@ class RealtimeGenerator:
         token = self._text[self._slot_index, self._text_ptr.clamp(max=self.max_context - 1)]
         token = torch.where(has_token, token, self.config.text_pad_id)
         positions = self._length.clamp(max=self.max_context)
-        device = self.device
-        token_d = token.to(device, non_blocking=True)
-        positions_d = positions.to(device, non_blocking=True)
-        fresh_d = self._fresh.to(device, non_blocking=True)
-        generating_d = generating.to(device, non_blocking=True)
-        frame_index_d = self._frames.to(device, non_blocking=True)
-
-        ids = torch.cat([token_d[:, None], self._prev_frame], dim=1)
-        attend_length = self.max_context + 1
-        if self.attention_bucket:
-            used = int(positions.max()) + 1
-            attend_length = min(attend_length, -(-used // self.attention_bucket) * self.attention_bucket)
-        hidden = self.model.decode(self.cache, ids, positions_d, attend_length)
-        hidden = torch.where(fresh_d[:, None], self._pending_hidden, hidden)
+        self._in_token.copy_(token, non_blocking=True)
+        self._in_positions.copy_(positions, non_blocking=True)
+        self._in_fresh.copy_(self._fresh, non_blocking=True)
+        self._in_generating.copy_(generating, non_blocking=True)
+        self._in_frame_index.copy_(self._frames, non_blocking=True)
+        if self.uses_cuda_graph:
+            if self._graph is None:
+                self._graph = TickGraph(self)
+            hidden, frames = self._graph.replay()
+        else:
+            attend_length = self.max_context + 1
+            if self.attention_bucket:
+                used = int(positions.max()) + 1
+                attend_length = min(attend_length, -(-used // self.attention_bucket) * self.attention_bucket)
+            flags = (self._any_sampling, self._any_greedy, self._any_penalty, self._any_banned)
+            hidden, frames = self.device_tick(attend_length, (True,) * 4 if self.full_tick else flags)
         self.last_hidden = hidden  # [S, hidden] backbone states that made this tick's frames (checks)
-        self._rows[self._slot_index_device, positions_d] = ids
-        frames = self.model.local_transformer.generate(hidden, self._local_cache, self._picker(frame_index_d))
-        self._prev_frame = torch.where(generating_d[:, None], frames, self._prev_frame)
-        if self._any_penalty:
-            self._repetition.record(frames, frame_index_d, generating_d)
         frames_cpu = frames.cpu()
 
         frame_index = self._frames.clone()
@@ -479,6 +494,30 @@ class RealtimeGenerator:
             text_position=self._text_ptr.clone(),
         )
 
+    def device_tick(
+        self, attend_length: int, flags: tuple[bool, bool, bool, bool] = (True, True, True, True)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The device part of a tick, from the ``_in_*`` buffers -> (hidden [S, hidden], frames [S, rvq]).
+
+        Backbone row for every slot, the local transformer's 16 steps with sampling, and the
+        in-place state updates (cache, rows, previous frame, repetition window). No host reads and
+        no branch on tensor values, so it can be captured in a CUDA graph. ``flags``
+        (any_sampling, any_greedy, any_penalty, any_banned) only skip work that is a no-op for
+        every row; all True gives the same frames for any mix of rows (the graph's setting).
+        """
+        any_sampling, any_greedy, any_penalty, any_banned = flags
+        positions, generating = self._in_positions, self._in_generating
+        ids = torch.cat([self._in_token[:, None], self._prev_frame], dim=1)
+        hidden = self.model.decode(self.cache, ids, positions, attend_length)
+        hidden = torch.where(self._in_fresh[:, None], self._pending_hidden, hidden)
+        self._rows[self._slot_index_device, positions] = ids
+        pick = self._picker(self._in_frame_index, any_sampling, any_greedy, any_penalty, any_banned)
+        frames = self.model.local_transformer.generate(hidden, self._local_cache, pick)
+        self._prev_frame.copy_(torch.where(generating[:, None], frames, self._prev_frame))
+        if any_penalty:
+            self._repetition.record(frames, self._in_frame_index, generating)
+        return hidden, frames
+
     def _prefill_ready_slots(self, finished: torch.Tensor, hold: torch.Tensor | None) -> None:
         for slot in self._prefill_ready(hold).nonzero().flatten().tolist():
             count = int(self._n_text[slot])
@@ -501,12 +540,19 @@ class RealtimeGenerator:
             assert turn is not None
             turn.prefill_len = take
 
-    def _picker(self, frame_index: torch.Tensor) -> Any:
-        repetition = self._repetition if self._any_penalty else None
+    def _picker(
+        self,
+        frame_index: torch.Tensor,
+        any_sampling: bool,
+        any_greedy: bool,
+        any_penalty: bool,
+        any_banned: bool,
+    ) -> Any:
+        repetition = self._repetition if any_penalty else None
         penalty = repetition.frame_penalty(frame_index) if repetition is not None else None
-        uniforms = counter_uniforms(self._seeds, frame_index, self.config.rvq) if self._any_sampling else None
-        banned = self._banned if self._any_banned else None
-        sampler, any_greedy = self._sampler, self._any_greedy
+        uniforms = counter_uniforms(self._seeds, frame_index, self.config.rvq) if any_sampling else None
+        banned = self._banned if any_banned else None
+        sampler = self._sampler
 
         def pick(index: int, logits: torch.Tensor) -> torch.Tensor:
             scores = logits.float()
@@ -566,3 +612,38 @@ class RealtimeGenerator:
             state.pending_rows = [torch.stack(carry)] if carry else []
         spoken = [i for i in text_ids if i != self.config.text_pad_id]
         return str(self.tokenizer.decode(spoken))
+
+
+class TickGraph:
+    """``RealtimeGenerator.device_tick`` captured once in a CUDA graph and replayed every tick.
+
+    Captured for the generator's fixed slot count with every sampling feature on (which gives the
+    same frames as the eager path's shortcuts) and attention over the whole cache. Everything it
+    touches is a fixed buffer updated in place; prefill, turn control and sampling settings write
+    into the same buffers between replays. Weights must not be moved or replaced afterwards.
+    NOTE: written without access to a GPU; checked by tests/gpu/test_realtime_cuda_graph.py.
+    """
+
+    def __init__(self, generator: RealtimeGenerator) -> None:
+        self._generator = generator
+        attend_length = generator.max_context + 1
+        # Warm-up and capture run a tick with no slot generating and every slot writing at its
+        # current length, i.e. into free cache rows: no conversation state changes.
+        generator._in_generating.zero_()
+        generator._in_fresh.zero_()
+        generator._in_positions.copy_(generator._length.clamp(max=generator.max_context))
+        stream = torch.cuda.Stream(generator.device)
+        stream.wait_stream(torch.cuda.current_stream(generator.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # lazy inits, allocator and library workspaces outside the capture
+                generator.device_tick(attend_length)
+        torch.cuda.current_stream(generator.device).wait_stream(stream)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._hidden, self._frames = generator.device_tick(attend_length)
+        log.info("captured the realtime tick in a CUDA graph", extra={"slots": generator.num_slots})
+
+    def replay(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (hidden [S, hidden], frames [S, rvq]); buffers overwritten by the next replay."""
+        self._graph.replay()
+        return self._hidden, self._frames

@@ -87,7 +87,8 @@ class LocalTransformer(nn.Module):
 
     def packed(self) -> list[PackedLayer]:
         """The layers arranged for the fast step (rebuilt if the weights were moved or replaced)."""
-        if not self._packed or not self._packed[0].is_current():
+        # The staleness check reads data pointers, which a traced step cannot; it was done eagerly.
+        if not self._packed or (not torch.compiler.is_compiling() and not self._packed[0].is_current()):
             self._packed = [PackedLayer(layer) for layer in self.model.layers]
             dtype = self.local_lm_heads[0].weight.dtype
             shape = (1, 1, 1, -1)

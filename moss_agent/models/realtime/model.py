@@ -152,7 +152,8 @@ class MossTTSRealtime(nn.Module):
         self.local_transformer.packed()
 
     def _layers(self) -> list[PackedLayer]:
-        if not self._packed or not self._packed[0].is_current():
+        # The staleness check reads data pointers, which a traced step cannot; it was done eagerly.
+        if not self._packed or (not torch.compiler.is_compiling() and not self._packed[0].is_current()):
             self._packed = [PackedLayer(layer) for layer in self.language_model.layers]
             tables = [self.embed_tokens[c] for c in range(1, self.config.rvq + 1)]
             self._audio_table = _fuse_embeddings(self, tables)

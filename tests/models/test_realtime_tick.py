@@ -1,0 +1,96 @@
+"""The capturable device tick: the all-features path equals the shortcut path, and it traces whole."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from moss_agent.models.realtime import RealtimeGenerator, SamplingConfig
+from moss_agent.models.realtime.model import MossTTSRealtime, model_from_state_dict
+from moss_agent.models.realtime.tiny import random_state_dict, tiny_config, write_tokenizer
+
+TEXT = "Hello there, this is a streaming test of the realtime voice. It keeps going for a while."
+GREEDY = SamplingConfig(greedy=True)
+SAMPLED = SamplingConfig(temperature=0.9, top_k=20, top_p=0.8, repetition_penalty=1.2, repetition_window=8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory):
+    folder = tmp_path_factory.mktemp("tokenizer")
+    write_tokenizer(folder)
+    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+
+
+def tiny_model(device: torch.device) -> MossTTSRealtime:
+    config = tiny_config(hidden=32)
+    state = random_state_dict(config, 0, 2.0)  # some turns reach EOS, so slots free up mid-run
+    return model_from_state_dict(config, state, device=device, dtype=torch.float32)
+
+
+def run_schedule(gen: RealtimeGenerator, sampling: list[SamplingConfig], ticks: int = 60) -> list[torch.Tensor]:
+    """Slots join at different ticks, one leaves and comes back, text arrives in pieces.
+    -> every tick's frames [S, rvq] where produced (others set to -1)."""
+    joins = {0: [0], 3: [1], 9: [2]}
+    outputs = []
+    for tick in range(ticks):
+        for slot in joins.get(tick, []):
+            gen.start_conversation(slot)
+            gen.start_turn(slot, "How are you?", None, sampling=sampling[slot], seed=slot + 1, max_frames=25)
+        if tick == 20:
+            gen.release(1)
+        if tick == 26:
+            gen.start_conversation(1)
+            gen.start_turn(1, "Again?", None, sampling=sampling[1], seed=7, max_frames=25)
+        for slot in range(gen.num_slots):
+            turn = gen._slots[slot].turn
+            if turn is not None and not turn.closed and gen.turn_running(slot):
+                piece = TEXT[(tick % 10) * 9 : (tick % 10) * 9 + 9]
+                gen.push_text(slot, piece)
+                if tick % 10 == 9:
+                    gen.end_text(slot)
+        out = gen.step()
+        outputs.append(torch.where(out.produced[:, None], out.frames, -1))
+    return outputs
+
+
+def test_full_tick_equals_the_shortcut_tick(tokenizer) -> None:
+    model = tiny_model(torch.device("cpu"))
+    # Slot 0 greedy with penalty, slot 1 sampled with penalty, slot 2 greedy without mask/penalty.
+    sampling = [GREEDY, SAMPLED, SamplingConfig(greedy=True, repetition_penalty=1.0, mask_special_codes=False)]
+    results = []
+    for full in (False, True):
+        gen = RealtimeGenerator(model, tokenizer, num_slots=3, max_context=256)
+        assert not gen.uses_cuda_graph  # CPU: always eager
+        gen.full_tick = full
+        results.append(run_schedule(gen, sampling))
+    per_tick = [int((frames >= 0).all(-1).sum()) for frames in results[0]]
+    assert sum(per_tick) > 30 and max(per_tick) >= 2  # real frames, several slots in one tick
+    for shortcut, full in zip(*results, strict=True):
+        assert torch.equal(shortcut, full)
+
+
+def test_device_tick_traces_without_graph_breaks(tokenizer) -> None:
+    model = tiny_model(torch.device("cpu"))
+    gen = RealtimeGenerator(model, tokenizer, num_slots=2, max_context=64)
+    gen.start_conversation(0)
+    gen._in_positions.copy_(gen._length)  # an idle tick: writes land in free cache rows
+    began = time.perf_counter()
+    compiled = torch.compile(gen.device_tick, fullgraph=True, backend="eager")
+    with torch.inference_mode():
+        hidden, frames = compiled(gen.max_context + 1)
+    if time.perf_counter() - began > 60:
+        pytest.skip("tracing took over a minute on this machine")
+    assert hidden.shape == (2, model.config.hidden_size)
+    assert frames.shape == (2, model.config.rvq)
+    torch._dynamo.reset()
