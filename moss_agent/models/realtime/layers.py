@@ -106,6 +106,16 @@ def signed_sin(sin: torch.Tensor) -> torch.Tensor:
     return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
+def rope_rotation(cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """[D, D] matrix R with x @ R == x * cos + x.roll(D // 2, -1) * signed_sin for one position
+    (cos, signed_sin: [D]); one small matmul instead of four elementwise ops."""
+    size = cos.shape[-1]
+    columns = torch.arange(size, device=cos.device)
+    rotation = torch.diag(cos)
+    rotation[(columns + size // 2) % size, columns] += signed_sin
+    return rotation
+
+
 def _fuse(owner: nn.Module, name: str, linears: list[nn.Linear]) -> torch.Tensor:
     """One contiguous [in, sum(out)] matrix (the transposed weights side by side); each linear's
     weight becomes a view of it, so memory is shared and x @ matrix needs no transposition."""
@@ -177,34 +187,36 @@ class PackedLayer:
     def step_one(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        index: int,
+        rotation: torch.Tensor,
+        key_slot: torch.Tensor,
+        value_slot: torch.Tensor,
+        key_window: torch.Tensor,
+        value_window: torch.Tensor,
     ) -> torch.Tensor:
         """One position for every row, 2-D activations: x [B, hidden] -> [B, hidden].
 
-        keys/values: [B, KV, L, D] caches; this position is written at ``index`` and attends to
-        rows 0..index. cos/sin: [1, 1, D] (sin signed).
+        rotation: [D, D] RoPE of this position as a matrix (see ``rope_rotation``).
+        key_slot/value_slot: [B, KV, D] views of the cache row this position writes;
+        key_window/value_window: [B, KV, 1, P, D] views of rows 0..P-1 it attends to (itself last).
+        The views are prepared once per cache, so the step makes no indexing ops.
         """
         batch = x.shape[0]
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         qkv = torch.mm(self.fast_in(x), self.qkv_t)
         qkv = qkv.view(batch, heads + 2 * kv_heads, head_dim)
         qk = self.fast_qk(qkv[:, : heads + kv_heads])
-        qk = torch.addcmul(qk * cos, qk.roll(head_dim // 2, dims=-1), sin)
-        keys[:, :, index] = qk[:, heads:]
-        values[:, :, index] = qkv[:, heads + kv_heads :]
+        qk = torch.mm(qk.view(-1, head_dim), rotation).view(batch, heads + kv_heads, head_dim)
+        key_slot.copy_(qk[:, heads:])
+        value_slot.copy_(qkv[:, heads + kv_heads :])
         query = qk[:, :heads].view(batch, kv_heads, heads // kv_heads, 1, head_dim)
         # At most 16 keys. Broadcast multiply-and-sum instead of bmm/SDPA: those kernels open a
         # thread-pool region for any batch of more than one matrix, and on a small or shared CPU
         # waking the other threads costs far more than this arithmetic (up to a scheduler tick
         # when another process holds the cores); elementwise ops stay on this thread below
         # torch's grain size.
-        scores = torch.mul(query, keys[:, :, None, : index + 1]).sum(-1)  # [B, KV, G, index + 1]
+        scores = torch.mul(query, key_window).sum(-1)  # [B, KV, G, P]
         weights = _softmax_inline(scores)
-        out = torch.mul(weights[..., None], values[:, :, None, : index + 1]).sum(-2)  # [B, KV, G, D]
+        out = torch.mul(weights[..., None], value_window).sum(-2)  # [B, KV, G, D]
         x = torch.addmm(x, out.view(batch, heads * head_dim), self.o_t)
         gate_up = torch.mm(self.fast_post(x), self.gate_up_t)
         gate, up = gate_up.chunk(2, dim=-1)

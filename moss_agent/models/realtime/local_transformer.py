@@ -9,7 +9,7 @@ Module paths match the official checkpoint (``local_transformer.model.*``, ``loc
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from moss_agent.models.realtime.layers import (
     RMSNorm,
     attend,
     rms_norm,
+    rope_rotation,
     rope_tables,
     signed_sin,
     transposed_weight,
@@ -31,10 +32,28 @@ from moss_agent.models.realtime.layers import (
 
 @dataclass
 class LocalCache:
-    """Preallocated keys/values for the 16 positions of one frame: [layers, batch, kv_heads, rvq, head_dim]."""
+    """Preallocated keys/values for the 16 positions of one frame: [layers, batch, kv_heads, rvq, head_dim].
+
+    ``slots[layer][i]`` are the (key, value) views [B, KV, D] that position i writes and
+    ``windows[layer][i]`` the (key, value) views [B, KV, 1, i + 1, D] it reads.
+    """
 
     keys: torch.Tensor
     values: torch.Tensor
+    slots: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(init=False)
+    windows: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        layers, positions = self.keys.shape[0], self.keys.shape[3]
+        keys, values = self.keys[:, :, :, None], self.values[:, :, :, None]
+        self.slots = [
+            [(self.keys[n, :, :, i], self.values[n, :, :, i]) for i in range(positions)]
+            for n in range(layers)
+        ]
+        self.windows = [
+            [(keys[n, :, :, :, : i + 1], values[n, :, :, :, : i + 1]) for i in range(positions)]
+            for n in range(layers)
+        ]
 
     @property
     def batch_size(self) -> int:
@@ -94,8 +113,9 @@ class LocalTransformer(nn.Module):
             shape = (1, 1, 1, -1)
             self._cos = [self.rope_cos[i].to(dtype).view(shape) for i in range(self.rvq)]
             self._sin = [self.rope_sin[i].to(dtype).view(shape) for i in range(self.rvq)]
-            self._cos2 = [c.view(1, 1, -1) for c in self._cos]
-            self._sin2 = [c.view(1, 1, -1) for c in self._sin]
+            self._rotations = [
+                rope_rotation(c.view(-1), s.view(-1)) for c, s in zip(self._cos, self._sin, strict=True)
+            ]
             self._heads = [head.weight for head in self.local_lm_heads]
             self._heads_t = [transposed_weight(head) for head in self.local_lm_heads]
             self._final_norm = FastNorm(self.model.norm.weight, self.model.norm.variance_epsilon)
@@ -135,13 +155,12 @@ class LocalTransformer(nn.Module):
         """hidden [B, hidden] -> codes [B, rvq]; ``pick(i, logits[B, V])`` chooses code i for every row."""
         layers = self.packed()
         norm = self._final_norm
-        keys, values = cache.keys, cache.values
         codes = []
         x = hidden
         for index in range(self.rvq):
-            cos, sin = self._cos2[index], self._sin2[index]
-            for layer_index, layer in enumerate(layers):
-                x = layer.step_one(x, cos, sin, keys[layer_index], values[layer_index], index)
+            rotation = self._rotations[index]
+            for layer, slots, windows in zip(layers, cache.slots, cache.windows, strict=True):
+                x = layer.step_one(x, rotation, *slots[index], *windows[index])
             logits = torch.mm(norm(x), self._heads_t[index])
             code = pick(index, logits)
             codes.append(code)
