@@ -71,3 +71,12 @@ def tiny_realtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from moss_agent.models.realtime.tiny import save_tiny_realtime
 
     return save_tiny_realtime(tmp_path_factory.mktemp("tiny_realtime"), seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_realtime_endless_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Like tiny_realtime_dir, but its audio-EOS logit is always 0 while the others spread around it,
+    so greedy turns run to their frame cap: pipeline tests get replies long enough to talk over."""
+    from moss_agent.models.realtime.tiny import save_tiny_realtime
+
+    return save_tiny_realtime(tmp_path_factory.mktemp("tiny_realtime_endless"), seed=3, eos_gain=0.0)

@@ -83,3 +83,22 @@ async def next_event(events: EventStream, kind: type, timeout: float = 20.0, **m
         raise AssertionError(f"the session closed before a {kind.__name__} {match}")
 
     return await asyncio.wait_for(find(), timeout)
+
+
+async def engine_backend(request: pytest.FixtureRequest, clock: Clock, stack: contextlib.AsyncExitStack) -> Any:
+    """The real RealtimeEngine on a tiny random checkpoint that never ends a turn by itself (greedy,
+    capped at 9.6 s), so every reply lasts long enough to be talked over. It runs on real time: its
+    frames take what the CPU needs, whatever ``clock`` says."""
+    from moss_agent.engine.realtime import RealtimeEngine, RealtimeEngineConfig
+    from moss_agent.models.codec import load_codec
+    from moss_agent.models.realtime import SamplingConfig
+
+    codec = load_codec(request.getfixturevalue("tiny_codec_dir"), device="cpu")
+    config = RealtimeEngineConfig(
+        num_slots=8, max_context=1024, max_frames_per_turn=120, sampling=SamplingConfig(greedy=True)
+    )
+    engine = RealtimeEngine.load(request.getfixturevalue("tiny_realtime_endless_dir"), codec, device="cpu", config=config)
+    return await stack.enter_async_context(engine)
+
+
+BACKENDS["engine"] = engine_backend

@@ -126,7 +126,11 @@ async def test_two_turn_conversation_from_user_speech(
 async def test_barge_in_cuts_history_at_the_heard_point_and_next_turn_works(
     make_backend: Any, server: FakeOpenAIServer, utterances: dict[str, np.ndarray]
 ) -> None:
-    long_reply = "Let me tell you a very long story about the sea, the wind and the old lighthouse keeper."
+    long_reply = (
+        "Let me tell you a very long story about the sea, the wind and the old lighthouse keeper, "
+        "who lived alone on a rock far from the coast, and every night he climbed the stairs, "
+        "lit the great lamp and watched the ships pass by until the sun rose again over the water."
+    )
     server.script(long_reply, "Okay, I will stop.")
     clock = ScaledClock(SPEED)
     rig = Rig(await make_backend(clock), server, clock, session_config(server))
@@ -139,7 +143,7 @@ async def test_barge_in_cuts_history_at_the_heard_point_and_next_turn_works(
         await rig.speak(utterances[FIRST], trailing_silence_s=1.0)
         interrupted = await next_event(events, Interrupted, turn_id=handle.id)
         result = await handle
-        assert result.interrupted and result.text == long_reply
+        assert result.interrupted and result.text and long_reply.startswith(result.text)  # text sent so far
         assert 0 < len(result.heard_text) < len(long_reply)
         assert long_reply.startswith(result.heard_text)
         assert interrupted.heard_text == result.heard_text

@@ -50,6 +50,8 @@ async def test_eight_sessions_at_once_keep_their_own_audio(make_backend: Any) ->
         await asyncio.gather(*(s.aclose() for s in speakers))
     if hasattr(backend, "active"):
         assert not backend.active
+    if hasattr(backend, "free_slots"):  # the real engine: every slot came back
+        assert backend.free_slots == backend.config.num_slots and backend.waiting == 0
 
 
 async def _churn(backend: Any, clock: ScaledClock, rounds: int) -> int:
@@ -90,3 +92,5 @@ async def test_closing_sessions_under_load_leaks_nothing(make_backend: Any) -> N
     assert not leftover, [t.get_name() for t in leftover]
     if hasattr(backend, "active"):
         assert not backend.active
+    if hasattr(backend, "free_slots"):  # the real engine: every slot came back
+        assert backend.free_slots == backend.config.num_slots and backend.waiting == 0
