@@ -300,11 +300,18 @@ def model_from_state_dict(
 def load_realtime_tokenizer(folder: Path, config: RealtimeConfig) -> Any:
     """The checkpoint's tokenizer; checks that the pad strings map to the ids the model was trained on."""
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    # AutoTokenizer peeks at config.json, whose model type transformers does not know, and warns
+    # about it; the tokenizer files themselves are standard, so that warning is noise here.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except Exception as exc:
         raise CheckpointError(f"could not load the tokenizer from {folder}: {exc}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
     for name, wanted in (("<|text_pad|>", config.text_pad_id), ("<|audio_pad|>", config.audio_pad_text_id)):
         found = tokenizer.convert_tokens_to_ids(name)
         if found != wanted:
