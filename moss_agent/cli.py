@@ -10,7 +10,7 @@ import sys
 from moss_agent.errors import MossError
 
 # Subcommand modules under moss_agent.commands, imported lazily so `--help` stays fast.
-COMMANDS = ("reply", "say", "tts", "dialogue", "voice_design", "sfx", "chat", "serve", "mqtt_worker", "make_tiny")
+COMMANDS = ("bench", "reply", "say", "tts", "dialogue", "voice_design", "sfx", "chat", "serve", "mqtt_worker", "make_tiny")
 
 
 def build_parser() -> argparse.ArgumentParser:

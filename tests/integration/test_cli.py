@@ -210,3 +210,10 @@ async def test_chat_hears_a_jack_microphone_and_answers_on_the_speaker(cache, ja
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_bench_prints_latency_and_throughput(cache, capsys):
+    assert main(["bench", "--tiny", "--sessions", "1", "2", "--frames", "4"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
+    assert [row[0] for row in rows] == ["1", "2"]
+    assert all(float(row[1]) > 0 and float(row[5]) > 0 for row in rows)  # first audio ms, frames/s
