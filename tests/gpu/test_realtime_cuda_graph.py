@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from moss_agent.models.realtime import RealtimeGenerator, SamplingConfig
-from tests.models.test_realtime_tick import run_schedule, tiny_model, tokenizer  # noqa: F401 (fixture)
+from tests.models.shared_fixtures import tokenizer  # noqa: F401 (fixture)
+from tests.models.test_realtime_tick import run_schedule, tiny_model
 
 pytestmark = [
     pytest.mark.gpu,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,16 +15,10 @@ from moss_agent.errors import CheckpointError, ConfigError
 from moss_agent.models.codec import CodecConfig, MossAudioTokenizer, load_codec, published_config_dict
 from moss_agent.models.codec.tiny import save_tiny_codec
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 QKV = "decoder.2.transformer.layers.1.self_attn.in_projs.0.weight"
 WN_V = "quantizer.quantizers.1.in_proj.parametrizations.weight.original1"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,8 @@ from safetensors.torch import load_file
 
 from moss_agent.models.codec import MossAudioTokenizer, load_codec
 from tests.conftest import parity_model_dir
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 KINDS = {"encode", "encode_chunked", "batch_encode", "decode", "batch_decode", "decode_of_encode",
          "decode_chunked", "streaming_decode"}
@@ -64,15 +65,6 @@ class Goldens:
 
     def close_hidden(self, actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
         torch.testing.assert_close(actual, expected, atol=self.atol_hidden, rtol=0, msg=what)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny models run fastest on one thread, and two threads stall badly on a shared 2-core machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

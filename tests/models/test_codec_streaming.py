@@ -3,7 +3,6 @@ ring caches wrap as upstream's do, and streaming equals offline while every wind
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,16 +13,9 @@ from moss_agent.errors import ConfigError
 from moss_agent.models.codec import MossAudioTokenizer, SampleFramer, load_codec
 from moss_agent.models.codec.tiny import save_tiny_codec
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FRAMES = 20  # 1.6 s: five times the 0.32 s window of the default tiny codec, so every ring wraps
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny models run fastest on one thread, and two threads stall badly on a shared 2-core machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -7,42 +7,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from moss_agent.errors import ConfigError
 from moss_agent.models.batch_sampling import SamplingParams
 from moss_agent.models.delay.generation import generate_delay
-from moss_agent.models.tts_loading import LoadedTTS, load_tts
-from tests.conftest import parity_model_dir
+from moss_agent.models.tts_loading import LoadedTTS
 from tests.models.test_delay_parity import golden_key, manifest_ids, max_new_tokens, require
 
+PARITY_MODEL = "delay"
+
 GREEDY = SamplingParams().greedy()
-
-
-@pytest.fixture(scope="module")
-def delay_dir(parity_dir: Path) -> Path:
-    return parity_model_dir(parity_dir, "delay")
-
-
-@pytest.fixture(scope="module")
-def goldens(delay_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(delay_dir / "goldens.safetensors"))
 
 
 @pytest.fixture(scope="module")
 def cases(parity_dir: Path) -> dict[str, dict]:
     manifest = json.loads((parity_dir / "manifest.json").read_text())
     return {c["id"]: c for c in manifest["cases"]}
-
-
-@pytest.fixture(scope="module")
-def generation_cases(delay_dir: Path) -> dict:
-    return json.loads((delay_dir / "cases.json").read_text())["generation"]
-
-
-@pytest.fixture(scope="module")
-def loaded(delay_dir: Path) -> LoadedTTS:
-    return load_tts(delay_dir / "checkpoint", device="cpu", dtype="float32")
 
 
 def run(loaded: LoadedTTS, goldens: dict, prompt: str, max_new_tokens: int = 30, **kwargs):

@@ -8,32 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from moss_agent.models.delay.processor import Message, TTSProcessor
-from moss_agent.models.tts_loading import LoadedTTS, load_tts
-from tests.conftest import _parity_root, parity_model_dir
+from tests.conftest import _parity_root
 
-
-@pytest.fixture(scope="module")
-def delay_dir(parity_dir: Path) -> Path:
-    return parity_model_dir(parity_dir, "delay")
-
-
-@pytest.fixture(scope="module")
-def goldens(delay_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(delay_dir / "goldens.safetensors"))
+PARITY_MODEL = "delay"
 
 
 @pytest.fixture(scope="module")
 def cases(parity_dir: Path) -> dict[str, dict]:
     manifest = json.loads((parity_dir / "manifest.json").read_text())
     return {c["id"]: c for c in manifest["cases"] if c["id"].startswith(("delay.", "local."))}
-
-
-@pytest.fixture(scope="module")
-def loaded(delay_dir: Path) -> LoadedTTS:
-    return load_tts(delay_dir / "checkpoint", device="cpu", dtype="float32")
 
 
 def conversation_for(case: dict, proc: TTSProcessor, goldens: dict[str, torch.Tensor]) -> list[Message]:
@@ -87,12 +72,12 @@ def require(case_id: str, cases: dict) -> dict:
 
 
 @pytest.mark.parametrize("case_id", manifest_ids("delay.proc."))
-def test_processor_ids_match_upstream(case_id, cases, goldens, loaded, delay_dir):
+def test_processor_ids_match_upstream(case_id, cases, goldens, loaded, model_dir):
     require(case_id, cases)
     prompt = build_case(case_id, cases, loaded.processor, goldens)
     assert torch.equal(prompt.input_ids, goldens[f"{case_id}.input_ids"])
     assert torch.equal(prompt.attention_mask, goldens[f"{case_id}.attention_mask"])
-    contents = json.loads((delay_dir / "cases.json").read_text())["processor_contents"][case_id]
+    contents = json.loads((model_dir / "cases.json").read_text())["processor_contents"][case_id]
     call = cases[case_id]["inputs"]["call"]
     if "conversations" not in call:
         built = [m.content for m in conversation_for(cases[case_id], loaded.processor, goldens)]
@@ -137,8 +122,8 @@ def test_teacher_forced_matches_upstream(case_id, cases, goldens, loaded):
         )
 
 
-def test_loaded_checkpoint_facts(loaded, delay_dir):
+def test_loaded_checkpoint_facts(loaded, model_dir):
     assert loaded.architecture == "delay" and loaded.processor.delayed
     assert loaded.config.n_vq == loaded.model.n_vq
-    processor_config = json.loads((delay_dir / "checkpoint" / "processor_config.json").read_text())
+    processor_config = json.loads((model_dir / "checkpoint" / "processor_config.json").read_text())
     assert loaded.codec_name_or_path == processor_config["audio_tokenizer_name_or_path"]

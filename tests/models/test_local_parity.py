@@ -7,42 +7,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from moss_agent.errors import ConfigError
 from moss_agent.models.batch_sampling import SamplingParams
 from moss_agent.models.local.generation import generate_local
-from moss_agent.models.tts_loading import LoadedTTS, load_tts
-from tests.conftest import parity_model_dir
 from tests.models.test_delay_parity import build_case, golden_key, manifest_ids, max_new_tokens, require
 
+PARITY_MODEL = "local"
+
 GREEDY = SamplingParams().greedy()
-
-
-@pytest.fixture(scope="module")
-def local_dir(parity_dir: Path) -> Path:
-    return parity_model_dir(parity_dir, "local")
-
-
-@pytest.fixture(scope="module")
-def goldens(local_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(local_dir / "goldens.safetensors"))
 
 
 @pytest.fixture(scope="module")
 def cases(parity_dir: Path) -> dict[str, dict]:
     manifest = json.loads((parity_dir / "manifest.json").read_text())
     return {c["id"]: c for c in manifest["cases"] if c["id"].startswith("local.")}
-
-
-@pytest.fixture(scope="module")
-def generation_cases(local_dir: Path) -> dict:
-    return json.loads((local_dir / "cases.json").read_text())["generation"]
-
-
-@pytest.fixture(scope="module")
-def loaded(local_dir: Path) -> LoadedTTS:
-    return load_tts(local_dir / "checkpoint", device="cpu", dtype="float32")
 
 
 def test_architecture_is_detected(loaded):

@@ -14,17 +14,10 @@ from moss_agent.models.realtime.prompt import PromptBuilder
 from moss_agent.models.realtime.text import UpstreamSegmentTokenizer
 from tests.conftest import parity_model_dir
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 GREEDY_UPSTREAM = SamplingConfig(greedy=True, mask_special_codes=False)
 FRAME_CAP = 20  # the fixture driver's cap
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine they lose a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

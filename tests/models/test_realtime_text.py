@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import random
 
-import pytest
-from transformers import AutoTokenizer
-
 from moss_agent.models.realtime.text import GrowingTextTokenizer, UpstreamSegmentTokenizer
-from moss_agent.models.realtime.tiny import write_tokenizer
 
 TEXTS = [
     "Hello, world! It's a test of the realtime voice... really?  Yes:  12,345.67 dollars.\n\nNew line; café — (x) [y] don't",
@@ -18,13 +14,6 @@ TEXTS = [
     "a\tb\r\nc  \n  d",
     "Ünïcödé cafe\u0301 combining and NFC forms",
 ]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory):
-    folder = tmp_path_factory.mktemp("tokenizer")
-    write_tokenizer(folder)
-    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
 
 
 def _stream(tokenizer, text: str, rng: random.Random, max_chunk: int) -> list[int]:

@@ -6,30 +6,16 @@ import time
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from moss_agent.models.realtime import RealtimeGenerator, SamplingConfig
 from moss_agent.models.realtime.model import MossTTSRealtime, model_from_state_dict
-from moss_agent.models.realtime.tiny import random_state_dict, tiny_config, write_tokenizer
+from moss_agent.models.realtime.tiny import random_state_dict, tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TEXT = "Hello there, this is a streaming test of the realtime voice. It keeps going for a while."
 GREEDY = SamplingConfig(greedy=True)
 SAMPLED = SamplingConfig(temperature=0.9, top_k=20, top_p=0.8, repetition_penalty=1.2, repetition_window=8)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory):
-    folder = tmp_path_factory.mktemp("tokenizer")
-    write_tokenizer(folder)
-    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
 
 
 def tiny_model(device: torch.device) -> MossTTSRealtime:
