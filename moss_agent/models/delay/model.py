@@ -17,24 +17,21 @@ from moss_agent.models.delay.config import TTSModelConfig
 log = logging.getLogger(__name__)
 
 
-class MossTTSDelayModel(nn.Module):
-    """Delay-pattern TTS model. ``input_ids``: [B, T, 1 + n_vq] (channel 0 text, 1.. audio codes)."""
+def channel_heads(config: TTSModelConfig) -> nn.ModuleList:
+    """``lm_heads``: the text head [vocab, H] then one [audio_vocab + 1, H] head per codebook (the pad
+    code is a learned row). Shared by the Delay and Local models, whose checkpoints name them alike."""
+    hidden, audio_rows = config.hidden_size, config.audio_vocab_size + 1
+    return nn.ModuleList(
+        [nn.Linear(hidden, config.vocab_size, bias=False)]
+        + [nn.Linear(hidden, audio_rows, bias=False) for _ in range(config.n_vq)]
+    )
 
-    def __init__(self, config: TTSModelConfig) -> None:
-        super().__init__()
-        from transformers import Qwen3Model
 
-        self.config = config
-        hidden = config.hidden_size
-        n_vq = config.n_vq
-        audio_rows = config.audio_vocab_size + 1  # the pad code is a learned row, not a padding_idx
-        self.language_model = Qwen3Model(config.qwen3_config())
-        self.emb_ext = nn.ModuleList(nn.Embedding(audio_rows, hidden) for _ in range(n_vq))
-        self.lm_heads = nn.ModuleList(
-            [nn.Linear(hidden, config.vocab_size, bias=False)]
-            + [nn.Linear(hidden, audio_rows, bias=False) for _ in range(n_vq)]
-        )
-        self._fused: tuple[torch.Tensor, torch.Tensor] | None = None
+class ChannelHeadsInfo:
+    """``n_vq``, ``device`` and ``dtype`` of a model built on ``channel_heads``."""
+
+    config: TTSModelConfig
+    lm_heads: nn.ModuleList
 
     @property
     def n_vq(self) -> int:
@@ -47,6 +44,23 @@ class MossTTSDelayModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.lm_heads[0].weight.dtype
+
+
+class MossTTSDelayModel(ChannelHeadsInfo, nn.Module):
+    """Delay-pattern TTS model. ``input_ids``: [B, T, 1 + n_vq] (channel 0 text, 1.. audio codes)."""
+
+    def __init__(self, config: TTSModelConfig) -> None:
+        super().__init__()
+        from transformers import Qwen3Model
+
+        self.config = config
+        hidden = config.hidden_size
+        n_vq = config.n_vq
+        audio_rows = config.audio_vocab_size + 1  # the pad code is a learned row, not a padding_idx
+        self.language_model = Qwen3Model(config.qwen3_config())
+        self.emb_ext = nn.ModuleList(nn.Embedding(audio_rows, hidden) for _ in range(n_vq))
+        self.lm_heads = channel_heads(config)
+        self._fused: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def prepare_for_inference(self) -> None:
         """Share one [n_vq, 1025, H] tensor between the per-codebook embeddings (and heads).

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from moss_agent.models.delay.config import TTSModelConfig
+from moss_agent.models.delay.model import ChannelHeadsInfo, channel_heads
 
 
 class SwiGLU(nn.Module):
@@ -92,7 +93,7 @@ class _Backbone(nn.Module):
         )  # its embed_tokens is unused, kept for the keys
 
 
-class MossTTSLocalModel(nn.Module):
+class MossTTSLocalModel(ChannelHeadsInfo, nn.Module):
     """input_ids: [B, T, 1 + n_vq]; channel 0 text, channels 1.. codes (no delay pattern)."""
 
     def __init__(self, config: TTSModelConfig) -> None:
@@ -116,22 +117,7 @@ class MossTTSLocalModel(nn.Module):
             SwiGLU(local, adapter, hidden) for _ in range(channels)
         )
         self.layer_norm_before_lm_heads = nn.ModuleList(PlainRMSNorm(hidden) for _ in range(channels))
-        self.lm_heads = nn.ModuleList(
-            [nn.Linear(hidden, config.vocab_size, bias=False)]
-            + [nn.Linear(hidden, config.audio_vocab_size + 1, bias=False) for _ in range(config.n_vq)]
-        )
-
-    @property
-    def n_vq(self) -> int:
-        return self.config.n_vq
-
-    @property
-    def device(self) -> torch.device:
-        return self.lm_heads[0].weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.lm_heads[0].weight.dtype
+        self.lm_heads = channel_heads(config)
 
     def prepare_for_inference(self) -> None:
         """Zero the padding rows (text pad, audio pad), as upstream loading does whatever the file holds."""
