@@ -14,27 +14,32 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import secrets
 import signal
 import sys
 
-from moss_agent.commands.common import CODEC_ID, REALTIME_ID, UNTRAINED_NOTICE, ensure_tiny_checkpoints
-from moss_agent.config import LLMConfig, SessionConfig
+from moss_agent.commands.common import (
+    CODEC_ID,
+    REALTIME_ID,
+    UNTRAINED_NOTICE,
+    add_llm_options,
+    add_stt_options,
+    build_llm,
+    build_stt,
+    ensure_tiny_checkpoints,
+    llm_config,
+)
+from moss_agent.config import SessionConfig
 from moss_agent.engine.realtime import RealtimeEngine, RealtimeEngineConfig
 from moss_agent.serving import session_handler
-from moss_agent.speech.stt import OpenAITranscriber, PocketSphinxRecognizer
 from moss_agent.speech.vad import SileroVad
-from moss_agent.streaming.llm import EchoResponder, OpenAIChatLLM
 from moss_agent.transports.webrtc import WebRTCServer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--llm-url", default=None, help="OpenAI-compatible base URL (default: offline echo responder)")
-    parser.add_argument("--llm-model", default="default")
-    parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", "not-needed"))
-    parser.add_argument("--stt-url", default=None, help="OpenAI-compatible transcription URL (default: pocketsphinx)")
+    add_llm_options(parser)
+    add_stt_options(parser)
     parser.add_argument("--model", default=REALTIME_ID, help=f"MOSS-TTS-Realtime folder or hub id (default {REALTIME_ID})")
     parser.add_argument("--codec", default=CODEC_ID, help=f"MOSS-Audio-Tokenizer folder or hub id (default {CODEC_ID})")
     parser.add_argument("--tiny", action="store_true", help="tiny random checkpoints: runs anywhere, the audio is not speech")
@@ -57,20 +62,15 @@ def load_engine(args: argparse.Namespace) -> RealtimeEngine:
 async def serve(args: argparse.Namespace) -> int:
     if args.tiny:
         print(UNTRAINED_NOTICE, file=sys.stderr)
-    endpoint = {"base_url": args.llm_url} if args.llm_url else {}
-    llm_config = LLMConfig(**endpoint, model=args.llm_model, api_key=args.api_key)
+    llm_settings = llm_config(args)
     engine = await asyncio.to_thread(load_engine, args)
-    stt = (
-        OpenAITranscriber(args.stt_url, args.api_key)
-        if args.stt_url
-        else await asyncio.to_thread(PocketSphinxRecognizer)
-    )
+    stt = await asyncio.to_thread(build_stt, args)
     handler = session_handler(
         engine,
-        llm_factory=lambda: OpenAIChatLLM(llm_config) if args.llm_url else EchoResponder(),
+        llm_factory=lambda: build_llm(args),
         vad_factory=SileroVad,  # one per connection: the model keeps state
         stt=stt,
-        config=SessionConfig(llm=llm_config),
+        config=SessionConfig(llm=llm_settings),
         greeting=args.greeting or None,
     )
     token = args.token or secrets.token_urlsafe(16)
