@@ -99,7 +99,7 @@ def resample(
     """Resample float32 mono audio x: [T] -> [round(T * to_rate / from_rate)] with soxr."""
     _check_rate(from_rate, "from_rate")
     _check_rate(to_rate, "to_rate")
-    samples = _as_mono_float(x, "audio passed to resample")
+    samples = as_mono_float(x, "audio passed to resample")
     if from_rate == to_rate or samples.size == 0:
         return samples.copy()
     return np.asarray(soxr.resample(samples, from_rate, to_rate, quality=quality), dtype=np.float32)
@@ -128,7 +128,7 @@ class StreamResampler:
 
     def process(self, chunk: np.ndarray) -> np.ndarray:
         """chunk: [n] float32 mono -> [m] float32, m about n * to_rate / from_rate over time."""
-        samples = _as_mono_float(chunk, "chunk passed to StreamResampler.process")
+        samples = as_mono_float(chunk, "chunk passed to StreamResampler.process")
         if self._stream is None:
             return samples.copy()
         return np.asarray(self._stream.resample_chunk(samples, last=False), dtype=np.float32)
@@ -393,7 +393,8 @@ def _check_finite(samples: np.ndarray, label: str) -> None:
         raise AudioError(f"{label} contains {bad} NaN or infinite samples; the audio is corrupt")
 
 
-def _as_mono_float(x: np.ndarray, label: str) -> np.ndarray:
+def as_mono_float(x: np.ndarray, label: str) -> np.ndarray:
+    """Check ``x`` is finite mono float audio [T] -> float32 contiguous; AudioError naming ``label``."""
     samples = np.asarray(x)
     if samples.ndim != 1:
         raise AudioError(f"{label} must be mono with shape [T], got shape {samples.shape}")

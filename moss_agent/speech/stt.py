@@ -41,16 +41,8 @@ class SpeechRecognizer(Protocol):
 
 def _prepare(pcm: np.ndarray, sample_rate: int) -> np.ndarray:
     """Validate and resample one utterance to 16 kHz: [T] -> [T'] float32. Raises STTError."""
-    samples = np.asarray(pcm)
-    if samples.ndim != 1:
-        raise STTError(f"speech recognition needs mono audio of shape [T], got shape {samples.shape}")
-    if samples.dtype.kind != "f":
-        raise STTError(
-            f"speech recognition needs float samples in [-1, 1], got dtype {samples.dtype}; "
-            "convert PCM16 with moss_agent.audio.pcm16_to_float"
-        )
     try:
-        return resample(samples.astype(np.float32, copy=False), sample_rate, RECOGNIZER_RATE)
+        return resample(pcm, sample_rate, RECOGNIZER_RATE)
     except AudioError as exc:
         raise STTError(f"cannot transcribe this audio: {exc}") from exc
 

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from moss_agent._optional import require
-from moss_agent.errors import AudioError, ModelError
+from moss_agent.audio import as_mono_float
+from moss_agent.errors import ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class SileroVad:
         W is the number of windows completed by this call (remainder carried over). Raises AudioError
         for multi-channel, non-float or non-finite input.
         """
-        samples = _validate(pcm)
+        samples = as_mono_float(pcm, "VAD input (mono float audio at 16 kHz)")
         with self._lock:
             buffered = np.concatenate([self._pending, samples]) if self._pending.size else samples
             count = buffered.shape[0] // self.window
@@ -112,15 +113,3 @@ def _single_thread() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _validate(pcm: np.ndarray) -> np.ndarray:
-    samples = np.asarray(pcm)
-    if samples.ndim != 1:
-        raise AudioError(f"VAD input must be mono audio of shape [T] at 16 kHz, got shape {samples.shape}")
-    if samples.dtype.kind != "f":
-        raise AudioError(
-            f"VAD input must be float samples in [-1, 1], got dtype {samples.dtype}; "
-            "convert PCM16 with moss_agent.audio.pcm16_to_float"
-        )
-    if not np.isfinite(samples).all():
-        raise AudioError("VAD input contains NaN or infinite samples")
-    return samples.astype(np.float32, copy=False)
