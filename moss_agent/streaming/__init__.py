@@ -16,8 +16,7 @@ Names are imported on first use, so ``import moss_agent.streaming.tts`` stays li
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from moss_agent._lazy import lazy_exports
 
 _EXPORTS = {
     "Session": "session",
@@ -54,8 +53,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'moss_agent.streaming' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"moss_agent.streaming.{module}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -12,8 +12,7 @@ Names are imported on first use (the HTTP server needs aiohttp).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from moss_agent._lazy import lazy_exports
 
 _EXPORTS = {
     "FakeSpeechBackend": "backend",
@@ -30,8 +29,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'moss_agent.testing' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"moss_agent.testing.{module}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -10,9 +10,7 @@ transport classes are imported lazily, so ``import moss_agent.transports`` needs
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from moss_agent._lazy import lazy_exports
 from moss_agent.transports.base import AudioInput, AudioOutput, PlaybackCallback
 from moss_agent.transports.capture import QueueAudioInput
 from moss_agent.transports.connection import Connection, ConnectionHandler, event_to_json
@@ -52,8 +50,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'moss_agent.transports' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_exports(__name__, _LAZY)
