@@ -38,8 +38,10 @@ TEXT = (
 FRAME_S = 0.08
 
 
-def run(model, tokenizer, slots: int, ticks: int, warmup: int, max_context: int) -> dict[str, float]:
-    gen = RealtimeGenerator(model, tokenizer, num_slots=slots, max_context=max_context)
+def run(
+    model, tokenizer, slots: int, ticks: int, warmup: int, max_context: int, compile: bool
+) -> dict[str, float]:
+    gen = RealtimeGenerator(model, tokenizer, num_slots=slots, max_context=max_context, compile=compile)
     sampling = SamplingConfig()
     for slot in range(slots):  # warm-up turn (allocator, thread pools), not measured
         gen.start_conversation(slot)
@@ -94,10 +96,14 @@ def main() -> None:
     parser.add_argument("--ticks", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--max-context", type=int, default=1024)
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the tick (first tick of each size compiles)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
-        f"torch {torch.__version__}, {args.threads} threads, max_context {args.max_context}, median of {args.ticks} ticks"
+        f"torch {torch.__version__}, {args.threads} threads, max_context {args.max_context}, "
+        f"{'compiled' if args.compile else 'eager'}, median of {args.ticks} ticks"
     )
     header = f"{'config':<7}{'slots':>6}{'ttff_ms':>9}{'tick_ms':>9}{'frames/s':>10}{'rtf':>7}{'x1slot':>8}{'MiB/slot':>10}"
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,7 +113,7 @@ def main() -> None:
             print(header)
             single = None
             for slots in args.slots:
-                result = run(model, tokenizer, slots, args.ticks, args.warmup, args.max_context)
+                result = run(model, tokenizer, slots, args.ticks, args.warmup, args.max_context, args.compile)
                 single = single or (result["frames_s"] if slots == 1 else None)
                 scale = f"{result['frames_s'] / single:.1f}" if single else "-"
                 print(

@@ -44,6 +44,10 @@ def add_engine_options(parser: argparse.ArgumentParser, *, slots: int = 4) -> No
     group.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     group.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable output")
     group.add_argument("--max-seconds", type=float, default=60.0, help="hard cap on one reply's audio (default 60)")
+    group.add_argument(
+        "--compile", action="store_true",
+        help="torch.compile the model step: about 2x faster on CPU after a one-off compile (20-60 s, cached on disk)",
+    )
 
 
 def add_llm_options(parser: argparse.ArgumentParser) -> None:
@@ -113,6 +117,7 @@ def build_engine(args: argparse.Namespace) -> Any:
         max_frames_per_turn=max(1, round(args.max_seconds / 0.08)),
         sampling=SamplingConfig(greedy=True) if args.greedy else SamplingConfig(),
         seed=args.seed,
+        compile=args.compile,
     )
     return RealtimeEngine.load(model, codec, device=args.device, dtype=args.dtype, config=config)
 

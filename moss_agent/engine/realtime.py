@@ -58,6 +58,7 @@ class RealtimeEngineConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     seed: int | None = None
     cuda_graph: bool = True  # replay each tick from a CUDA graph on CUDA devices (ignored on CPU)
+    compile: bool = False  # torch.compile the tick (about 2x faster on CPU; first tick compiles)
 
     def __post_init__(self) -> None:
         if self.num_slots < 1:
@@ -142,6 +143,7 @@ class RealtimeEngine:
             max_frames_per_turn=config.max_frames_per_turn,
             seed=config.seed,
             cuda_graph=config.cuda_graph,
+            compile=config.compile,
         )
         return cls(generator, codec, config)
 

@@ -109,6 +109,31 @@ class RowSampler:
         return torch.where(self.greedy, logits.argmax(dim=-1), sampled)
 
 
+def pick_codes(
+    logits: torch.Tensor,
+    sampler: RowSampler,
+    *,
+    history: torch.Tensor | None,
+    penalty: torch.Tensor | None,
+    banned: torch.Tensor | None,
+    uniform: torch.Tensor | None,
+    any_greedy: bool = True,
+) -> torch.Tensor:
+    """One codebook's choice for every row: logits [B, V] -> ids [B] long.
+
+    history [B, W] with penalty [B, 1] (repetition penalty), banned [B, V] bool (ids never
+    chosen), uniform [B] (the draw); None skips that feature (no uniform: greedy for every row).
+    """
+    scores = logits.float()
+    if history is not None and penalty is not None:
+        scores = apply_repetition_penalty(scores, history, penalty)
+    if banned is not None:
+        scores = scores.masked_fill(banned, float("-inf"))
+    if uniform is None:
+        return scores.argmax(dim=-1)
+    return sampler(scores, uniform, any_greedy)
+
+
 def sample_rows(
     logits: torch.Tensor,
     *,

@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from moss_agent.errors import ConfigError
 from moss_agent.models.realtime import RealtimeGenerator, SamplingConfig
 from moss_agent.models.realtime.model import MossTTSRealtime, model_from_state_dict
 from moss_agent.models.realtime.tiny import random_state_dict, tiny_config
@@ -80,3 +81,24 @@ def test_device_tick_traces_without_graph_breaks(tokenizer) -> None:
     assert hidden.shape == (2, model.config.hidden_size)
     assert frames.shape == (2, model.config.rvq)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_tick_gives_the_eager_frames(tokenizer, backend: str) -> None:
+    """The compiled tick (one graph per local position, the position given by tensors) makes the
+    same frames as the eager tick for a mix of greedy and sampled slots joining and leaving.
+    ``eager`` only traces (checks the graph form); ``inductor`` runs the generated C++ kernels."""
+    model = tiny_model(torch.device("cpu"))
+    sampling = [GREEDY, SAMPLED, SamplingConfig(greedy=True, repetition_penalty=1.0, mask_special_codes=False)]
+    results = []
+    for compile in (False, backend):
+        gen = RealtimeGenerator(model, tokenizer, num_slots=3, max_context=256, compile=compile)
+        results.append(run_schedule(gen, sampling, ticks=40))
+    assert sum(int((frames >= 0).all(-1).sum()) for frames in results[0]) > 30
+    for eager, compiled in zip(*results, strict=True):
+        assert torch.equal(eager, compiled)
+
+
+def test_compile_refuses_attention_buckets(tokenizer) -> None:
+    with pytest.raises(ConfigError, match="attention_bucket"):
+        RealtimeGenerator(tiny_model(torch.device("cpu")), tokenizer, num_slots=1, compile=True, attention_bucket=64)

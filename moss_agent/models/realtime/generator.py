@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 from moss_agent.errors import ConfigError, EngineError
+from moss_agent.models.realtime.accelerated import CompiledTick, TickGraph
 from moss_agent.models.realtime.config import DELAY_TOKENS
 from moss_agent.models.realtime.model import MossTTSRealtime
 from moss_agent.models.realtime.prompt import PromptBuilder
@@ -59,8 +60,8 @@ from moss_agent.models.sampling import (
     RepetitionWindow,
     RowSampler,
     SamplingConfig,
-    apply_repetition_penalty,
     counter_uniforms,
+    pick_codes,
 )
 
 log = logging.getLogger(__name__)
@@ -124,11 +125,14 @@ class RealtimeGenerator:
         seed: int | None = None,
         attention_bucket: int | None = None,
         cuda_graph: bool = True,
+        compile: bool | str = False,
     ) -> None:
         if num_slots < 1:
             raise ConfigError(f"num_slots must be >= 1, got {num_slots}")
         if attention_bucket is not None and attention_bucket < 1:
             raise ConfigError(f"attention_bucket must be >= 1 or None, got {attention_bucket}")
+        if compile and attention_bucket is not None:
+            raise ConfigError("compile needs attention_bucket=None (a compiled tick reads the whole cache)")
         if max_context < 4 * DELAY_TOKENS:
             raise ConfigError(f"max_context {max_context} is too small; use at least {4 * DELAY_TOKENS}")
         config = model.config
@@ -200,9 +204,12 @@ class RealtimeGenerator:
         # how many cache rows a tick reads); elsewhere (CPU included) the same code runs eagerly.
         self.uses_cuda_graph = cuda_graph and self.device.type == "cuda" and attention_bucket is None
         self._graph: TickGraph | None = None
+        self._compiled = (
+            CompiledTick(self, "inductor" if compile is True else compile) if compile else None
+        )
         # Run every sampling feature each tick, as the graph does, instead of skipping those no
         # row uses; the frames are the same either way (tests check it on the CPU).
-        self.full_tick = self.uses_cuda_graph
+        self.full_tick = self.uses_cuda_graph or self._compiled is not None
 
     # -- conversation and turn control ---------------------------------------------------------
 
@@ -508,11 +515,16 @@ class RealtimeGenerator:
         any_sampling, any_greedy, any_penalty, any_banned = flags
         positions, generating = self._in_positions, self._in_generating
         ids = torch.cat([self._in_token[:, None], self._prev_frame], dim=1)
-        hidden = self.model.decode(self.cache, ids, positions, attend_length)
+        compiled = self._compiled
+        decode = self.model.decode if compiled is None else compiled.decode
+        hidden = decode(self.cache, ids, positions, attend_length)
         hidden = torch.where(self._in_fresh[:, None], self._pending_hidden, hidden)
         self._rows[self._slot_index_device, positions] = ids
-        pick = self._picker(self._in_frame_index, any_sampling, any_greedy, any_penalty, any_banned)
-        frames = self.model.local_transformer.generate(hidden, self._local_cache, pick)
+        if compiled is not None:
+            frames = compiled.local_frames(hidden, self._in_frame_index)
+        else:
+            pick = self._picker(self._in_frame_index, any_sampling, any_greedy, any_penalty, any_banned)
+            frames = self.model.local_transformer.generate(hidden, self._local_cache, pick)
         self._prev_frame.copy_(torch.where(generating[:, None], frames, self._prev_frame))
         if any_penalty:
             self._repetition.record(frames, self._in_frame_index, generating)
@@ -555,14 +567,15 @@ class RealtimeGenerator:
         sampler = self._sampler
 
         def pick(index: int, logits: torch.Tensor) -> torch.Tensor:
-            scores = logits.float()
-            if repetition is not None:
-                scores = apply_repetition_penalty(scores, repetition.history(index), penalty)
-            if banned is not None:
-                scores = scores.masked_fill(banned[:, index], float("-inf"))
-            if uniforms is None:
-                return scores.argmax(dim=-1)
-            return sampler(scores, uniforms[:, index], any_greedy)
+            return pick_codes(
+                logits,
+                sampler,
+                history=None if repetition is None else repetition.history(index),
+                penalty=penalty,
+                banned=None if banned is None else banned[:, index],
+                uniform=None if uniforms is None else uniforms[:, index],
+                any_greedy=any_greedy,
+            )
 
         return pick
 
@@ -612,38 +625,3 @@ class RealtimeGenerator:
             state.pending_rows = [torch.stack(carry)] if carry else []
         spoken = [i for i in text_ids if i != self.config.text_pad_id]
         return str(self.tokenizer.decode(spoken))
-
-
-class TickGraph:
-    """``RealtimeGenerator.device_tick`` captured once in a CUDA graph and replayed every tick.
-
-    Captured for the generator's fixed slot count with every sampling feature on (which gives the
-    same frames as the eager path's shortcuts) and attention over the whole cache. Everything it
-    touches is a fixed buffer updated in place; prefill, turn control and sampling settings write
-    into the same buffers between replays. Weights must not be moved or replaced afterwards.
-    NOTE: written without access to a GPU; checked by tests/gpu/test_realtime_cuda_graph.py.
-    """
-
-    def __init__(self, generator: RealtimeGenerator) -> None:
-        self._generator = generator
-        attend_length = generator.max_context + 1
-        # Warm-up and capture run a tick with no slot generating and every slot writing at its
-        # current length, i.e. into free cache rows: no conversation state changes.
-        generator._in_generating.zero_()
-        generator._in_fresh.zero_()
-        generator._in_positions.copy_(generator._length.clamp(max=generator.max_context))
-        stream = torch.cuda.Stream(generator.device)
-        stream.wait_stream(torch.cuda.current_stream(generator.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # lazy inits, allocator and library workspaces outside the capture
-                generator.device_tick(attend_length)
-        torch.cuda.current_stream(generator.device).wait_stream(stream)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
-            self._hidden, self._frames = generator.device_tick(attend_length)
-        log.info("captured the realtime tick in a CUDA graph", extra={"slots": generator.num_slots})
-
-    def replay(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (hidden [S, hidden], frames [S, rvq]); buffers overwritten by the next replay."""
-        self._graph.replay()
-        return self._hidden, self._frames

@@ -200,15 +200,9 @@ class PackedLayer:
         key_window/value_window: [B, KV, 1, P, D] views of rows 0..P-1 it attends to (itself last).
         The views are prepared once per cache, so the step makes no indexing ops.
         """
-        batch = x.shape[0]
-        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
-        qkv = torch.mm(self.fast_in(x), self.qkv_t)
-        qkv = qkv.view(batch, heads + 2 * kv_heads, head_dim)
-        qk = self.fast_qk(qkv[:, : heads + kv_heads])
-        qk = torch.mm(qk.view(-1, head_dim), rotation).view(batch, heads + kv_heads, head_dim)
-        key_slot.copy_(qk[:, heads:])
-        value_slot.copy_(qkv[:, heads + kv_heads :])
-        query = qk[:, :heads].view(batch, kv_heads, heads // kv_heads, 1, head_dim)
+        query, key, value = self._project_one(x, rotation)
+        key_slot.copy_(key)
+        value_slot.copy_(value)
         # At most 16 keys. Broadcast multiply-and-sum instead of bmm/SDPA: those kernels open a
         # thread-pool region for any batch of more than one matrix, and on a small or shared CPU
         # waking the other threads costs far more than this arithmetic (up to a scheduler tick
@@ -216,8 +210,47 @@ class PackedLayer:
         # torch's grain size.
         scores = torch.mul(query, key_window).sum(-1)  # [B, KV, G, P]
         weights = _softmax_inline(scores)
-        out = torch.mul(weights[..., None], value_window).sum(-2)  # [B, KV, G, D]
-        x = torch.addmm(x, out.view(batch, heads * head_dim), self.o_t)
+        return self._finish_one(x, torch.mul(weights[..., None], value_window).sum(-2))
+
+    def step_masked(
+        self,
+        x: torch.Tensor,
+        rotation: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        write: torch.Tensor,
+        bias: torch.Tensor,
+    ) -> torch.Tensor:
+        """``step_one`` with the position given by tensors instead of Python ints, so one traced
+        graph (torch.compile) serves every position: x [B, hidden] -> [B, hidden].
+
+        keys/values: [B, KV, P, D], this layer's whole local cache, updated in place;
+        write: [P, 1] bool, the row this position writes; bias: [P] float, 0 on the rows it
+        attends to and -inf after it (those get weight exactly 0).
+        """
+        query, key, value = self._project_one(x, rotation)
+        keys.copy_(torch.where(write, key[:, :, None], keys))
+        values.copy_(torch.where(write, value[:, :, None], values))
+        scores = torch.mul(query, keys[:, :, None]).sum(-1) + bias  # [B, KV, G, P]
+        weights = _softmax_inline(scores)
+        return self._finish_one(x, torch.mul(weights[..., None], values[:, :, None]).sum(-2))
+
+    def _project_one(
+        self, x: torch.Tensor, rotation: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, hidden] -> query [B, KV, G, 1, D] (pre-scaled), key [B, KV, D], value [B, KV, D]."""
+        batch = x.shape[0]
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        qkv = torch.mm(self.fast_in(x), self.qkv_t)
+        qkv = qkv.view(batch, heads + 2 * kv_heads, head_dim)
+        qk = self.fast_qk(qkv[:, : heads + kv_heads])
+        qk = torch.mm(qk.view(-1, head_dim), rotation).view(batch, heads + kv_heads, head_dim)
+        query = qk[:, :heads].view(batch, kv_heads, heads // kv_heads, 1, head_dim)
+        return query, qk[:, heads:], qkv[:, heads + kv_heads :]
+
+    def _finish_one(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """Residual attention output then residual MLP: x [B, hidden], attended [B, KV, G, D]."""
+        x = torch.addmm(x, attended.view(x.shape[0], -1), self.o_t)
         gate_up = torch.mm(self.fast_post(x), self.gate_up_t)
         gate, up = gate_up.chunk(2, dim=-1)
         return torch.addmm(x, F.silu(gate).mul_(up), self.down_t)

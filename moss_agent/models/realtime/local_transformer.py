@@ -120,6 +120,12 @@ class LocalTransformer(nn.Module):
             self._heads_t = [transposed_weight(head) for head in self.local_lm_heads]
             self._final_norm = FastNorm(self.model.norm.weight, self.model.norm.variance_epsilon)
             self._tables = [table.weight for table in self.model.embed_tokens]
+            rows = torch.arange(self.rvq, device=self.rope_cos.device)
+            self._writes = [(rows == i).view(-1, 1) for i in range(self.rvq)]
+            self._biases = [
+                torch.zeros(self.rvq, dtype=dtype, device=rows.device).masked_fill_(rows > i, float("-inf"))
+                for i in range(self.rvq)
+            ]
         return self._packed
 
     def new_cache(self, batch_size: int) -> LocalCache:
@@ -167,6 +173,32 @@ class LocalTransformer(nn.Module):
             if index + 1 < self.rvq:
                 x = F.embedding(code, self._tables[index])
         return torch.stack(codes, dim=1)
+
+    def position_tensors(
+        self, index: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What ``masked_logits`` takes for position ``index``: (rotation [D, D], write [rvq, 1],
+        bias [rvq], head [hidden, V], next_table [V, hidden], the table for code ``index``'s
+        embedding; the last position gets table 0, whose lookup is never used)."""
+        self.packed()
+        table = self._tables[index] if index + 1 < self.rvq else self._tables[0]
+        return self._rotations[index], self._writes[index], self._biases[index], self._heads_t[index], table
+
+    def masked_logits(
+        self,
+        x: torch.Tensor,
+        cache: LocalCache,
+        rotation: torch.Tensor,
+        write: torch.Tensor,
+        bias: torch.Tensor,
+        head: torch.Tensor,
+    ) -> torch.Tensor:
+        """One position with the position given by tensors (see ``position_tensors``), so a
+        compiled graph of it serves all 16: x [B, hidden] -> logits [B, V] (model dtype)."""
+        for layer_index, layer in enumerate(self.packed()):
+            keys, values = cache.keys[layer_index], cache.values[layer_index]
+            x = layer.step_masked(x, rotation, keys, values, write, bias)
+        return torch.mm(self._final_norm(x), head)
 
     def teacher_forced_logits(self, hidden: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Step by step with teacher codes: hidden [B, hidden], codes [B, rvq] -> logits [B, rvq, V]."""
