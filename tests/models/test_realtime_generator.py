@@ -363,6 +363,29 @@ def test_held_slots_stay_untouched(model, tokenizer) -> None:
     assert len(free) == 12 and all(torch.equal(a, b) for a, b in zip(free, held, strict=True))
 
 
+def test_attention_in_blocks_of_64_rows_is_bit_identical_to_the_whole_cache(model, tokenizer) -> None:
+    """The default bucket (64) reads only the rows in use, yet every backbone state equals, bit for
+    bit, the one computed over the whole cache: a short slot's numbers do not move when a long slot
+    beside it makes the tick read more rows."""
+    hidden = []
+    for bucket in (None, 64):
+        gen = RealtimeGenerator(model, tokenizer, num_slots=2, max_context=512, attention_bucket=bucket)
+        gen.start_conversation(0, system_prompt="A long system prompt. " * 60)
+        gen.start_conversation(1)
+        for slot in range(2):
+            gen.start_turn(slot, "Hi", None, sampling=GREEDY, max_frames=40)
+            gen.push_text(slot, TEXT)
+        states = []
+        for _ in range(20):
+            gen.step()
+            assert gen.last_hidden is not None
+            states.append(gen.last_hidden.clone())
+        lengths = [gen.context_length(slot) for slot in range(2)]
+        hidden.append(torch.stack(states))
+    assert lengths[0] - lengths[1] > 128  # alone, slot 1 would read two fewer 64-row blocks at least
+    assert torch.equal(hidden[0], hidden[1])
+
+
 def test_bucketed_attention_gives_the_same_greedy_frames(model, tokenizer) -> None:
     results = []
     for bucket in (None, 16):

@@ -7,7 +7,6 @@ import time
 import pytest
 import torch
 
-from moss_agent.errors import ConfigError
 from moss_agent.models.realtime import RealtimeGenerator, SamplingConfig
 from moss_agent.models.realtime.model import MossTTSRealtime, model_from_state_dict
 from moss_agent.models.realtime.tiny import random_state_dict, tiny_config
@@ -97,8 +96,3 @@ def test_compiled_tick_gives_the_eager_frames(tokenizer, backend: str) -> None:
     assert sum(int((frames >= 0).all(-1).sum()) for frames in results[0]) > 30
     for eager, compiled in zip(*results, strict=True):
         assert torch.equal(eager, compiled)
-
-
-def test_compile_refuses_attention_buckets(tokenizer) -> None:
-    with pytest.raises(ConfigError, match="attention_bucket"):
-        RealtimeGenerator(tiny_model(torch.device("cpu")), tokenizer, num_slots=1, compile=True, attention_bucket=64)
