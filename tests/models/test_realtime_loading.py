@@ -137,3 +137,23 @@ def test_config_and_tokenizer_errors(tiny_dir: Path, tmp_path: Path) -> None:
         load_realtime(tmp_path / "nowhere", device="cpu")
     with pytest.raises(ConfigError, match="flash"):
         load_realtime(tiny_dir, device="cpu", attn_implementation="flash_attention_2")
+
+
+def test_random_model_made_in_place_follows_the_checkpoint_rules() -> None:
+    """The benchmark's in-place random model (used for the full 1.7B shape) has every weight of the
+    checkpoint layout filled: no uninitialised memory, zero audio pad rows, scaled EOS logit row."""
+    from moss_agent.models.realtime.tiny import random_realtime_model, tiny_config
+
+    config = tiny_config(hidden=32)
+    model = random_realtime_model(config, torch.device("cpu"), torch.float32, seed=3, eos_gain=4.0)
+    state = model.state_dict()
+    assert set(state) == set(expected_checkpoint_shapes(config)) - {UNUSED}
+    assert all(bool(torch.isfinite(value).all()) for value in state.values())
+    assert not bool(state["local_transformer.local_lm_heads.0.weight"].eq(0).any())
+    for key, value in state.items():
+        if "embed_tokens" in key and value.shape[0] == config.audio_vocab_size:
+            assert bool(value[config.audio_pad].eq(0).all()) and bool(value[config.audio_pad + 1].ne(0).any())
+    head = state["local_transformer.local_lm_heads.0.weight"]
+    assert float(head[config.audio_eos].norm()) > 2 * float(head[: config.audio_eos].norm(dim=1).mean())
+    again = random_realtime_model(config, torch.device("cpu"), torch.float32, seed=3, eos_gain=4.0).state_dict()
+    assert all(torch.equal(state[key], again[key]) for key in state)

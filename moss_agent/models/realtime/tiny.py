@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from moss_agent.errors import ConfigError
 from moss_agent.models.realtime.config import RealtimeConfig
-from moss_agent.models.realtime.model import expected_checkpoint_shapes
+from moss_agent.models.realtime.model import MossTTSRealtime, expected_checkpoint_shapes
 from moss_agent.models.tokenizer_files import qwen_tokenizer_folder
 
 _RENAMES = {'"<|vision_pad|>"': '"<|audio_pad|>"', '"<|image_pad|>"': '"<|text_pad|>"'}
@@ -82,18 +82,41 @@ def random_state_dict(
     generator = torch.Generator().manual_seed(seed)
     state: dict[str, torch.Tensor] = {}
     for key, shape in sorted(expected_checkpoint_shapes(config).items()):
-        if len(shape) == 1:
-            value = 1.0 + 0.25 * torch.randn(shape, generator=generator)
-        elif "embed_tokens" in key:
-            value = torch.randn(shape, generator=generator)
-            if shape[0] == config.audio_vocab_size:
-                value[config.audio_pad] = 0.0
-        else:
-            value = torch.randn(shape, generator=generator) / shape[1] ** 0.5
-        state[key] = value
-    head = state["local_transformer.local_lm_heads.0.weight"]
-    head[config.audio_eos] *= eos_gain
+        state[key] = torch.empty(shape)
+        _fill_random(key, state[key], config, generator, eos_gain)
     return state
+
+
+def random_realtime_model(
+    config: RealtimeConfig, device: torch.device, dtype: torch.dtype, seed: int = 0, eos_gain: float = 1.5
+) -> MossTTSRealtime:
+    """A model of any size with random weights made in place on ``device`` (no checkpoint on disk,
+    no CPU copy): the full 1.7B shape fits a GPU benchmark this way."""
+    with torch.device("meta"):
+        model = MossTTSRealtime(config)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    generator = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for key, tensor in model.state_dict().items():
+            _fill_random(key, tensor, config, generator, eos_gain)
+    model.reset_buffers(device)
+    return model.eval().requires_grad_(False)
+
+
+def _fill_random(
+    key: str, tensor: torch.Tensor, config: RealtimeConfig, generator: torch.Generator, eos_gain: float
+) -> None:
+    values = torch.randn(tensor.shape, generator=generator, device=tensor.device)
+    if tensor.dim() == 1:
+        values = 1.0 + 0.25 * values
+    elif "embed_tokens" in key:
+        if tensor.shape[0] == config.audio_vocab_size:
+            values[config.audio_pad] = 0.0
+    else:
+        values /= tensor.shape[1] ** 0.5
+    if key == "local_transformer.local_lm_heads.0.weight":
+        values[config.audio_eos] *= eos_gain
+    tensor.copy_(values)
 
 
 def _tokenizer_source(source: Path | None) -> Path:
