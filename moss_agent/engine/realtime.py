@@ -32,6 +32,7 @@ from moss_agent.engine.device import DeviceThread
 from moss_agent.errors import ConfigError, EngineError, MossError, OverloadError, SessionClosedError
 from moss_agent.events import AudioChunk, FloatArray
 from moss_agent.models.codec import MossAudioTokenizer
+from moss_agent.models.compiling import compile_step
 from moss_agent.models.realtime import RealtimeGenerator, SamplingConfig, StepOutput
 from moss_agent.streaming.tts import HeardResult, UserTurn
 
@@ -59,6 +60,10 @@ class RealtimeEngineConfig:
     seed: int | None = None
     cuda_graph: bool = True  # replay each tick from a CUDA graph on CUDA devices (ignored on CPU)
     compile: bool = False  # torch.compile the tick (about 2x faster on CPU; first tick compiles)
+    # Intra-op CPU threads of the device thread. One by default: once another thread (say the one
+    # that loaded the weights) has its own OpenMP team, multi-threaded ops on the device thread ran
+    # 2-4x slower (measured on 2 cores), while one thread was within 7% of two even at 16 slots.
+    cpu_threads: int = 1
 
     def __post_init__(self) -> None:
         if self.num_slots < 1:
@@ -67,6 +72,8 @@ class RealtimeEngineConfig:
             raise ConfigError(f"max_waiting must be >= 0, got {self.max_waiting}")
         if self.max_ahead_s <= 0:
             raise ConfigError(f"max_ahead_s must be > 0, got {self.max_ahead_s}")
+        if self.cpu_threads < 1:
+            raise ConfigError(f"cpu_threads must be >= 1, got {self.cpu_threads}")
 
 
 @dataclass
@@ -102,6 +109,7 @@ class RealtimeEngine:
         self.stats = EngineStats()
         self._ahead_frames = max(1, math.ceil(self.config.max_ahead_s / self.frame_s))
         self._decode_state = codec.init_decode_state(self.config.num_slots)
+        self._decode_step = compile_step(codec.decode_step) if self.config.compile else codec.decode_step
         self._streams: list[EngineStream | None] = [None] * self.config.num_slots
         self._turn_serial = [0] * self.config.num_slots
         # Context layout per slot, for trimming long conversations: rows of the system/voice prefix,
@@ -150,10 +158,28 @@ class RealtimeEngine:
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> RealtimeEngine:
+        """Start the device thread and warm it up: compile or capture the tick and the codec step
+        now (with ``compile`` on a CPU, the first start compiles for a minute; later starts read
+        the compiled code from torch's disk cache), so no conversation waits for it."""
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
             self._device.start()
+            await asyncio.wrap_future(self._device.submit(self._warm_up))
         return self
+
+    def _warm_up(self) -> None:
+        began = time.perf_counter()
+        torch.set_num_threads(self.config.cpu_threads)  # the first call on the device thread
+        self.generator.warm_up()
+        slots, device = self.config.num_slots, self.codec.device
+        idle = torch.zeros(slots, dtype=torch.bool, device=device)
+        codes = torch.zeros(self.rvq, slots, 1, dtype=torch.long, device=device)
+        # Idle slots: the state stays bit-identical. The eager call first builds the codec's lookup
+        # tables, which a compiled step reads but does not build.
+        self.codec.decode_step(codes, self._decode_state, idle)
+        if self._decode_step is not self.codec.decode_step:
+            self._decode_step(codes, self._decode_state, idle)
+        log.info("realtime engine warmed up", extra={"seconds": round(time.perf_counter() - began, 2)})
 
     async def aclose(self) -> None:
         """Stop the device thread; open streams end and waiting conversations get an error."""
@@ -364,7 +390,7 @@ class RealtimeEngine:
         if bool(audible.any()):
             # idle slots carry pad/EOS ids the codebooks do not have; they are masked, but must index
             codes = torch.where(audible[:, None], out.frames, 0).T[:, :, None].to(self.codec.device)  # [rvq, S, 1]
-            wav = self.codec.decode_step(codes, self._decode_state, audible.to(self.codec.device))
+            wav = self._decode_step(codes, self._decode_state, audible.to(self.codec.device))
             wav = wav[:, 0].cpu().numpy()
         deliveries: list[tuple[EngineStream, Any]] = []
         for slot in (out.produced | out.finished).nonzero().flatten().tolist():

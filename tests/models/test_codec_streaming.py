@@ -260,3 +260,23 @@ def test_long_offline_attention_in_query_blocks_equals_one_mask(monkeypatch: pyt
     # Query 30 sees keys 24..30 only.
     expected = torch.softmax(q[:, :, 30:31] @ k[:, :, 24:31].transpose(-1, -2) / 8**0.5, dim=-1) @ v[:, :, 24:31]
     torch.testing.assert_close(whole[:, :, 30:31], expected, atol=1e-6, rtol=0)
+
+
+def test_decode_step_traces_whole_and_matches_eager(codec: MossAudioTokenizer) -> None:
+    """The engine compiles ``decode_step`` with ``compile=True``: it must trace as one graph (no
+    breaks, fullgraph) and give the eager audio, slots pausing included. The eager backend only
+    traces, so this stays fast; the generated C++ is exercised by the realtime tick's test."""
+    from moss_agent.models.compiling import compile_step
+
+    codes = _codes(codec, 3, frames=6)
+    traced = compile_step(codec.decode_step, "eager")
+    outputs = []
+    for step in (codec.decode_step, traced):
+        state = codec.init_decode_state(3)
+        waves = []
+        for frame in range(6):
+            active = torch.tensor([True, frame % 2 == 0, frame != 3])
+            waves.append(step(codes[:, :, frame : frame + 1], state, active))
+        outputs.append(torch.cat(waves, dim=-1))
+    assert outputs[0].abs().max() > 0
+    assert torch.equal(outputs[0], outputs[1])

@@ -8,11 +8,12 @@ they read and write the generator's fixed buffers, run every sampling feature fo
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from moss_agent.models.compiling import compile_step
 from moss_agent.models.sampling import counter_uniforms, pick_codes
 
 if TYPE_CHECKING:
@@ -21,18 +22,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-# Guards that compare values (tensor metadata, numbers, types, lengths) are kept: a graph is
-# reused only for inputs of the same shapes and settings. Identity guards on the many objects the
-# step reads through (modules, closures, dicts) cost about 0.2 ms per call, 16 calls a tick.
-_KEPT_GUARDS = frozenset({"TENSOR_MATCH", "CONSTANT_MATCH", "EQUALS_MATCH", "TYPE_MATCH", "SEQUENCE_LENGTH"})
-
-
-def _value_guards(entries: list[Any]) -> list[bool]:
-    return [entry.guard_type in _KEPT_GUARDS for entry in entries]
-
-
 class CompiledTick:
-    """The tick through torch.compile: one graph for the backbone row, one for a local position.
+    """The local transformer's part of the tick through torch.compile: one graph per position.
 
     The local transformer's 16 positions differ only in which tensors they read (RoPE rotation,
     the cache row they write, the rows they attend to, the head, the next embedding table), so
@@ -40,7 +31,9 @@ class CompiledTick:
     position + sampling + next input serves them all: one small compile instead of 16 or of a
     16-fold unrolled graph. Fused kernels and a C++ wrapper remove most of the per-op dispatch
     that dominates a CPU tick at small batch. ``backend="eager"`` traces without compiling
-    (a quick check that the step stays graph-capturable).
+    (a quick check that the step stays graph-capturable). The backbone row stays eager: it is one
+    call per tick, and compiled it wrote its rows into the large KV cache through a copy (about
+    20x slower at 16 slots).
     """
 
     def __init__(self, generator: RealtimeGenerator, backend: str = "inductor") -> None:
@@ -48,14 +41,7 @@ class CompiledTick:
         model = generator.model
         self._local = model.local_transformer
         self._positions = [self._local.position_tensors(i) for i in range(generator.config.rvq)]
-        options: dict[str, Any] | None = (
-            {"cpp_wrapper": True, "guard_filter_fn": _value_guards} if backend == "inductor" else None
-        )
-        compile_kw: dict[str, Any] = {"fullgraph": True, "dynamic": False, "backend": backend}
-        if options is not None:
-            compile_kw["options"] = options
-        self.decode = model.decode
-        self._position = torch.compile(self._position_eager, **compile_kw)
+        self._position = compile_step(self._position_eager, backend)
 
     def _position_eager(
         self,

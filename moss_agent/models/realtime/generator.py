@@ -434,6 +434,22 @@ class RealtimeGenerator:
     # -- the tick ---------------------------------------------------------------------------------
 
     @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Compile or capture the tick now, with an idle tick, instead of on someone's first frame.
+
+        No slot generates: every slot writes its row at its current length, i.e. into free cache
+        rows, and sampling state, previous frames and repetition windows stay as they were.
+        """
+        if self.uses_cuda_graph:
+            if self._graph is None:
+                self._graph = TickGraph(self)
+            return
+        self._in_generating.zero_()
+        self._in_fresh.zero_()
+        self._in_positions.copy_(self._length.clamp(max=self.max_context))
+        self.device_tick(self.max_context + 1)
+
+    @torch.inference_mode()
     def step(self, hold: torch.Tensor | None = None) -> StepOutput:
         """Advance every ready slot by one frame in one batched forward; see ``StepOutput``.
 
@@ -513,13 +529,11 @@ class RealtimeGenerator:
         any_sampling, any_greedy, any_penalty, any_banned = flags
         positions, generating = self._in_positions, self._in_generating
         ids = torch.cat([self._in_token[:, None], self._prev_frame], dim=1)
-        compiled = self._compiled
-        decode = self.model.decode if compiled is None else compiled.decode
-        hidden = decode(self.cache, ids, positions, attend_length)
+        hidden = self.model.decode(self.cache, ids, positions, attend_length)
         hidden = torch.where(self._in_fresh[:, None], self._pending_hidden, hidden)
         self._rows[self._slot_index_device, positions] = ids
-        if compiled is not None:
-            frames = compiled.local_frames(hidden, self._in_frame_index)
+        if self._compiled is not None:
+            frames = self._compiled.local_frames(hidden, self._in_frame_index)
         else:
             pick = self._picker(self._in_frame_index, any_sampling, any_greedy, any_penalty, any_banned)
             frames = self.model.local_transformer.generate(hidden, self._local_cache, pick)
