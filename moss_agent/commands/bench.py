@@ -57,7 +57,8 @@ async def _bench(args: argparse.Namespace) -> int:
 
     engine = await asyncio.to_thread(common.build_engine, args)
     device = engine.generator.device
-    print(f"device {device}, torch {torch.__version__}, model dtype {engine.generator.model.dtype}")
+    tick = "CUDA graph" if engine.generator.uses_cuda_graph else ("compiled" if args.compile else "eager")
+    print(f"device {device}, torch {torch.__version__}, model dtype {engine.generator.model.dtype}, {tick} tick")
     print(f"{'sessions':>8} {'first audio p50':>16} {'first audio max':>16} {'frames/s':>10} {'RTF/session':>12}")
     async with engine:
         await _one_turn(engine)  # warm-up: allocations, kernels, caches
