@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import secrets
 import sys
 
@@ -25,6 +26,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         "--loopback-only", action="store_true",
         help="keep WebRTC media on 127.0.0.1 (a browser on this machine; hosts without a network)",
     )  # fmt: skip
+    parser.add_argument(
+        "--ice-server", action="append", default=[], metavar="URL",
+        help="a STUN or TURN server for clients behind NAT, e.g. stun:stun.l.google.com:19302 or "
+             "turn:turn.example.com:3478 (repeatable; the page and the server both use them)",
+    )
+    parser.add_argument("--ice-username", default=None, help="username for the TURN servers")
+    parser.add_argument(
+        "--ice-credential", default=None, help="credential for the TURN servers (default: $MOSS_TURN_CREDENTIAL)"
+    )
     common.add_engine_options(parser, slots=4)
     common.add_llm_options(parser)
     common.add_stt_options(parser)
@@ -38,9 +48,11 @@ def run(args: argparse.Namespace) -> int:
 
 async def _serve(args: argparse.Namespace) -> int:
     from moss_agent.serving import session_handler
-    from moss_agent.transports.webrtc import WebRTCServer
+    from moss_agent.transports.webrtc import WebRTCServer, ice_servers_from_urls
 
     token = args.token or secrets.token_urlsafe(16)
+    credential = args.ice_credential or os.environ.get("MOSS_TURN_CREDENTIAL")
+    ice_servers = ice_servers_from_urls(args.ice_server, args.ice_username, credential)
     engine, stt, voice = await common.build_speech_stack(args)
     handler = session_handler(
         engine, llm_factory=lambda: common.build_llm(args), vad_factory=common.silero_vad, stt=stt,
@@ -48,7 +60,7 @@ async def _serve(args: argparse.Namespace) -> int:
     )  # fmt: skip
     server = WebRTCServer(
         handler, token=token, host=args.host, port=args.port, output_rate=engine.sample_rate,
-        loopback_only=args.loopback_only,
+        loopback_only=args.loopback_only, ice_servers=ice_servers,
     )  # fmt: skip
     async with engine:
         url = await server.start()

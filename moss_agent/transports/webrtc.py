@@ -1,6 +1,7 @@
 """WebRTC transport: an aiohttp server that answers browser (or aiortc) offers, one handler per peer.
 
-Routes: ``GET /`` the voice page (``web/index.html`` + ``web/app.js``), ``POST /offer`` signaling
+Routes: ``GET /`` the voice page (``web/index.html`` + ``web/app.js``), ``GET /ice`` the STUN/TURN
+servers for the page (token-protected: TURN credentials), ``POST /offer`` signaling
 (JSON ``{"sdp", "type": "offer"}`` -> answer; bearer token or ``?token=``). Audio: one sendrecv
 audio transceiver; inbound Opus is decoded by aiortc and fed, resampled, to ``conn.input``; outbound
 audio is pulled from ``conn.output`` (a PlaybackBuffer at 48 kHz) by a track paced at 20 ms.
@@ -176,6 +177,33 @@ def _bearer_token(request: web.Request) -> str:
     return request.query.get("token", "")
 
 
+def ice_servers_from_urls(urls: list[str], username: str | None = None, credential: str | None = None) -> list[Any]:
+    """``aiortc.RTCIceServer`` objects from ``stun:``/``turn:``/``turns:`` URLs; the username and
+    credential go with the TURN ones (STUN takes none)."""
+    aiortc = require("aiortc", "webrtc")
+    servers = []
+    for url in urls:
+        scheme = url.split(":", 1)[0].lower()
+        if scheme not in ("stun", "turn", "turns"):
+            raise ConfigError(f"ICE server {url!r}: expected a stun:, turn: or turns: URL")
+        if scheme == "stun":
+            servers.append(aiortc.RTCIceServer(urls=url))
+        elif not username or not credential:
+            raise ConfigError(f"TURN server {url!r} needs a username and a credential")
+        else:
+            servers.append(aiortc.RTCIceServer(urls=url, username=username, credential=credential))
+    return servers
+
+
+def ice_server_json(server: Any) -> JsonDict:
+    """An ``aiortc.RTCIceServer`` in the browser's RTCIceServer dictionary form."""
+    entry: JsonDict = {"urls": server.urls}
+    if server.username:
+        entry["username"] = server.username
+        entry["credential"] = server.credential
+    return entry
+
+
 class WebRTCServer:
     """Serves the voice page and WebRTC signaling; calls ``handler(conn)`` once per connected peer.
 
@@ -241,6 +269,7 @@ class WebRTCServer:
         app.router.add_get("/", self._page)
         app.router.add_get("/app.js", self._script)
         app.router.add_post("/offer", self._offer)
+        app.router.add_get("/ice", self._ice)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
@@ -276,15 +305,26 @@ class WebRTCServer:
         response: web.StreamResponse = aio_web.FileResponse(WEB_DIR / name, headers={"Cache-Control": "no-store"})
         return response
 
+    async def _ice(self, request: web.Request) -> web.StreamResponse:
+        """The STUN/TURN servers the page's RTCPeerConnection should use, in the browser's
+        ``iceServers`` form; behind the token because TURN credentials are secrets."""
+        aio_web: Any = require("aiohttp.web", "webrtc")
+        if not self._authorized(request):
+            return aio_web.json_response(error_event("missing or wrong token", code="unauthorized"), status=401)
+        servers = [ice_server_json(server) for server in self._ice_servers]
+        response: web.StreamResponse = aio_web.json_response({"iceServers": servers})
+        return response
+
+    def _authorized(self, request: web.Request) -> bool:
+        return self._token is None or hmac.compare_digest(_bearer_token(request).encode(), self._token.encode())
+
     async def _offer(self, request: web.Request) -> web.StreamResponse:
         response: web.StreamResponse = await self._answer_offer(request)
         return response
 
     async def _answer_offer(self, request: web.Request) -> Any:
         web: Any = require("aiohttp.web", "webrtc")
-        if self._token is not None and not hmac.compare_digest(
-            _bearer_token(request).encode(), self._token.encode()
-        ):
+        if not self._authorized(request):
             return web.json_response(error_event("missing or wrong token", code="unauthorized"), status=401)
         try:
             body = await request.json()

@@ -143,6 +143,13 @@ def test_mqtt_worker_reads_the_password_from_a_file_or_the_environment(tmp_path,
     assert main(["mqtt-worker", "--password-file", str(tmp_path / "missing"), "--tiny"]) == 2
 
 
+def test_serve_refuses_bad_ice_servers_before_loading_anything(capsys):
+    assert main(["serve", "--tiny", "--ice-server", "http://stun.example.org"]) == 2
+    assert main(["serve", "--tiny", "--ice-server", "turn:turn.example.org:3478"]) == 2
+    err = capsys.readouterr().err
+    assert "stun:, turn: or turns:" in err and "needs a username and a credential" in err
+
+
 try:  # the JACK dummy server fixture; absent without sounddevice
     from test_local_audio_jack import JACK_TOOLS, JACKD, jack_connect, jack_server  # noqa: F401
 except pytest.skip.Exception:

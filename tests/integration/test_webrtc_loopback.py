@@ -21,9 +21,9 @@ from transport_signals import (  # noqa: E402
     windows_dominated_by,
 )
 
-from moss_agent.errors import TransportError  # noqa: E402
+from moss_agent.errors import ConfigError, TransportError  # noqa: E402
 from moss_agent.transports.connection import Connection  # noqa: E402
-from moss_agent.transports.webrtc import WebRTCServer  # noqa: E402
+from moss_agent.transports.webrtc import WebRTCServer, ice_servers_from_urls  # noqa: E402
 from moss_agent.transports.webrtc_client import WebRTCClient  # noqa: E402
 
 TOKEN = "test-token-123"
@@ -192,3 +192,33 @@ async def test_an_offer_whose_peer_never_connects_is_hung_up() -> None:
             await called.wait()
             await seen[0].closed.wait()
         assert srv.connections == []
+
+
+async def test_the_page_gets_the_ice_servers_only_with_the_token() -> None:
+    servers = ice_servers_from_urls(
+        ["stun:stun.example.org:3478", "turn:turn.example.org:3478?transport=udp"], "agent", "s3cret"
+    )
+    async with WebRTCServer(tone_agent, token=TOKEN, ice_servers=servers) as srv, aiohttp.ClientSession() as http:
+        async with http.get(srv.url + "ice") as response:
+            assert response.status == 401
+        async with http.get(srv.url + "ice", headers={"Authorization": f"Bearer {TOKEN}"}) as response:
+            assert response.status == 200
+            body = await response.json()
+    assert body == {
+        "iceServers": [
+            {"urls": "stun:stun.example.org:3478"},
+            {"urls": "turn:turn.example.org:3478?transport=udp", "username": "agent", "credential": "s3cret"},
+        ]
+    }
+
+
+@pytest.mark.parametrize(
+    ("urls", "username", "credential", "message"),
+    [
+        (["http://stun.example.org"], None, None, "stun:, turn: or turns:"),
+        (["turn:turn.example.org:3478"], "agent", None, "needs a username and a credential"),
+    ],
+)
+def test_bad_ice_servers_are_refused(urls: list[str], username, credential, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ice_servers_from_urls(urls, username, credential)

@@ -139,6 +139,18 @@ async function waitForIce(pc, capMs) {
   });
 }
 
+// STUN/TURN servers the server was started with (none on a LAN or on this machine).
+async function iceServers(headers) {
+  try {
+    const response = await fetch("ice", { headers });
+    if (response.ok) return (await response.json()).iceServers || [];
+    say("error", `could not read the ICE servers (${response.status}); trying without`);
+  } catch (err) {
+    console.warn("ice", err);
+  }
+  return [];
+}
+
 async function start() {
   $("start").disabled = true;
   setStatus("asking for the microphone…");
@@ -147,7 +159,10 @@ async function start() {
     audio: { echoCancellation: processing, noiseSuppression: processing, autoGainControl: processing },
   });
   state.mic = mic;
-  const pc = new RTCPeerConnection({ iceServers: [] });
+  const headers = { "Content-Type": "application/json" };
+  const token = params.get("token");
+  if (token) headers.Authorization = `Bearer ${token}`;
+  const pc = new RTCPeerConnection({ iceServers: await iceServers(headers) });
   state.pc = pc;
   mic.getTracks().forEach((track) => pc.addTrack(track, mic));
   const channel = pc.createDataChannel("events");
@@ -168,9 +183,6 @@ async function start() {
   await pc.setLocalDescription(await pc.createOffer());
   setStatus("gathering network candidates…");
   await waitForIce(pc, 5000);
-  const headers = { "Content-Type": "application/json" };
-  const token = params.get("token");
-  if (token) headers.Authorization = `Bearer ${token}`;
   const client = params.get("client") ? `?client=${encodeURIComponent(params.get("client"))}` : "";
   const response = await fetch(`offer${client}`, {
     method: "POST", headers, body: JSON.stringify({ sdp: pc.localDescription.sdp, type: "offer" }),
