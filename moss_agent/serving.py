@@ -36,10 +36,6 @@ log = logging.getLogger(__name__)
 LLMFactory = Callable[[], LLM]
 VadFactory = Callable[[], VoiceActivityModel]
 
-REFUSAL_LINGER_S = 10.0
-"""How long a refused connection stays open so the client can read the error event."""
-
-
 def session_handler(
     backend: SpeechBackend,
     *,
@@ -74,10 +70,8 @@ def session_handler(
             await session.start()
         except MossError as exc:  # no free engine slot, bad audio format: tell the client why
             log.warning("session could not start", extra={"connection": conn.id, "error": type(exc).__name__})
+            # The transport delivers it before hanging up (WebRTC waits for the data channel to open).
             await conn.send_event(error_event(f"the agent could not start: {exc}", code="unavailable", fatal=True))
-            # Stay until the client has read why (a WebRTC data channel may not be open yet) or left.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(conn.closed.wait(), REFUSAL_LINGER_S)
             return
         events = session.events()
         try:

@@ -162,6 +162,12 @@ class EventChannel:
         self._backlog.append(json.dumps(message))
         self._drain()
 
+    @property
+    def pending(self) -> bool:
+        """Messages not yet handed to the network: waiting for the channel, or in its send buffer."""
+        channel = self._channel
+        return bool(self._backlog) or (channel is not None and channel.bufferedAmount > 0)
+
     def _drain(self) -> None:
         channel = self._channel
         if channel is None or channel.readyState != "open":
@@ -419,7 +425,19 @@ class _Peer:
             with contextlib.suppress(Exception):
                 await self.conn.send_event(error_event(f"the agent failed: {exc}", code="internal", fatal=True))
         finally:
-            self._spawn(self.close(), f"webrtc-close-{self.conn.id}")
+            self._spawn(self._close_when_flushed(), f"webrtc-close-{self.conn.id}")
+
+    async def _close_when_flushed(self) -> None:
+        """Hang up once the handler's last events reached the network: its goodbye or refusal may
+        be sent before the client's data channel is even open. Bounded by the connect timeout
+        (the media must connect first) and then by the grace period."""
+        if self._events.pending and not self._closing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._connected.wait(), self._server._connect_timeout_s)
+                async with asyncio.timeout(self._server._grace_s):
+                    while self._events.pending and not self._closing:
+                        await asyncio.sleep(0.02)
+        await self.close()
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro, name=name)

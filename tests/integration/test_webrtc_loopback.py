@@ -222,3 +222,18 @@ async def test_the_page_gets_the_ice_servers_only_with_the_token() -> None:
 def test_bad_ice_servers_are_refused(urls: list[str], username, credential, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         ice_servers_from_urls(urls, username, credential)
+
+
+async def test_events_sent_just_before_the_handler_returns_reach_the_client() -> None:
+    """A handler that says goodbye and returns at once (before the client's data channel is even
+    open): the server flushes its events before hanging up."""
+
+    async def brief(conn: Connection) -> None:
+        for index in range(3):
+            await conn.send_event({"type": "note", "index": index, "padding": "x" * 20_000})
+
+    async with WebRTCServer(brief, token=TOKEN, loopback_only=True) as srv:
+        client = WebRTCClient(srv.url, token=TOKEN, loopback_only=True)
+        async with asyncio.timeout(TIMEOUT_S), client:
+            notes = [event["index"] async for event in client.events() if event["type"] == "note"]
+    assert notes == [0, 1, 2]
