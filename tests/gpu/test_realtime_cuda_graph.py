@@ -37,3 +37,18 @@ def test_graph_reads_the_whole_cache_whatever_the_bucket(tokenizer) -> None:  # 
     model = tiny_model(torch.device("cuda"))
     gen = RealtimeGenerator(model, tokenizer, num_slots=2, max_context=256, attention_bucket=64)
     assert gen.uses_cuda_graph and gen.attention_bucket is None
+
+
+def test_compiled_tick_inside_the_graph_gives_the_eager_frames(tokenizer) -> None:  # noqa: F811
+    """compile=True on CUDA: the compiled local-transformer step is captured in the tick's graph."""
+    model = tiny_model(torch.device("cuda"))
+    sampling = [SamplingConfig(greedy=True)] * 3
+    results = []
+    for compile in (False, True):
+        gen = RealtimeGenerator(
+            model, tokenizer, num_slots=3, max_context=256, attention_bucket=None, compile=compile
+        )
+        assert gen.uses_cuda_graph
+        results.append(run_schedule(gen, sampling, ticks=60))
+    for eager, compiled in zip(*results, strict=True):
+        assert torch.equal(eager, compiled)
