@@ -164,7 +164,16 @@ class RealtimeEngine:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
             self._device.start()
-            await asyncio.wrap_future(self._device.submit(self._warm_up))
+            try:
+                await asyncio.wrap_future(self._device.submit(self._warm_up))
+            except Exception as exc:
+                await self.aclose()
+                if not self.config.compile:
+                    raise
+                raise EngineError(
+                    f"compiling the model step failed: {type(exc).__name__}: {str(exc)[:300]}. On a CPU "
+                    "torch.compile needs a C++ compiler (g++); or start the engine without compile"
+                ) from exc
         return self
 
     def _warm_up(self) -> None:
