@@ -15,22 +15,21 @@ pytestmark = [
 ]
 
 
-def test_graph_frames_equal_eager_frames_greedy(tokenizer) -> None:  # noqa: F811
+def greedy_frames(tokenizer, **options) -> tuple[RealtimeGenerator, list[torch.Tensor]]:  # noqa: F811
+    """Three greedy slots on the GPU through ``run_schedule`` -> (generator, frames per tick)."""
     model = tiny_model(torch.device("cuda"))
-    sampling = [SamplingConfig(greedy=True)] * 3
-    results = []
-    for graph in (False, True):
-        gen = RealtimeGenerator(
-            model, tokenizer, num_slots=3, max_context=256, cuda_graph=graph, attention_bucket=None
-        )
-        assert gen.uses_cuda_graph is graph
-        results.append(run_schedule(gen, sampling, ticks=80))
-        if graph:
-            assert gen._graph is not None  # really replayed, not the eager fallback
-    per_tick = [int((frames >= 0).all(-1).sum()) for frames in results[0]]
+    gen = RealtimeGenerator(model, tokenizer, num_slots=3, max_context=256, attention_bucket=None, **options)
+    return gen, run_schedule(gen, [SamplingConfig(greedy=True)] * 3, ticks=80)
+
+
+def test_graph_frames_equal_eager_frames_greedy(tokenizer) -> None:  # noqa: F811
+    eager_gen, eager = greedy_frames(tokenizer, cuda_graph=False)
+    graph_gen, replayed = greedy_frames(tokenizer, cuda_graph=True)
+    assert not eager_gen.uses_cuda_graph and graph_gen.uses_cuda_graph
+    assert graph_gen._graph is not None  # really replayed, not the eager fallback
+    per_tick = [int((frames >= 0).all(-1).sum()) for frames in eager]
     assert sum(per_tick) > 30 and max(per_tick) >= 2
-    for eager, replayed in zip(*results, strict=True):
-        assert torch.equal(eager, replayed)
+    assert all(torch.equal(a, b) for a, b in zip(eager, replayed, strict=True))
 
 
 def test_graph_reads_the_whole_cache_whatever_the_bucket(tokenizer) -> None:  # noqa: F811
@@ -41,14 +40,7 @@ def test_graph_reads_the_whole_cache_whatever_the_bucket(tokenizer) -> None:  # 
 
 def test_compiled_tick_inside_the_graph_gives_the_eager_frames(tokenizer) -> None:  # noqa: F811
     """compile=True on CUDA: the compiled local-transformer step is captured in the tick's graph."""
-    model = tiny_model(torch.device("cuda"))
-    sampling = [SamplingConfig(greedy=True)] * 3
-    results = []
-    for compile in (False, True):
-        gen = RealtimeGenerator(
-            model, tokenizer, num_slots=3, max_context=256, attention_bucket=None, compile=compile
-        )
-        assert gen.uses_cuda_graph
-        results.append(run_schedule(gen, sampling, ticks=60))
-    for eager, compiled in zip(*results, strict=True):
-        assert torch.equal(eager, compiled)
+    _, plain = greedy_frames(tokenizer)
+    compiled_gen, compiled = greedy_frames(tokenizer, compile=True)
+    assert compiled_gen.uses_cuda_graph and compiled_gen._graph is not None
+    assert all(torch.equal(a, b) for a, b in zip(plain, compiled, strict=True))
