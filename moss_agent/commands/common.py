@@ -112,6 +112,9 @@ def build_engine(args: argparse.Namespace) -> Any:
     if args.tiny:
         print(UNTRAINED_NOTICE, file=sys.stderr)
         model, codec = ensure_tiny_checkpoints()
+    if args.compile:
+        print("compiling the model step as the engine starts: about a minute the first time, "
+              "seconds once torch has cached it", file=sys.stderr)
     config = RealtimeEngineConfig(
         num_slots=args.slots,
         max_frames_per_turn=max(1, round(args.max_seconds / 0.08)),
