@@ -8,6 +8,7 @@ remaining waveform step.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import numpy as np
 
@@ -39,13 +40,7 @@ def split_text(text: str, max_chars: int = 300) -> list[str]:
             continue
         for clause in _parts(_CLAUSE_END, sentence):
             units.extend(_hard_split(clause, max_chars) if len(clause) > max_chars else [clause])
-    pieces: list[str] = []
-    for unit in units:
-        if pieces and len(pieces[-1]) + 1 + len(unit) <= max_chars:
-            pieces[-1] = f"{pieces[-1]}{_joiner(pieces[-1], unit)}{unit}"
-        else:
-            pieces.append(unit)
-    return pieces
+    return _pack(units, max_chars, _joiner)
 
 
 def split_dialogue(script: str, max_chars: int = 300) -> list[str]:
@@ -60,10 +55,15 @@ def split_dialogue(script: str, max_chars: int = 300) -> list[str]:
         match = _TAG.match(turn)
         tag, body = (match.group(1), turn[match.end() :]) if match else ("", turn)
         units.extend(f"{tag} {part}".strip() for part in split_text(body, max(8, max_chars - len(tag) - 1)))
+    return _pack(units, max_chars, lambda left, right: " ")
+
+
+def _pack(units: list[str], max_chars: int, joiner: Callable[[str, str], str]) -> list[str]:
+    """Greedily join consecutive units while a piece stays within ``max_chars``."""
     pieces: list[str] = []
     for unit in units:
         if pieces and len(pieces[-1]) + 1 + len(unit) <= max_chars:
-            pieces[-1] = f"{pieces[-1]} {unit}"
+            pieces[-1] = f"{pieces[-1]}{joiner(pieces[-1], unit)}{unit}"
         else:
             pieces.append(unit)
     return pieces
