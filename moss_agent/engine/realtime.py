@@ -121,6 +121,7 @@ class RealtimeEngine:
         self._waiters: deque[asyncio.Future[int]] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._hold = torch.zeros(self.config.num_slots, dtype=torch.bool)
         self._device = DeviceThread("moss-realtime-engine", self._tick, self._has_work, self._tick_failed)
 
     @classmethod
@@ -377,11 +378,13 @@ class RealtimeEngine:
         return held
 
     def _has_work(self) -> bool:
-        return self.generator.has_work(hold=self._held())
+        # The device loop asks this right before every tick; the tick reuses the mask.
+        self._hold = self._held()
+        return self.generator.has_work(hold=self._hold)
 
     def _tick(self) -> None:
         started = time.perf_counter()
-        out = self.generator.step(hold=self._held())
+        out = self.generator.step(hold=self._hold)
         stepped = time.perf_counter()
         deliveries = self._decode(out)
         done = time.perf_counter()
