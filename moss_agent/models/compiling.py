@@ -29,11 +29,11 @@ def value_guards(entries: list[Any]) -> list[bool]:
     return [entry.guard_type in _KEPT_GUARDS for entry in entries]
 
 
-def compile_step(fn: F, backend: str = "inductor", *, fullgraph: bool = True) -> F:
-    """``fn`` through torch.compile with static shapes. ``backend="eager"`` only traces (a quick
+def compile_step(fn: F, backend: str = "inductor") -> F:
+    """``fn`` through torch.compile as one graph with static shapes. ``backend="eager"`` only traces (a quick
     check that the step stays capturable, no C++ build)."""
     options: dict[str, Any] | None = None
     if backend == "inductor":
         options = {"cpp_wrapper": True, "guard_filter_fn": value_guards}
-    compiled = torch.compile(fn, fullgraph=fullgraph, dynamic=False, backend=backend, options=options)
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False, backend=backend, options=options)
     return compiled  # type: ignore[return-value]
