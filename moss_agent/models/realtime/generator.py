@@ -441,13 +441,17 @@ class RealtimeGenerator:
         rows, and sampling state, previous frames and repetition windows stay as they were.
         """
         if self.uses_cuda_graph:
-            if self._graph is None:
-                self._graph = TickGraph(self)
+            self._tick_graph()
             return
         self._in_generating.zero_()
         self._in_fresh.zero_()
         self._in_positions.copy_(self._length.clamp(max=self.max_context))
         self.device_tick(self.max_context + 1)
+
+    def _tick_graph(self) -> TickGraph:
+        if self._graph is None:  # captured once, on the first tick or at warm-up
+            self._graph = TickGraph(self)
+        return self._graph
 
     @torch.inference_mode()
     def step(self, hold: torch.Tensor | None = None) -> StepOutput:
@@ -481,9 +485,7 @@ class RealtimeGenerator:
         self._in_generating.copy_(generating, non_blocking=True)
         self._in_frame_index.copy_(self._frames, non_blocking=True)
         if self.uses_cuda_graph:
-            if self._graph is None:
-                self._graph = TickGraph(self)
-            hidden, frames = self._graph.replay()
+            hidden, frames = self._tick_graph().replay()
         else:
             attend_length = self.max_context + 1
             if self.attention_bucket:
