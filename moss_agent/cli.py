@@ -11,25 +11,46 @@ from moss_agent.errors import MossError
 
 # Subcommand modules under moss_agent.commands, imported lazily so `--help` stays fast.
 COMMANDS = ("bench", "reply", "say", "tts", "dialogue", "voice_design", "sfx", "chat", "serve", "mqtt_worker", "make_tiny")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """Options that work before or after the subcommand (`moss-agent -v reply ...` = `moss-agent reply ... -v`).
+
+    On subcommands the defaults are suppressed, so an option given before the subcommand is not
+    overwritten by the subcommand parser's default.
+    """
+    group = parser.add_argument_group("global options")
+    default: dict[str, object] = {"default": argparse.SUPPRESS} if suppress else {}
+    group.add_argument("-v", "--verbose", action="store_true", help="log more detail and per-turn latency", **default)
+    group.add_argument(
+        "--log-level", choices=LOG_LEVELS, help="logging level (default: info with -v, else warning)", **default
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moss-agent", description="Realtime voice agents and speech generation on the MOSS-TTS model family."
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail and per-turn latency")
+    _add_global_options(parser, suppress=False)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"moss_agent.commands.{name}").add_parser(subparsers)
+    for subparser in subparsers.choices.values():
+        _add_global_options(subparser, suppress=True)
     return parser
+
+
+def _log_level(args: argparse.Namespace) -> int:
+    if args.log_level is not None:
+        return int(getattr(logging, args.log_level.upper()))
+    return logging.INFO if args.verbose else logging.WARNING
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=_log_level(args), format="%(levelname)s %(name)s: %(message)s")
     if args.command is None:
         parser.print_help()
         return 0
