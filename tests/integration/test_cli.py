@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from system_requirements import ESPEAK_NG, requires
 
 from moss_agent.audio import load_audio
 from moss_agent.cli import main
@@ -150,13 +151,7 @@ def test_serve_refuses_bad_ice_servers_before_loading_anything(capsys):
     assert "stun:, turn: or turns:" in err and "needs a username and a credential" in err
 
 
-try:  # the JACK dummy server fixture; absent without sounddevice
-    from test_local_audio_jack import JACK_TOOLS, JACKD, jack_connect, jack_server  # noqa: F401
-except pytest.skip.Exception:
-    JACKD, JACK_TOOLS = None, False
-
-
-@pytest.mark.skipif(JACKD is None or not JACK_TOOLS, reason="jackd and its tools are needed (apt-get install jackd2)")
+@requires(ESPEAK_NG)  # jack_server skips without JACK or PortAudio
 async def test_chat_hears_a_jack_microphone_and_answers_on_the_speaker(cache, jack_server):
     """``moss-agent chat`` on a real PortAudio device (JACK dummy): speech into its microphone port
     is transcribed and answered; Ctrl-C ends it with status 0."""
@@ -164,13 +159,12 @@ async def test_chat_hears_a_jack_microphone_and_answers_on_the_speaker(cache, ja
     import signal
 
     import numpy as np
+    from jack_audio import jack_connect
 
     from moss_agent.events import AudioChunk
-    from moss_agent.testing.speech import espeak_ng_path, silence, synthesize_speech
+    from moss_agent.testing.speech import silence, synthesize_speech
     from moss_agent.transports.local import LocalAudio
 
-    if espeak_ng_path() is None:
-        pytest.skip("espeak-ng is not installed")
     command = [sys.executable, "-m", "moss_agent.cli", "-v", "chat", "--tiny", "--device", "cpu", "--greedy",
                "--max-seconds", "0.8"]  # fmt: skip
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
