@@ -19,71 +19,52 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from moss_agent.audio import load_audio, write_wav
-from moss_agent.commands.common import (
-    CODEC_ID,
-    REALTIME_ID,
-    UNTRAINED_NOTICE,
-    add_llm_options,
-    add_stt_options,
-    build_llm,
-    build_stt,
-    ensure_tiny_checkpoints,
-    llm_config,
+from moss_agent import (
+    EchoMode,
+    RealtimeEngine,
+    SessionConfig,
+    SileroVad,
+    TurnTakingConfig,
+    converse,
+    load_audio,
+    options,
+    write_wav,
 )
-from moss_agent.config import EchoMode, SessionConfig, TurnTakingConfig
-from moss_agent.engine.realtime import RealtimeEngine, RealtimeEngineConfig
-from moss_agent.serving import converse
-from moss_agent.speech.vad import SileroVad
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_llm_options(parser)
-    add_stt_options(parser)
-    parser.add_argument("--model", default=REALTIME_ID, help=f"MOSS-TTS-Realtime folder or hub id (default {REALTIME_ID})")
-    parser.add_argument("--codec", default=CODEC_ID, help=f"MOSS-Audio-Tokenizer folder or hub id (default {CODEC_ID})")
-    parser.add_argument("--tiny", action="store_true", help="tiny random checkpoints: runs anywhere, the audio is not speech")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    options.add_llm_options(parser)
+    options.add_stt_options(parser)
+    options.add_engine_options(parser, slots=1)  # --model, --codec, --tiny, --device, --max-seconds, --seed, ...
     parser.add_argument("--input-device", default=None, help="microphone name or index")
     parser.add_argument("--output-device", default=None, help="speaker name or index")
     parser.add_argument("--echo", choices=("half_duplex", "aec", "none"), default="half_duplex")
     parser.add_argument("--mic-wav", type=Path, default=None, help="use this recording as the microphone (offline)")
     parser.add_argument("--speaker-wav", type=Path, default=Path("assistant.wav"), help="with --mic-wav: the agent's audio")
-    parser.add_argument("--max-seconds", type=float, default=30.0, help="longest reply, in seconds of audio")
-    parser.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable audio")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each turn's latency breakdown")
     return parser.parse_args(argv)
 
 
-def load_engine(args: argparse.Namespace) -> RealtimeEngine:
-    model, codec = (ensure_tiny_checkpoints() if args.tiny else (args.model, args.codec))
-    frames = max(1, round(args.max_seconds / 0.08))
-    config = RealtimeEngineConfig(num_slots=1, max_frames_per_turn=frames, seed=args.seed)
-    return RealtimeEngine.load(model, codec, device=args.device, config=config)
-
-
 async def assist(args: argparse.Namespace) -> int:
-    if args.tiny:
-        print(UNTRAINED_NOTICE, file=sys.stderr)
-    llm_settings = llm_config(args)
+    llm_settings = options.llm_config(args)
     echo_mode: EchoMode = "none" if args.mic_wav else args.echo  # a file cannot hear the speaker
     config = SessionConfig(llm=llm_settings, turns=TurnTakingConfig(echo_mode=echo_mode))
     canceller = None
     if echo_mode == "aec":
-        from moss_agent.streaming.echo import WebRtcEchoCanceller
+        from moss_agent import WebRtcEchoCanceller
 
         canceller = WebRtcEchoCanceller(16000)
-    engine = await asyncio.to_thread(load_engine, args)
-    stt = await asyncio.to_thread(build_stt, args)
+    engine = await asyncio.to_thread(options.build_engine, args)  # loading weights blocks: off the loop
+    stt = await asyncio.to_thread(options.build_stt, args)
     parts: dict[str, Any] = dict(
-        llm=build_llm(args),
+        llm=options.build_llm(args),
         vad=SileroVad(), stt=stt, config=config, echo_canceller=canceller, verbose=args.verbose,
     )  # fmt: skip
     async with engine:
         if args.mic_wav is not None:
             return await from_files(engine, args, parts)
-        from moss_agent.transports.local import LocalAudio
+        from moss_agent import LocalAudio
 
         def device(spec: str | None) -> int | str | None:
             return int(spec) if spec is not None and spec.isdigit() else spec

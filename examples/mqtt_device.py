@@ -22,8 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moss_agent.audio import load_audio, write_wav
-from moss_agent.transports.mqtt import MqttClient, MqttClientSession, MqttSettings
+from moss_agent import MqttClient, MqttClientSession, MqttSettings, load_audio, write_wav
 
 PACKET_S = 0.1
 

@@ -18,33 +18,14 @@ import secrets
 import signal
 import sys
 
-from moss_agent.commands.common import (
-    CODEC_ID,
-    REALTIME_ID,
-    UNTRAINED_NOTICE,
-    add_llm_options,
-    add_stt_options,
-    build_llm,
-    build_stt,
-    ensure_tiny_checkpoints,
-    llm_config,
-)
-from moss_agent.config import SessionConfig
-from moss_agent.engine.realtime import RealtimeEngine, RealtimeEngineConfig
-from moss_agent.serving import session_handler
-from moss_agent.speech.vad import SileroVad
-from moss_agent.transports.webrtc import WebRTCServer
+from moss_agent import SessionConfig, SileroVad, WebRTCServer, options, session_handler
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_llm_options(parser)
-    add_stt_options(parser)
-    parser.add_argument("--model", default=REALTIME_ID, help=f"MOSS-TTS-Realtime folder or hub id (default {REALTIME_ID})")
-    parser.add_argument("--codec", default=CODEC_ID, help=f"MOSS-Audio-Tokenizer folder or hub id (default {CODEC_ID})")
-    parser.add_argument("--tiny", action="store_true", help="tiny random checkpoints: runs anywhere, the audio is not speech")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--slots", type=int, default=4, help="conversations at once")
+    options.add_llm_options(parser)
+    options.add_stt_options(parser)
+    options.add_engine_options(parser, slots=4)  # --model, --codec, --tiny, --device, --slots, --max-seconds, ...
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080, help="0 picks a free port")
     parser.add_argument("--token", default=None, help="signaling token (default: a random one, printed)")
@@ -53,21 +34,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_engine(args: argparse.Namespace) -> RealtimeEngine:
-    model, codec = (ensure_tiny_checkpoints() if args.tiny else (args.model, args.codec))
-    config = RealtimeEngineConfig(num_slots=args.slots, max_frames_per_turn=400)  # 32 s per reply at most
-    return RealtimeEngine.load(model, codec, device=args.device, config=config)
-
-
 async def serve(args: argparse.Namespace) -> int:
-    if args.tiny:
-        print(UNTRAINED_NOTICE, file=sys.stderr)
-    llm_settings = llm_config(args)
-    engine = await asyncio.to_thread(load_engine, args)
-    stt = await asyncio.to_thread(build_stt, args)
+    llm_settings = options.llm_config(args)
+    engine = await asyncio.to_thread(options.build_engine, args)  # loading weights blocks: off the loop
+    stt = await asyncio.to_thread(options.build_stt, args)
     handler = session_handler(
         engine,
-        llm_factory=lambda: build_llm(args),
+        llm_factory=lambda: options.build_llm(args),
         vad_factory=SileroVad,  # one per connection: the model keeps state
         stt=stt,
         config=SessionConfig(llm=llm_settings),

@@ -11,15 +11,16 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from moss_agent import model_ids
 from moss_agent.commands import common
 from moss_agent.errors import ConfigError, MossError
 
-# Published checkpoints per request kind (see docs/reference on the MOSS-TTS family).
+# Published checkpoints per request kind.
 DEFAULT_MODELS = {
-    "tts": "OpenMOSS-Team/MOSS-TTS",
-    "dialogue": "OpenMOSS-Team/MOSS-TTSD-v1.0",
-    "voice_design": "OpenMOSS-Team/MOSS-VoiceGenerator",
-    "sfx": "OpenMOSS-Team/MOSS-SoundEffect",
+    "tts": model_ids.TTS_MODEL_ID,
+    "dialogue": model_ids.DIALOGUE_MODEL_ID,
+    "voice_design": model_ids.VOICE_DESIGN_MODEL_ID,
+    "sfx": model_ids.SOUND_EFFECT_MODEL_ID,
 }
 UNTRAINED_NOTICE = (
     "NOTE: --tiny uses tiny RANDOM, UNTRAINED models: the audio is noise, not speech. "

@@ -1,156 +1,50 @@
-"""Options and builders shared by the CLI subcommands (the only place that reads the environment)."""
+"""Helpers shared by the CLI subcommands. The options and builders that examples and user scripts
+also need live in the public :mod:`moss_agent.options` and are re-exported here for the subcommands."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
-import os
 import sys
-from pathlib import Path
 from typing import Any
 
-from moss_agent.config import LLMConfig
+from moss_agent.options import (  # re-exported for the subcommands
+    UNTRAINED_NOTICE,
+    add_engine_options,
+    add_llm_options,
+    add_stt_options,
+    build_engine,
+    build_llm,
+    build_stt,
+    cache_dir,
+    ensure_tiny_batch_checkpoint,
+    ensure_tiny_checkpoints,
+    llm_config,
+)
 
 log = logging.getLogger(__name__)
 
-REALTIME_ID = "OpenMOSS-Team/MOSS-TTS-Realtime"
-CODEC_ID = "OpenMOSS-Team/MOSS-Audio-Tokenizer"
-UNTRAINED_NOTICE = (
-    "NOTE: --tiny uses a tiny RANDOM, UNTRAINED model: the reply audio is not speech. "
-    "Drop --tiny (and pass --llm-url) for the real models."
-)
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("MOSS_AGENT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache")), "moss_agent"
-    )
-    return Path(base)
-
-
-def add_engine_options(parser: argparse.ArgumentParser, *, slots: int = 4) -> None:
-    group = parser.add_argument_group("speech model")
-    group.add_argument("--model", default=REALTIME_ID, help=f"MOSS-TTS-Realtime folder or hub id (default {REALTIME_ID})")
-    group.add_argument("--codec", default=CODEC_ID, help=f"MOSS-Audio-Tokenizer folder or hub id (default {CODEC_ID})")
-    group.add_argument(
-        "--tiny", action="store_true",
-        help="use tiny random checkpoints made locally (offline trials, no GPU; the audio is not speech)",
-    )
-    group.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
-    group.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on CUDA, fp32 on CPU)")
-    group.add_argument("--slots", type=int, default=slots, help=f"conversations served at once (default {slots})")
-    group.add_argument("--voice", type=Path, default=None, help="reference speech whose voice the agent uses")
-    group.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    group.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable output")
-    group.add_argument("--max-seconds", type=float, default=60.0, help="hard cap on one reply's audio (default 60)")
-    group.add_argument(
-        "--compile", action="store_true",
-        help="torch.compile the model step: about 2x faster on CPU after a one-off compile (20-60 s, cached on disk)",
-    )
-
-
-def add_llm_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("language model (any OpenAI-compatible endpoint)")
-    group.add_argument("--llm-url", default=None,
-                       help="chat-completions base URL, e.g. http://127.0.0.1:8000/v1; without it an offline "
-                            "echo responder (not a language model) repeats what it heard")
-    group.add_argument("--llm-model", default="default", help="model name the server expects")
-    group.add_argument("--api-key", default=None, help="API key (default: $OPENAI_API_KEY, else none)")
-    group.add_argument("--system-prompt", default=None, help="system prompt of the LLM")
-
-
-def add_stt_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("speech recognition")
-    group.add_argument("--stt-url", default=None,
-                       help="OpenAI-compatible transcription base URL (e.g. a Whisper server); "
-                            "default: offline pocketsphinx (English, rough on free speech)")
-    group.add_argument("--stt-model", default="whisper-1", help="transcription model name")
-
-
-def ensure_tiny_checkpoints(folder: Path | None = None) -> tuple[Path, Path]:
-    """Make (once) and return the tiny random realtime model and codec folders."""
-    from moss_agent.models.codec.tiny import save_tiny_codec
-    from moss_agent.models.realtime.tiny import save_tiny_realtime
-
-    root = folder or cache_dir() / "tiny"
-    model_dir, codec_dir = root / "realtime", root / "codec"
-    if not (model_dir / "config.json").is_file():
-        save_tiny_realtime(model_dir, seed=0)
-    if not (codec_dir / "config.json").is_file():
-        save_tiny_codec(codec_dir, seed=0, num_quantizers=16, codebook_size=1024)
-    return model_dir, codec_dir
-
-
-def ensure_tiny_batch_checkpoint(folder: Path | None = None) -> Path:
-    """Make (once) and return a tiny random Delay model matching the tiny codec (16 codebooks of
-    1024 codes) whose text channel follows the real script, so it produces (noise) audio."""
-    import shutil
-    import tempfile
-
-    from moss_agent.models.delay.tiny import save_tiny_delay
-
-    model_dir = (folder or cache_dir() / "tiny") / "delay16"
-    if not (model_dir / "config.json").is_file():
-        model_dir.parent.mkdir(parents=True, exist_ok=True)
-        # Written aside and renamed: an interrupted write never looks like a checkpoint.
-        staging = Path(tempfile.mkdtemp(dir=model_dir.parent, prefix=".delay16-"))
-        save_tiny_delay(staging, n_vq=16, seed=0, scripted_frames=25)
-        try:
-            staging.rename(model_dir)
-        except OSError:  # made meanwhile by another process
-            shutil.rmtree(staging, ignore_errors=True)
-    return model_dir
-
-
-def build_engine(args: argparse.Namespace) -> Any:
-    """A RealtimeEngine from the engine options (loads weights: call off the event loop)."""
-    from moss_agent.engine.realtime import RealtimeEngine, RealtimeEngineConfig
-    from moss_agent.models.realtime import SamplingConfig
-
-    model, codec = args.model, args.codec
-    if args.tiny:
-        print(UNTRAINED_NOTICE, file=sys.stderr)
-        model, codec = ensure_tiny_checkpoints()
-    if args.compile:
-        print("compiling the model step as the engine starts: about a minute the first time, "
-              "seconds once torch has cached it", file=sys.stderr)
-    config = RealtimeEngineConfig(
-        num_slots=args.slots,
-        max_frames_per_turn=max(1, round(args.max_seconds / 0.08)),
-        sampling=SamplingConfig(greedy=True) if args.greedy else SamplingConfig(),
-        seed=args.seed,
-        compile=args.compile,
-    )
-    return RealtimeEngine.load(model, codec, device=args.device, dtype=args.dtype, config=config)
-
-
-def build_llm(args: argparse.Namespace) -> Any:
-    from moss_agent.streaming.llm import EchoResponder, OpenAIChatLLM
-
-    if not args.llm_url:
-        return EchoResponder()
-    return OpenAIChatLLM(llm_config(args))
-
-
-def llm_config(args: argparse.Namespace) -> LLMConfig:
-    fields: dict[str, Any] = {
-        "base_url": args.llm_url or LLMConfig.base_url,
-        "model": args.llm_model,
-        "api_key": args.api_key or os.environ.get("OPENAI_API_KEY") or "not-needed",
-    }
-    if args.system_prompt:
-        fields["system_prompt"] = args.system_prompt
-    return LLMConfig(**fields)
-
-
-def build_stt(args: argparse.Namespace) -> Any:
-    from moss_agent.speech.stt import OpenAITranscriber, PocketSphinxRecognizer
-
-    if args.stt_url:
-        api_key = getattr(args, "api_key", None) or os.environ.get("OPENAI_API_KEY") or "not-needed"
-        return OpenAITranscriber(args.stt_url, api_key, model=args.stt_model)
-    return PocketSphinxRecognizer()
+__all__ = [
+    "UNTRAINED_NOTICE",
+    "add_engine_options",
+    "add_listening_options",
+    "add_llm_options",
+    "add_stt_options",
+    "build_engine",
+    "build_llm",
+    "build_speech_stack",
+    "build_stt",
+    "cache_dir",
+    "collect_turn",
+    "ensure_tiny_batch_checkpoint",
+    "ensure_tiny_checkpoints",
+    "llm_config",
+    "load_voice",
+    "session_config",
+    "silero_vad",
+    "wait_for_stop_signal",
+]
 
 
 def load_voice(args: argparse.Namespace) -> Any:

@@ -31,6 +31,7 @@ from moss_agent.audio import resample
 from moss_agent.engine.device import DeviceThread
 from moss_agent.errors import ConfigError, EngineError, MossError, OverloadError, SessionClosedError
 from moss_agent.events import AudioChunk, FloatArray
+from moss_agent.model_ids import CODEC_MODEL_ID, REALTIME_MODEL_ID
 from moss_agent.models.codec import MossAudioTokenizer
 from moss_agent.models.compiling import compile_step
 from moss_agent.models.realtime import RealtimeGenerator, SamplingConfig, StepOutput
@@ -127,8 +128,8 @@ class RealtimeEngine:
     @classmethod
     def load(
         cls,
-        model: str | Path = "OpenMOSS-Team/MOSS-TTS-Realtime",
-        codec: str | Path | MossAudioTokenizer = "OpenMOSS-Team/MOSS-Audio-Tokenizer",
+        model: str | Path = REALTIME_MODEL_ID,
+        codec: str | Path | MossAudioTokenizer = CODEC_MODEL_ID,
         *,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from moss_agent.model_ids import CODEC_MODEL_ID, REALTIME_MODEL_ID
 from moss_agent.models.loading import pick_device, pick_dtype, resolve_checkpoint
 
 if TYPE_CHECKING:
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CODEC_ID = "OpenMOSS-Team/MOSS-Audio-Tokenizer"
 
 _Key = tuple[str, str, str]
 
@@ -59,7 +59,7 @@ class ModelRegistry:
 
     def codec(
         self,
-        path_or_id: str | Path = CODEC_ID,
+        path_or_id: str | Path = CODEC_MODEL_ID,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
     ) -> MossAudioTokenizer:
@@ -104,14 +104,14 @@ class ModelRegistry:
 
         tts = self.tts(model, device=device, dtype=dtype)
         codec_model = self.codec(
-            codec or tts.codec_name_or_path or CODEC_ID, device=tts.model.device, dtype=codec_dtype
+            codec or tts.codec_name_or_path or CODEC_MODEL_ID, device=tts.model.device, dtype=codec_dtype
         )
         return BatchEngine(tts, codec_model, **options)
 
     def realtime_engine(
         self,
-        model: str | Path = "OpenMOSS-Team/MOSS-TTS-Realtime",
-        codec: str | Path = CODEC_ID,
+        model: str | Path = REALTIME_MODEL_ID,
+        codec: str | Path = CODEC_MODEL_ID,
         *,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
@@ -145,4 +145,4 @@ def _indexed(device: torch.device) -> torch.device:
     return device
 
 
-__all__ = ["CODEC_ID", "ModelRegistry"]
+__all__ = ["ModelRegistry"]

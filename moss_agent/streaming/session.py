@@ -50,6 +50,12 @@ from moss_agent.transports.base import AudioInput, AudioOutput
 
 log = logging.getLogger(__name__)
 
+
+def _follows(turn_id: int | None, event: Event) -> bool:
+    """Whether a subscriber that follows ``turn_id`` (None: the whole session) gets ``event``."""
+    return turn_id is None or getattr(event, "turn_id", None) == turn_id
+
+
 TokenSource = AsyncIterable[str] | Iterable[str]
 
 
@@ -104,6 +110,7 @@ class _Turn:
     error: str | None = None
     pumps: list[asyncio.Task[None]] = field(default_factory=list)
     last_frame_span: int = 1
+    events: EventStream | None = None  # what ``async for event in handle`` reads
 
     def __post_init__(self) -> None:
         self.timeline = TurnTimeline(self.id)
@@ -111,7 +118,15 @@ class _Turn:
 
 
 class TurnHandle:
-    """A queued or running agent turn: ``await handle`` gives its :class:`TurnResult`."""
+    """A queued or running agent turn.
+
+    ``await handle`` gives its :class:`TurnResult`; ``async for event in handle`` yields this turn's
+    events (TurnStarted, TextDelta, AudioChunk, ErrorEvent, TurnEnded or Interrupted, and Metrics
+    last) and ends when the turn ends. Events are kept from the moment the turn is queued, so
+    iterating later still starts at the beginning (up to ``SessionConfig.event_queue_size`` events;
+    older ones are dropped while nobody reads). Once iterated, the turn's audio is paced by the
+    reader, as with :meth:`Session.events`; a handle nobody iterates never holds the session back.
+    """
 
     def __init__(self, session: Session, turn: _Turn) -> None:
         self._session = session
@@ -135,6 +150,12 @@ class TurnHandle:
 
     def __await__(self) -> Generator[Any, None, TurnResult]:
         return asyncio.shield(self._turn.future).__await__()
+
+    def __aiter__(self) -> EventStream:
+        stream = self._turn.events
+        assert stream is not None, "every queued turn has its event stream"
+        self._session._unread.discard(stream._channel)
+        return stream
 
 
 class EventStream:
@@ -165,7 +186,8 @@ class EventStream:
         return items
 
     def close(self) -> None:
-        self._session._subscribers.discard(self._channel)
+        self._session._subscribers.pop(self._channel, None)
+        self._session._unread.discard(self._channel)
         self._channel.close()
 
 
@@ -215,7 +237,9 @@ class Session:
         self.stale_chunks_dropped = 0
         self._history = History(self.config.llm.system_prompt, self.config.history)
         self._ids = itertools.count(1)
-        self._subscribers: set[Channel[Event]] = set()
+        # Each subscriber's channel and the turn it follows (None: every event of the session).
+        self._subscribers: dict[Channel[Event], int | None] = {}
+        self._unread: set[Channel[Event]] = set()  # turn streams nobody iterates yet: they never pace audio
         self._conversation: Conversation | None = None
         self._root: asyncio.Task[None] | None = None
         self._tg: asyncio.TaskGroup | None = None
@@ -331,6 +355,7 @@ class Session:
         for channel in list(self._subscribers):
             channel.close()
         self._subscribers.clear()
+        self._unread.clear()
 
     @property
     def closed(self) -> bool:
@@ -376,11 +401,15 @@ class Session:
 
     def events(self) -> EventStream:
         """Subscribe to events from now on; iterate with ``async for``; ends when the session closes."""
-        channel: Channel[Event] = Channel(self.config.event_queue_size, "drop_oldest", name=f"{self.name}-events")
-        if self._closed:
+        return self._subscribe(None, closed=self._closed)
+
+    def _subscribe(self, turn_id: int | None, *, closed: bool) -> EventStream:
+        name = f"{self.name}-events" if turn_id is None else f"{self.name}-turn{turn_id}-events"
+        channel: Channel[Event] = Channel(self.config.event_queue_size, "drop_oldest", name=name)
+        if closed or self._closed:
             channel.close()
         else:
-            self._subscribers.add(channel)
+            self._subscribers[channel] = turn_id
         return EventStream(self, channel)
 
     @property
@@ -399,15 +428,26 @@ class Session:
     # ------------------------------------------------------------------ events
 
     def _emit(self, event: Event) -> None:
-        for channel in list(self._subscribers):
-            if not channel.closed:
+        for channel, turn_id in list(self._subscribers.items()):
+            if not channel.closed and _follows(turn_id, event):
                 channel.put_nowait(event)
 
     async def _emit_audio(self, chunk: AudioChunk) -> None:
-        for channel in list(self._subscribers):
-            await channel.wait_for_room()
+        for channel, turn_id in list(self._subscribers.items()):
+            if not _follows(turn_id, chunk):
+                continue
+            if channel not in self._unread:
+                await channel.wait_for_room()
             if not channel.closed:
                 channel.put_nowait(chunk)
+
+    def _end_turn_streams(self, turn_id: int) -> None:
+        """Close the event streams that follow one turn (after its last event, or when it is dropped)."""
+        for channel, followed in list(self._subscribers.items()):
+            if followed == turn_id:
+                self._subscribers.pop(channel, None)
+                self._unread.discard(channel)
+                channel.close()
 
     # ------------------------------------------------------------------ turns
 
@@ -415,11 +455,18 @@ class Session:
         if self._closed or self._queue is None or self._tg is None:
             turn.future.cancel()
             raise SessionClosedError(f"session {self.name!r} is not running; use 'async with Session(...)'")
-        self._queue.put_nowait(turn)
+        turn.events = self._subscribe(turn.id, closed=False)
+        self._unread.add(turn.events._channel)
+        try:
+            self._queue.put_nowait(turn)
+        except MossError:
+            self._end_turn_streams(turn.id)
+            raise
         return TurnHandle(self, turn)
 
     def _finish_unstarted(self, turn: _Turn) -> None:
         turn.state = "done"
+        self._end_turn_streams(turn.id)
         if not turn.future.done():
             turn.future.set_result(TurnResult(turn.id, "", "", 0.0, 0.0, interrupted=True))
 
@@ -509,6 +556,7 @@ class Session:
             self.summary.errors += 1
         self._emit(metrics)
         turn.state = "done"
+        self._end_turn_streams(turn.id)
         if not turn.future.done():
             turn.future.set_result(
                 TurnResult(turn.id, text, heard_text, heard_s, tl.audio_s, turn.interrupt_requested, turn.error, metrics)
