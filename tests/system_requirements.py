@@ -44,7 +44,7 @@ class SystemRequirement:
     @property
     def reason(self) -> str:
         return (
-            f"{self.what} is missing: install the Debian package {self.package} "
+            f"{self.what}: not found; install the Debian package {self.package} "
             f"(./scripts/install.sh, or apt-get install {self.package})"
         )
 

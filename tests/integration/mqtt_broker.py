@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import shutil
 import socket
 import subprocess
 import time
@@ -11,10 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
-MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
-MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd")
+from system_requirements import MOSQUITTO, find_binary, require
 
 # Workers may use every topic; a client only its own subtree, plus reading worker liveness.
 ACL = """\
@@ -41,11 +37,12 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def run_broker(tmp: Path, users: dict[str, str]) -> Iterator[Broker]:
-    if MOSQUITTO is None or MOSQUITTO_PASSWD is None:
-        pytest.skip("mosquitto is not installed (Debian: apt-get install mosquitto)")
+    require(MOSQUITTO)
+    mosquitto, mosquitto_passwd = MOSQUITTO.path, find_binary("mosquitto_passwd")
+    assert mosquitto is not None and mosquitto_passwd is not None
     password_file = tmp / "passwd"
     for i, (user, password) in enumerate(users.items()):
-        args = [MOSQUITTO_PASSWD, "-b", *(["-c"] if i == 0 else []), str(password_file), user, password]
+        args = [mosquitto_passwd, "-b", *(["-c"] if i == 0 else []), str(password_file), user, password]
         subprocess.run(args, check=True, capture_output=True)
     password_file.chmod(0o600)
     (tmp / "acl").write_text(ACL)
@@ -65,7 +62,7 @@ def run_broker(tmp: Path, users: dict[str, str]) -> Iterator[Broker]:
         "user root\n"
     )
     log = (tmp / "mosquitto.log").open("wb")
-    proc = subprocess.Popen([MOSQUITTO, "-c", str(config)], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([mosquitto, "-c", str(config)], stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 10
         while True:

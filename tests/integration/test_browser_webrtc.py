@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from system_requirements import CHROMIUM, ESPEAK_NG, requires
 
 pytest.importorskip("aiortc")
 
@@ -25,18 +25,7 @@ from moss_agent.audio import load_audio
 from moss_agent.transports.connection import Connection
 from moss_agent.transports.webrtc import WebRTCServer
 
-
-def _chromium() -> str | None:
-    real = Path("/usr/lib/chromium/chromium")  # the Debian wrapper script adds flags we do not want
-    return str(real) if real.exists() else shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-CHROMIUM = _chromium()
-ESPEAK = shutil.which("espeak-ng")
-pytestmark = [
-    pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install chromium)"),
-    pytest.mark.skipif(ESPEAK is None, reason="espeak-ng is not installed (Debian: apt-get install espeak-ng)"),
-]
+pytestmark = requires(CHROMIUM, ESPEAK_NG)
 TOKEN = "browser-token"
 GREETING = "hello from the agent"
 
@@ -136,13 +125,13 @@ def stop_browser(proc: subprocess.Popen[bytes]) -> None:
 async def test_browser_page_sends_speech_and_plays_agent_audio(tmp_path: Path) -> None:
     wav = tmp_path / "speech.wav"
     text = "Hello there. I would like to know the weather in Paris tomorrow, and whether I need an umbrella."
-    subprocess.run([ESPEAK, "-w", str(wav), "--", text], check=True, capture_output=True, timeout=30)
+    assert ESPEAK_NG.path is not None and CHROMIUM.path is not None
+    subprocess.run([ESPEAK_NG.path, "-w", str(wav), "--", text], check=True, capture_output=True, timeout=30)
     probe = BrowserProbe()
     async with WebRTCServer(probe, token=TOKEN, loopback_only=True, input_rate=RATE) as server:
         url = f"{server.url}?token={TOKEN}&client=browser&autostart=1&processing=0"
-        assert CHROMIUM is not None
         browser = subprocess.Popen(
-            [CHROMIUM, *chromium_flags(tmp_path / "profile", wav), url],
+            [CHROMIUM.path, *chromium_flags(tmp_path / "profile", wav), url],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,

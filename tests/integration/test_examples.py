@@ -131,12 +131,12 @@ async def test_webrtc_bot_greets_a_peer_and_answers_typed_text(cache: Path) -> N
 async def test_mqtt_worker_answers_the_device_examples_speech(cache: Path, tmp_path: Path) -> None:  # noqa: F811
     pytest.importorskip("aiomqtt")
     from mqtt_broker import run_broker
+    from system_requirements import ESPEAK_NG, require
 
     from moss_agent.testing import FakeOpenAIServer
-    from moss_agent.testing.speech import espeak_ng_path, synthesize_speech
+    from moss_agent.testing.speech import synthesize_speech
 
-    if espeak_ng_path() is None:
-        pytest.skip("espeak-ng is not installed")
+    require(ESPEAK_NG)
     wav = tmp_path / "device_mic.wav"
     write_wav(wav, synthesize_speech("turn on the lights", 24000), 24000)
     heard: list[float] = []

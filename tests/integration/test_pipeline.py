@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 from pipeline_harness import BACKENDS, SPEED, HttpTranscriber, backend_maker, dominant_hz, next_event
+from system_requirements import ESPEAK_NG, requires
 
 from moss_agent.config import LLMConfig, SessionConfig, TurnTakingConfig
 from moss_agent.events import ErrorEvent, Interrupted, Metrics, TextDelta, TurnEnded
@@ -18,10 +19,10 @@ from moss_agent.streaming.llm import OpenAIChatLLM
 from moss_agent.streaming.session import Session
 from moss_agent.testing.audio_io import FakeAudioInput, FakeAudioOutput
 from moss_agent.testing.openai_server import FakeOpenAIServer, ScriptedReply
-from moss_agent.testing.speech import ESPEAK_MISSING_REASON, espeak_ng_path, synthesize_speech
+from moss_agent.testing.speech import synthesize_speech
 from moss_agent.testing.vad import EnergyVad
 
-pytestmark = pytest.mark.skipif(espeak_ng_path() is None, reason=ESPEAK_MISSING_REASON)
+pytestmark = requires(ESPEAK_NG)
 
 MIC_RATE = 16000
 FIRST, SECOND = "what is the weather like today", "thank you very much"

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from system_requirements import ESPEAK_NG, requires
 
 pytest.importorskip("aiortc")
 
@@ -23,7 +24,7 @@ from moss_agent.events import AudioChunk
 from moss_agent.models.realtime import SamplingConfig
 from moss_agent.serving import session_handler
 from moss_agent.streaming.llm import EchoResponder
-from moss_agent.testing.speech import espeak_ng_path, silence, synthesize_speech
+from moss_agent.testing.speech import silence, synthesize_speech
 from moss_agent.transports.webrtc import WebRTCServer
 from moss_agent.transports.webrtc_client import WebRTCClient
 
@@ -107,7 +108,7 @@ async def connected() -> AsyncIterator[Callable[..., Any]]:
         await client.close()
 
 
-@pytest.mark.skipif(espeak_ng_path() is None, reason="espeak-ng is not installed")
+@requires(ESPEAK_NG)
 async def test_a_spoken_question_gets_a_spoken_answer(
     tiny_realtime_dir: Path, tiny_codec_dir: Path, connected: Callable[..., Any]
 ) -> None:

@@ -8,6 +8,7 @@ import socket
 
 import numpy as np
 import pytest
+from system_requirements import ESPEAK_NG, requires
 
 pytest.importorskip("pocketsphinx", reason="the [stt] extra (pocketsphinx) is not installed")
 pytest.importorskip("openai", reason="the [llm] extra (openai) is not installed")
@@ -15,7 +16,7 @@ pytest.importorskip("openai", reason="the [llm] extra (openai) is not installed"
 from moss_agent.errors import STTError
 from moss_agent.speech.stt import OpenAITranscriber, PocketSphinxRecognizer, SpeechRecognizer
 from moss_agent.testing.openai_server import FakeOpenAIServer
-from moss_agent.testing.speech import ESPEAK_MISSING_REASON, espeak_ng_path, silence, synthesize_speech
+from moss_agent.testing.speech import silence, synthesize_speech
 
 PHRASES = [
     "turn on the kitchen light",
@@ -26,7 +27,7 @@ PHRASES = [
     "stop",
 ]
 
-needs_espeak = pytest.mark.skipif(espeak_ng_path() is None, reason=ESPEAK_MISSING_REASON)
+needs_espeak = requires(ESPEAK_NG)
 
 
 def _utterance(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from system_requirements import ESPEAK_NG, require
 
 from moss_agent.audio import StreamResampler, load_audio, resample
 from moss_agent.errors import AudioError
@@ -19,7 +20,7 @@ if importlib.util.find_spec("silero_vad") is None:
     pytest.skip("the [vad] extra (silero-vad) is not installed", allow_module_level=True)
 
 from moss_agent.speech.vad import SileroVad
-from moss_agent.testing.speech import ESPEAK_MISSING_REASON, espeak_ng_path, silence, synthesize_speech
+from moss_agent.testing.speech import silence, synthesize_speech
 
 RATE = SileroVad.sample_rate
 WINDOW = SileroVad.window
@@ -33,8 +34,7 @@ def vad() -> SileroVad:
 @pytest.fixture(scope="module")
 def padded_speech_24k() -> np.ndarray:
     """1 s of faint noise, a spoken sentence, 1 s of faint noise, at 24 kHz."""
-    if espeak_ng_path() is None:
-        pytest.skip(ESPEAK_MISSING_REASON)
+    require(ESPEAK_NG)
     speech = synthesize_speech("please turn on the kitchen light and close the window", 24000)
     clip = np.concatenate([silence(1.0), speech, silence(1.0)])
     noise = 1e-3 * np.random.default_rng(0).standard_normal(clip.shape[0])
