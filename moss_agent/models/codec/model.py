@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from moss_agent.errors import ConfigError
+from moss_agent.models.codec.chunked import ChunkPlan, plan_chunks, resolve_chunk_frames
 from moss_agent.models.codec.config import CodecConfig, PatchConfig
 from moss_agent.models.codec.quantizer import ResidualQuantizer
 from moss_agent.models.codec.streaming import CodecStreamState, StageCache
@@ -103,8 +104,9 @@ class MossAudioTokenizer(nn.Module):
 
     # -- input checks -----------------------------------------------------------------------------
 
-    def _wave_batch(self, wav: torch.Tensor) -> torch.Tensor:
-        """[B, T] or [B, 1, T] float -> [B, T] on the codec's device (compute dtype)."""
+    @staticmethod
+    def _wave_rows(wav: torch.Tensor) -> torch.Tensor:
+        """[B, T] or [B, 1, T] float -> a [B, T] view, left where and as it is."""
         if not isinstance(wav, torch.Tensor) or not wav.is_floating_point():
             raise ConfigError("wav must be a float tensor of shape [B, T] or [B, 1, T]")
         if wav.dim() == 3:
@@ -113,7 +115,11 @@ class MossAudioTokenizer(nn.Module):
             wav = wav[:, 0]
         if wav.dim() != 2:
             raise ConfigError(f"wav must have shape [B, T] or [B, 1, T], got {tuple(wav.shape)}")
-        return wav.to(device=self.device, dtype=self.dtype)
+        return wav
+
+    def _wave_batch(self, wav: torch.Tensor) -> torch.Tensor:
+        """[B, T] or [B, 1, T] float -> [B, T] on the codec's device (compute dtype)."""
+        return self._wave_rows(wav).to(device=self.device, dtype=self.dtype)
 
     def _lengths(self, lengths: torch.Tensor | list[int] | None, batch: int, full: int) -> torch.Tensor:
         if lengths is None:
@@ -199,6 +205,146 @@ class MossAudioTokenizer(nn.Module):
         for stage in self.decoder:
             hidden = stage(hidden)
         return hidden.float().transpose(1, 2), lengths * self.frame_size
+
+    # -- chunked offline (bounded memory) ---------------------------------------------------------
+
+    def max_chunk_frames(self, kind: str) -> int:
+        """Largest chunk, in frames, that fits every attention window of the ``"encode"`` or ``"decode"`` side."""
+        if kind not in ("encode", "decode"):
+            raise ConfigError(f"kind must be 'encode' or 'decode', got {kind!r}")
+        stages = self._transformers(self.encoder if kind == "encode" else self.decoder)
+        tokens = self._encoder_tokens if kind == "encode" else self._decoder_tokens
+        return min(stage.capacity // per_frame for stage, per_frame in zip(stages, tokens, strict=True))
+
+    def _chunk_plan(
+        self, kind: str, fed: list[int], kept: list[int], chunk_frames: int | None, chunk_duration: float | None
+    ) -> ChunkPlan:
+        chunk = resolve_chunk_frames(chunk_frames, chunk_duration, frame_size=self.frame_size,
+                                     sample_rate=self.sample_rate, limit=self.max_chunk_frames(kind))
+        return plan_chunks(fed, kept, chunk)
+
+    def _latent_channels(self) -> int:
+        channels = 1
+        for stage in self.encoder:
+            channels = channels * stage.size if isinstance(stage, Patch) else stage.config.output_dim
+        return channels
+
+    def _samples_span(
+        self, samples: torch.Tensor, lengths: torch.Tensor, start: int, size: int, rows: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
+        """samples[rows, start:start+size] in the compute dtype, zero past each row's length and past the end.
+
+        samples: [B, T] anywhere; lengths: [B] (or [len(rows)]) on the codec's device -> [B or len(rows), size].
+        """
+        piece = samples[:, start : start + size]
+        if rows is not None:
+            piece = piece[list(rows)]
+        piece = piece.to(device=self.device, dtype=self.dtype)
+        if piece.shape[1] < size:
+            piece = torch.nn.functional.pad(piece, (0, size - piece.shape[1]))
+        positions = torch.arange(start, start + size, device=self.device)
+        return torch.where(positions[None] < lengths[:, None], piece, 0.0)
+
+    @torch.no_grad()
+    def encode_chunked(
+        self,
+        wav: torch.Tensor,
+        lengths: torch.Tensor | list[int] | None = None,
+        *,
+        chunk_frames: int | None = None,
+        chunk_duration: float | None = None,
+        num_quantizers: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Chunked encode with bounded memory: upstream ``encode(..., chunk_duration=...)`` for every row.
+
+        wav [B, T] or [B, 1, T] (lengths [B] samples; may stay on the CPU or in another float dtype:
+        each chunk is moved and converted on its own) -> (codes [nq, B, N] int64, code_lengths [B] =
+        floor(len/frame), latents [B, C, N] float32, the pre-quantizer encoder output).
+
+        Give the chunk as ``chunk_frames`` or ``chunk_duration`` seconds (whole frames, at most
+        :meth:`max_chunk_frames`); the default is half the window. A row longer than one chunk streams
+        through ring caches, one chunk per call, and keeps floor(len/frame) frames; a shorter row is
+        encoded offline and keeps ceil(len/frame) frames, as upstream. N is the longest row's count;
+        frames past a row's count are 0. Streamed codes differ from :meth:`encode` once a window fills
+        (upstream behaviour). Activations never exceed one chunk; the only full-length tensors are
+        the input and the outputs.
+        """
+        samples = self._wave_rows(wav)
+        batch, total = samples.shape
+        if total == 0:
+            raise ConfigError("wav holds no samples")
+        lengths = self._lengths(lengths, batch, total)
+        count = self._quantizer_count(num_quantizers)
+        frame = self.frame_size
+        fed = [-(-n // frame) for n in lengths.tolist()]
+        kept = [n // frame for n in lengths.tolist()]
+        plan = self._chunk_plan("encode", fed, kept, chunk_frames, chunk_duration)
+        width = max([fed[row] for row in plan.offline] + [kept[row] for step in plan.steps for row in step.rows],
+                    default=0)
+        codes = torch.zeros(count, batch, width, dtype=torch.long, device=self.device)
+        latents = torch.zeros(batch, self._latent_channels(), width, dtype=torch.float32, device=self.device)
+        if plan.offline:
+            rows = torch.tensor(plan.offline, device=self.device)
+            span = max(fed[row] for row in plan.offline)
+            piece = self._samples_span(samples, lengths[rows], 0, span * frame, plan.offline)
+            hidden, row_kept = self.encode_latents(piece, lengths[rows])
+            codes[:, rows, :span] = self.quantizer.encode(hidden.transpose(1, 2), row_kept, count)
+            latents[rows, :, :span] = hidden
+        if plan.steps:
+            state = self.init_encode_state(batch)
+            for step in plan.steps:
+                active = state.slot_mask(list(step.rows))
+                piece = self._samples_span(samples, lengths, step.start * frame, step.frames * frame)
+                hidden = self.encode_latents_step(piece[:, None], state, active)
+                rows = torch.tensor(step.rows, device=self.device)
+                step_codes = self.quantizer.encode(hidden[rows].transpose(1, 2), None, count)
+                for index, (row, keep) in enumerate(zip(step.rows, step.kept, strict=True)):
+                    codes[:, row, step.start : step.start + keep] = step_codes[:, index, :keep]
+                    latents[row, :, step.start : step.start + keep] = hidden[row, :, :keep]
+        return codes, lengths // frame, latents
+
+    @torch.no_grad()
+    def decode_chunked(
+        self,
+        codes: torch.Tensor,
+        lengths: torch.Tensor | list[int] | None = None,
+        *,
+        chunk_frames: int | None = None,
+        chunk_duration: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chunked decode with bounded memory: upstream ``decode(..., chunk_duration=...)`` for every row.
+
+        codes [nq, B, N] or [nq, N] (any prefix of the codebooks; lengths [B] valid frames) ->
+        (wav [B, 1, max(lengths)*frame] float32, zero past each row's end; wav_lengths [B]).
+        The chunk is given as in :meth:`encode_chunked`. A row no longer than one chunk is decoded
+        offline; a longer one streams through ring caches, one chunk per call, so its audio departs
+        from :meth:`decode` once a window fills (upstream behaviour). Activations never exceed one chunk.
+        """
+        if isinstance(codes, torch.Tensor) and codes.dim() == 2:
+            codes = codes[:, None]
+        codes = self._check_codes(codes, check_values=True)
+        _, batch, frames = codes.shape
+        if frames == 0:
+            raise ConfigError("codes hold no frames")
+        lengths = self._lengths(lengths, batch, frames)
+        counts = lengths.tolist()
+        plan = self._chunk_plan("decode", counts, counts, chunk_frames, chunk_duration)
+        frame = self.frame_size
+        wav = torch.zeros(batch, 1, max(counts) * frame, dtype=torch.float32, device=self.device)
+        if plan.offline:
+            rows = torch.tensor(plan.offline, device=self.device)
+            span = max(counts[row] for row in plan.offline)
+            audio, audio_lengths = self.decode(codes[:, rows, :span], lengths[rows])
+            positions = torch.arange(span * frame, device=self.device)
+            wav[rows, :, : span * frame] = torch.where(positions < audio_lengths[:, None, None], audio, 0.0)
+        if plan.steps:
+            state = self.init_decode_state(batch)
+            for step in plan.steps:
+                active = state.slot_mask(list(step.rows))
+                audio = self.decode_step(codes[:, :, step.start : step.start + step.frames], state, active)
+                for row in step.rows:
+                    wav[row, :, step.start * frame : (step.start + step.frames) * frame] = audio[row]
+        return wav, lengths * frame
 
     # -- streaming --------------------------------------------------------------------------------
 
