@@ -6,8 +6,9 @@ import argparse
 import importlib
 import logging
 import sys
+from pathlib import Path
 
-from moss_agent.errors import MossError
+from moss_agent.errors import CheckpointError, MossError
 
 # Subcommand modules under moss_agent.commands, imported lazily so `--help` stays fast.
 COMMANDS = ("bench", "reply", "say", "tts", "dialogue", "voice_design", "sfx", "chat", "serve", "mqtt_worker", "make_tiny")
@@ -47,6 +48,21 @@ def _log_level(args: argparse.Namespace) -> int:
     return logging.INFO if args.verbose else logging.WARNING
 
 
+def _checkpoint_option(args: argparse.Namespace, source: str | None) -> str | None:
+    """The option that named the checkpoint ``source`` (the same id or folder), so an error can say
+    what to pass it. Commands whose options are not --model and --codec set_defaults(checkpoint_options=...)."""
+    if source is None:
+        return None
+    matches = []
+    for option in getattr(args, "checkpoint_options", ("--model", "--codec")):
+        given = getattr(args, option.lstrip("-").replace("-", "_"), None)
+        if isinstance(given, str | Path) and (
+            str(given) == source or Path(given).expanduser().resolve() == Path(source).expanduser().resolve()
+        ):
+            matches.append(option)
+    return matches[0] if len(matches) == 1 else None  # the same folder for both: the message names the model
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -57,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except MossError as exc:
-        print(f"moss-agent {args.command}: error: {exc}", file=sys.stderr)
+        # One line, no traceback: the message says what was wrong and what to do.
+        logging.getLogger(__name__).debug("command failed", exc_info=True)
+        message = exc.worded(exc.option or _checkpoint_option(args, exc.source)) if isinstance(exc, CheckpointError) else str(exc)
+        print(f"moss-agent {args.command}: error: {' '.join(message.splitlines())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

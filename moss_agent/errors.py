@@ -5,6 +5,8 @@ Every error says what was wrong and, where there is one, what to do about it.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class MossError(Exception):
     """Base class of every error raised on purpose by moss_agent."""
@@ -23,7 +25,26 @@ class ModelError(MossError):
 
 
 class CheckpointError(ModelError):
-    """A checkpoint folder or hub id is missing, incomplete or does not match the architecture."""
+    """A checkpoint folder or hub id is missing, incomplete or does not match the architecture.
+
+    ``source`` is the folder or hub id as it was given. ``remedy`` says how to pass a local folder,
+    with ``{DIR}`` where the folder goes: the message reads "pass DIR"; a command line that knows
+    the option the checkpoint came from sets ``option`` and shows :meth:`worded` ("pass --codec DIR").
+    """
+
+    def __init__(self, message: str, *, source: str | Path | None = None, remedy: str | None = None) -> None:
+        self.problem = message
+        self.source = None if source is None else str(source)
+        self.remedy = remedy
+        self.option: str | None = None
+        super().__init__(self.worded())
+
+    def worded(self, option: str | None = None) -> str:
+        """The message; with ``option`` (such as ``--model``) the remedy names it."""
+        if self.remedy is None:
+            return self.problem
+        folder = f"{option} DIR" if option else "DIR"
+        return f"{self.problem}; {self.remedy.replace('{DIR}', folder)}"
 
 
 class EngineError(MossError):
@@ -54,8 +75,6 @@ class MissingExtraError(MossError, ImportError):
     """An optional dependency is not installed."""
 
     def __init__(self, module: str, extra: str) -> None:
-        super().__init__(
-            f"{module} is not installed; install it with: pip install 'moss-agent[{extra}]'"
-        )
+        super().__init__(f'{module} is not installed; install it with: pip install "moss-agent[{extra}]"')
         self.module = module
         self.extra = extra

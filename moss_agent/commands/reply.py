@@ -41,22 +41,29 @@ async def _reply(args: argparse.Namespace) -> int:
     from moss_agent.streaming.session import Session
 
     user_audio = load_audio(args.input, 24000)
+    llm = common.build_llm(args)
+    if args.llm_url:
+        await llm.check()  # an unreachable server fails now, not after the models load
+    engine = await asyncio.to_thread(common.build_engine, args)
     transcript = args.transcript
     if transcript is None:
         recognizer = common.build_stt(args)
         transcript = (await recognizer.transcribe(user_audio, 24000)).strip()
     print(f"user: {transcript or '(nothing recognised)'}", file=sys.stderr)
 
-    engine = await asyncio.to_thread(common.build_engine, args)
     voice = common.load_voice(args)
     config = SessionConfig(llm=common.llm_config(args))
-    async with engine, Session(engine, llm=common.build_llm(args), config=config, voice_prompt=voice) as session:
+    async with engine, Session(engine, llm=llm, config=config, voice_prompt=voice) as session:
         events = session.events()
         handle = session.respond(user_text=transcript, user_audio=user_audio)
         audio, result = await common.collect_turn(events, handle)
     print(f"agent: {result.text}", file=sys.stderr)
     if args.verbose and result.metrics is not None:
         print(format_breakdown(result.metrics), file=sys.stderr)
+    # A turn that fails midway keeps what it made and exits 1 (the session printed the error).
+    if not len(audio):
+        print(f"no reply audio; nothing written to {args.output}", file=sys.stderr)
+        return 1
     write_wav(args.output, audio, 24000)
     print(f"wrote {args.output} ({len(audio) / 24000:.2f} s of audio)")
-    return 0 if len(audio) and result.error is None else 1
+    return 0 if result.error is None else 1

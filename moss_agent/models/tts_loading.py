@@ -19,6 +19,7 @@ from moss_agent.models.delay.model import MossTTSDelayModel
 from moss_agent.models.delay.processor import BatchPrompt, TTSProcessor
 from moss_agent.models.delay.requests import Request, prepare_batch
 from moss_agent.models.loading import (
+    check_model_type,
     check_state_dict,
     load_safetensors,
     pick_device,
@@ -167,7 +168,9 @@ def load_tts(
     bf16 files load as fp32 (or any dtype); the default is bf16 on CUDA and fp32 on the CPU.
     """
     folder = resolve_checkpoint(path_or_id)
-    config = TTSModelConfig.from_dict(read_config(folder), source=str(folder / "config.json"))
+    raw = read_config(folder)
+    check_model_type(raw, folder, ("moss_tts_delay",), "a MOSS-TTS batch model (Delay or Local v1)")
+    config = TTSModelConfig.from_dict(raw, source=str(folder / "config.json"))
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     weights = load_safetensors(folder)

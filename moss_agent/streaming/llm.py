@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
 from collections.abc import AsyncIterator
 from typing import Any, Protocol, runtime_checkable
 
@@ -82,6 +83,12 @@ class OpenAIChatLLM:
         else:
             kind = "protocol"
         status = getattr(exc, "status_code", None)
+        if kind == "connection":
+            return LLMRequestError(
+                f"cannot connect to the LLM server at {self.config.base_url} ({_connection_failure(exc)}); "
+                "start the server, or correct the URL",
+                kind=kind,
+            )
         return LLMRequestError(
             f"LLM request to {self.config.base_url} failed ({kind}"
             + (f", HTTP {status}" if status else "")
@@ -89,6 +96,19 @@ class OpenAIChatLLM:
             kind=kind,
             status=status if isinstance(status, int) else None,
         )
+
+    async def check(self) -> None:
+        """Raise LLMRequestError now if the server cannot be reached (one GET of ``/models``), so a
+        command fails before it loads models rather than at its first turn. Any HTTP answer passes:
+        some servers have no ``/models``."""
+        openai = require("openai", "llm")
+        try:
+            async with asyncio.timeout(self.config.request_timeout_s):
+                await self._client.models.list()
+        except openai.APIStatusError:
+            return
+        except Exception as exc:
+            raise self._wrap(exc) from exc
 
     async def stream(self, messages: list[ChatMessage]) -> AsyncIterator[str]:
         idle = self.config.idle_timeout_s
@@ -125,6 +145,18 @@ class OpenAIChatLLM:
         close = getattr(self._client, "close", None)
         if close is not None:
             await close()
+
+
+def _connection_failure(exc: BaseException) -> str:
+    """Why a connection failed, from the innermost cause: refused, unknown host, or the library's words."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused: is the server running?"
+        if isinstance(cause, socket.gaierror):
+            return "unknown host"
+        cause = cause.__cause__ or cause.__context__
+    return str(exc) or type(exc).__name__
 
 
 class EchoResponder:

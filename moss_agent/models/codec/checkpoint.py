@@ -12,6 +12,7 @@ from moss_agent.errors import CheckpointError, ConfigError
 from moss_agent.models.codec.config import CodecConfig
 from moss_agent.models.codec.model import MossAudioTokenizer
 from moss_agent.models.loading import (
+    check_model_type,
     check_state_dict,
     load_safetensors,
     pick_device,
@@ -74,6 +75,7 @@ def load_codec(
     """
     folder = resolve_checkpoint(path_or_id)
     raw = read_config(folder)
+    check_model_type(raw, folder, ("speech_tokenizer", "moss-audio-tokenizer"), "MOSS-Audio-Tokenizer")
     try:
         config = CodecConfig.from_dict(raw)
     except ConfigError as exc:
