@@ -13,7 +13,7 @@ from typing import Any
 
 from moss_agent import model_ids
 from moss_agent.commands import common
-from moss_agent.errors import ConfigError, MossError
+from moss_agent.errors import CheckpointError, ConfigError, MossError
 
 # Published checkpoints per request kind.
 DEFAULT_MODELS = {
@@ -139,7 +139,12 @@ def build_batch_engine(args: argparse.Namespace) -> Any:
             raise ConfigError(f"--max-seconds must be > 0, got {args.max_seconds}")
         options["max_new_tokens"] = round(args.max_seconds * 12.5) + 40  # + the flush and end rows
     registry = ModelRegistry(device=args.device, dtype=args.dtype)
-    return registry.batch_engine(model, codec, **options)
+    registry.tts(model)  # loaded first, so a checkpoint error after it is the codec's
+    try:
+        return registry.batch_engine(model, codec, **options)
+    except CheckpointError as exc:  # the codec named by the model's processor_config.json too
+        exc.option = exc.option or "--codec"
+        raise
 
 
 def run_batch(
