@@ -363,11 +363,17 @@ def test_held_slots_stay_untouched(model, tokenizer) -> None:
     assert len(free) == 12 and all(torch.equal(a, b) for a, b in zip(free, held, strict=True))
 
 
-def test_attention_in_blocks_of_64_rows_is_bit_identical_to_the_whole_cache(model, tokenizer) -> None:
-    """The default bucket (64) reads only the rows in use, yet every backbone state equals, bit for
-    bit, the one computed over the whole cache: a short slot's numbers do not move when a long slot
-    beside it makes the tick read more rows."""
-    hidden = []
+def test_attention_in_blocks_of_64_rows_gives_the_frames_of_the_whole_cache(model, tokenizer) -> None:
+    """The default bucket (64) reads only the cache rows in use, rounded up to 64, not the whole cache:
+    every slot makes the same frames, and its backbone states match the whole-cache ones to float
+    rounding, also for a short slot whose tick reads many more rows than it needs because a long slot
+    sits beside it.
+
+    States (RMS-normed, up to ~5) are compared within 1e-5 absolute + 1e-5 relative, not bit for bit:
+    the CPU attention kernel sums a different number of masked rows, which on some CPUs moves a long
+    slot's states by ~5e-7. A skipped last block or a mask that ignores the positions moves them by
+    0.03 to 10."""
+    hidden, frames = [], []
     for bucket in (None, 64):
         gen = RealtimeGenerator(model, tokenizer, num_slots=2, max_context=512, attention_bucket=bucket)
         gen.start_conversation(0, system_prompt="A long system prompt. " * 60)
@@ -375,15 +381,19 @@ def test_attention_in_blocks_of_64_rows_is_bit_identical_to_the_whole_cache(mode
         for slot in range(2):
             gen.start_turn(slot, "Hi", None, sampling=GREEDY, max_frames=40)
             gen.push_text(slot, TEXT)
-        states = []
+            gen.end_text(slot)
+        states, codes = [], []
         for _ in range(20):
-            gen.step()
-            assert gen.last_hidden is not None
+            out = gen.step()
+            assert bool(out.produced.all()) and gen.last_hidden is not None
             states.append(gen.last_hidden.clone())
+            codes.append(out.frames)
         lengths = [gen.context_length(slot) for slot in range(2)]
         hidden.append(torch.stack(states))
+        frames.append(torch.stack(codes))
     assert lengths[0] - lengths[1] > 128  # alone, slot 1 would read two fewer 64-row blocks at least
-    assert torch.equal(hidden[0], hidden[1])
+    torch.testing.assert_close(hidden[1], hidden[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(frames[0], frames[1])
 
 
 def test_bucketed_attention_gives_the_same_greedy_frames(model, tokenizer) -> None:
