@@ -3,6 +3,8 @@
     codec = load_codec("OpenMOSS-Team/MOSS-Audio-Tokenizer")       # or a local folder
     codes, code_lengths = codec.encode(wav)                          # wav [B, 1, T] at 24 kHz
     wav, wav_lengths = codec.decode(codes)                           # codes [nq, B, N]
+    codes, code_lengths, latents = codec.encode_chunked(wav, chunk_duration=8.0)  # long files,
+    wav, wav_lengths = codec.decode_chunked(codes, chunk_duration=8.0)            # bounded memory
     state = codec.init_decode_state(batch_size=16)                   # 16 independent streams
     chunk = codec.decode_step(codes_t, state, active)                # [B, 1, T*1920] per step
 """
