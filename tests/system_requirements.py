@@ -2,8 +2,7 @@
 
 ``./scripts/install.sh`` installs all of them; a user who skipped that step gets skips, never
 collection errors, each naming the package and the command. Tests check a requirement with
-``requires(...)`` (a skipif marker) or ``require(...)`` (a skip inside a test, a fixture or, with
-``module=True``, a module that would otherwise fail to import).
+``requires(...)`` (a skipif marker) or ``require(...)`` (a skip inside a test, a fixture or a helper).
 """
 
 from __future__ import annotations
@@ -103,9 +102,8 @@ def requires(*requirements: SystemRequirement) -> pytest.MarkDecorator:
     return pytest.mark.skipif(reason is not None, reason=reason or "")
 
 
-def require(*requirements: SystemRequirement, module: bool = False) -> None:
-    """Skip now when a requirement is missing; ``module=True`` at module level, before imports that
-    would fail without it."""
+def require(*requirements: SystemRequirement) -> None:
+    """Skip the running test now when a requirement is missing."""
     reason = _missing(requirements)
     if reason is not None:
-        pytest.skip(reason, allow_module_level=module)
+        pytest.skip(reason)

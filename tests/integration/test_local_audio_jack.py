@@ -7,20 +7,22 @@ our microphone port, so what the output plays comes back through the input.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import uuid
 
 import numpy as np
 import pytest
-from system_requirements import PORTAUDIO, require
+from jack_audio import jack_connect, jack_environment
+from system_requirements import PORTAUDIO, requires
+from transport_signals import RATE, tone_chunks, windows_dominated_by
 
-require(PORTAUDIO, module=True)  # before anything loads sounddevice, which raises OSError without it
-pytest.importorskip("sounddevice", reason="the [local] extra (sounddevice) is not installed")
+from moss_agent.errors import TransportError
+from moss_agent.transports.local import LocalAudio, list_devices
 
-from jack_audio import jack_connect, jack_environment  # noqa: E402
-from transport_signals import RATE, tone_chunks, windows_dominated_by  # noqa: E402
-
-from moss_agent.errors import TransportError  # noqa: E402
-from moss_agent.transports.local import LocalAudio, list_devices  # noqa: E402
+# find_spec, not importorskip: importing sounddevice without PortAudio raises OSError.
+if importlib.util.find_spec("sounddevice") is None:
+    pytest.skip("the [local] extra (sounddevice) is not installed", allow_module_level=True)
+pytestmark = requires(PORTAUDIO)
 
 HEARD_WINDOWS = 8  # 0.1 s windows of the tone heard before the test stops listening
 
