@@ -120,11 +120,12 @@ class MossTTSLocalModel(ChannelHeadsInfo, nn.Module):
         self.lm_heads = channel_heads(config)
 
     def prepare_for_inference(self) -> None:
-        """Zero the padding rows (text pad, audio pad), as upstream loading does whatever the file holds."""
-        with torch.no_grad():
-            self.model.embedding_list[0].weight[self.config.pad_token_id].zero_()
-            for table in self.model.embedding_list[1:]:
-                table.weight[self.config.audio_pad_code].zero_()
+        """Nothing to prepare: every embedding keeps the checkpoint's values, padding rows included.
+
+        Upstream loading (transformers 5.0 ``_init_weights``) zeroes the text pad row and the audio
+        pad rows whatever the file holds. Released checkpoints hold zeros there, so this only matters
+        for an edited or fine-tuned checkpoint, which then loads as saved, as the realtime model does.
+        """
 
     def new_cache(self) -> object:
         from transformers.cache_utils import DynamicCache
