@@ -154,7 +154,12 @@ class TTSProcessor:
     def __call__(
         self, conversations: list[list[Message]], mode: Mode | list[Mode] = "generation"
     ) -> BatchPrompt:
-        """Build and left-pad a batch; ``mode`` may be one value or one per conversation."""
+        """Build and left-pad a batch; ``mode`` may be one value or one per conversation.
+
+        ``conversations`` is a list of conversations, each a list of :class:`Message`: one
+        conversation of several messages is ``proc([[user, assistant]])``, not ``proc([user, assistant])``.
+        """
+        _check_conversations(conversations)
         modes = [mode] * len(conversations) if isinstance(mode, str) else list(mode)
         if len(modes) != len(conversations):
             raise ConfigError(f"got {len(modes)} modes for {len(conversations)} conversations")
@@ -171,6 +176,7 @@ class TTSProcessor:
         """
         if mode not in ("generation", "continuation"):
             raise ConfigError(f"mode must be 'generation' or 'continuation', got {mode!r}")
+        _check_messages(conversation, "conversation")
         if not conversation:
             raise ConfigError("a conversation needs at least one user message")
         last_role = conversation[-1].role
@@ -270,6 +276,34 @@ class TTSProcessor:
             f"(?:{re.escape(self.delay_slot_token)})*{re.escape(self.audio_end_token)}"
         )
         return pattern.sub(lambda m: AUDIO_PLACEHOLDER if self.gen_slot_token in m.group(0) else "", text)
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, list | tuple):
+        kinds = sorted({type(item).__name__ for item in value})
+        return f"a {type(value).__name__} of {len(value)} ({', '.join(kinds) or 'empty'})"
+    return f"a {type(value).__name__}"
+
+
+def _check_messages(conversation: object, what: str) -> None:
+    """A conversation must be a list of Message; anything else gets an error naming what came instead."""
+    if not isinstance(conversation, list | tuple) or not all(isinstance(m, Message) for m in conversation):
+        raise ConfigError(f"{what} must be a list of Message, got {_describe(conversation)}")
+
+
+def _check_conversations(conversations: object) -> None:
+    """Upstream treats a flat message list as one-message conversations and fails deep inside; say so here."""
+    if isinstance(conversations, list | tuple) and any(isinstance(c, Message) for c in conversations):
+        raise ConfigError(
+            "expected a list of conversations, each a list of Message, as in proc([[user, assistant]]); got "
+            f"{_describe(conversations)}, a flat message list: wrap one conversation in a list, proc([messages])"
+        )
+    if not isinstance(conversations, list | tuple):
+        raise ConfigError(
+            f"expected a list of conversations, each a list of Message; got {_describe(conversations)}"
+        )
+    for index, conversation in enumerate(conversations):
+        _check_messages(conversation, f"conversation {index}")
 
 
 def _merge_adjacent_placeholders(text: str, audio: list[torch.Tensor]) -> tuple[str, list[torch.Tensor]]:

@@ -162,6 +162,8 @@ Request = TTSRequest | DialogueRequest | VoiceDesignRequest | SoundEffectRequest
 
 def prepare_batch(processor: TTSProcessor, requests: Sequence[Request]) -> BatchPrompt:
     """Requests -> one left-padded prompt batch (generation and continuation may be mixed)."""
+    if isinstance(requests, TTSRequest | DialogueRequest | VoiceDesignRequest | SoundEffectRequest):
+        raise ConfigError(f"expected a list of requests, got one {type(requests).__name__}: pass [request]")
     if not requests:
         raise ConfigError("no requests given")
     conversations: list[list[Message]] = []
