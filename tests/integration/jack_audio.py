@@ -65,7 +65,8 @@ def jack_server(tmp_path: Path) -> Iterator[str]:
             env=_jack_env(name),
         )
     try:
-        ready = subprocess.run(["jack_wait", "-s", name, "-w", "-t", "10"], env=_jack_env(name), capture_output=True, timeout=15)
+        wait = ["jack_wait", "-s", name, "-w", "-t", "10"]
+        ready = subprocess.run(wait, env=_jack_env(name), capture_output=True, timeout=15)
         if ready.returncode != 0 or proc.poll() is not None:
             tail = log_path.read_text(errors="replace")[-500:]
             pytest.skip(f"jackd -n {name} -d dummy did not start on this machine (exit {proc.poll()}): {tail}")
