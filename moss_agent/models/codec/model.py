@@ -226,7 +226,10 @@ class MossAudioTokenizer(nn.Module):
     def _latent_channels(self) -> int:
         channels = 1
         for stage in self.encoder:
-            channels = channels * stage.size if isinstance(stage, Patch) else stage.config.output_dim
+            if isinstance(stage, Patch):
+                channels *= stage.size
+            elif isinstance(stage, ProjectedTransformer):
+                channels = stage.config.output_dim
         return channels
 
     def _samples_span(
@@ -288,8 +291,10 @@ class MossAudioTokenizer(nn.Module):
             span = max(fed[row] for row in plan.offline)
             piece = self._samples_span(samples, lengths[rows], 0, span * frame, plan.offline)
             hidden, row_kept = self.encode_latents(piece, lengths[rows])
-            codes[:, rows, :span] = self.quantizer.encode(hidden.transpose(1, 2), row_kept, count)
-            latents[rows, :, :span] = hidden
+            row_codes = self.quantizer.encode(hidden.transpose(1, 2), row_kept, count)
+            for index, row in enumerate(plan.offline):
+                codes[:, row, : fed[row]] = row_codes[:, index, : fed[row]]
+                latents[row, :, : fed[row]] = hidden[index, :, : fed[row]]
         if plan.steps:
             state = self.init_encode_state(batch)
             for step in plan.steps:
