@@ -10,7 +10,9 @@ and has no positions). Documented departures unless ``upstream_compatible=True``
 - codebooks beyond ``n_vq_for_inference`` are the pad code, and segments keep only the used
   codebooks (upstream writes code 0 there and hands all of them to the codec);
 - the returned rows start at the prompt's last ``<|audio_start|>`` (upstream searches the final ids,
-  so a generated audio_start would move it).
+  so a generated audio_start would move it);
+- a repetition penalty also acts under greedy audio decoding (upstream builds no logits processors
+  for a greedy channel, so its penalty only acts while sampling).
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ def generate_local(
         text_allowed = torch.zeros(cfg.vocab_size, dtype=torch.bool, device=device)
         text_allowed[[cfg.audio_assistant_gen_slot_token_id, cfg.audio_end_token_id]] = True
 
+    penalize = params.audio_repetition_penalty != 1.0
+    if upstream_compatible and params.audio_temperature <= 0:
+        penalize = False
     cache = model.new_cache()
     step_input = input_ids
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -72,7 +77,7 @@ def generate_local(
     for step in range(max_new_tokens):
         positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, -step_input.shape[1] :]
         hidden = model(step_input, mask, cache=cache, position_ids=positions, n_vq=used)[:, -1]
-        row = _sample_frame(model, hidden, used, seen, params, text_allowed, generator)
+        row = _sample_frame(model, hidden, used, seen, params, text_allowed, generator, penalize)
         just_ended = row[:, 0] == cfg.audio_end_token_id
         if upstream_compatible:
             row[:, 1 + used :] = 0
@@ -120,8 +125,10 @@ def _sample_frame(
     params: SamplingParams,
     text_allowed: torch.Tensor | None,
     generator: torch.Generator | None,
+    penalize: bool,
 ) -> torch.Tensor:
-    """hidden: [B, H] backbone state -> one row [B, 1 + n_vq] (text token, codes)."""
+    """hidden: [B, H] backbone state -> one row [B, 1 + n_vq] (text token, codes); ``penalize``
+    applies the audio repetition penalty against ``seen``."""
     cfg = model.config
     batch = hidden.shape[0]
     row = torch.full((batch, 1 + cfg.n_vq), cfg.audio_pad_code, dtype=torch.long, device=hidden.device)
@@ -150,7 +157,7 @@ def _sample_frame(
                 top_k=params.audio_top_k,
                 top_p=params.audio_top_p,
                 penalty=params.audio_repetition_penalty,
-                seen=seen[:, channel - 1] if params.audio_repetition_penalty != 1.0 else None,
+                seen=seen[:, channel - 1] if penalize else None,
                 generator=generator,
             )
         row[:, channel] = token
