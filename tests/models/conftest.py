@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from tests.models.shared_fixtures import generation_cases, goldens, loaded, model_dir, one_thread, tokenizer
+from tests.models.shared_fixtures import cases, goldens, loaded, model_dir, one_thread, tokenizer
 
-__all__ = ["generation_cases", "goldens", "loaded", "model_dir", "one_thread", "tokenizer"]
+__all__ = ["cases", "goldens", "loaded", "model_dir", "one_thread", "tokenizer"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from transformers import AutoTokenizer
 from moss_agent.models.realtime.tiny import write_tokenizer
 from moss_agent.models.tts_loading import LoadedTTS, load_tts
 from tests.conftest import parity_model_dir
+from tests.models.manifest import model_cases
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +33,23 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory):
     return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
 
 
-@pytest.fixture(scope="module")
-def model_dir(parity_dir: Path, request: pytest.FixtureRequest) -> Path:
-    """The parity folder of the model the test module names in PARITY_MODEL ("delay" or "local")."""
+def _parity_model(request: pytest.FixtureRequest) -> str:
     name = getattr(request.module, "PARITY_MODEL", None)
     if name is None:
-        raise RuntimeError(f"{request.module.__name__} uses model_dir but sets no PARITY_MODEL")
-    return parity_model_dir(parity_dir, name)
+        raise RuntimeError(f"{request.module.__name__} uses a parity fixture but sets no PARITY_MODEL")
+    return name
+
+
+@pytest.fixture(scope="module")
+def model_dir(parity_dir: Path, request: pytest.FixtureRequest) -> Path:
+    """The parity folder of the model the test module names in PARITY_MODEL ("realtime", "delay", "local")."""
+    return parity_model_dir(parity_dir, _parity_model(request))
+
+
+@pytest.fixture(scope="module")
+def cases(parity_dir: Path, model_dir: Path, request: pytest.FixtureRequest) -> dict[str, dict]:
+    """Case id -> manifest case for the module's PARITY_MODEL (skips with model_dir when absent)."""
+    return model_cases(parity_dir, _parity_model(request))
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +60,3 @@ def goldens(model_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def loaded(model_dir: Path) -> LoadedTTS:
     return load_tts(model_dir / "checkpoint", device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def generation_cases(model_dir: Path) -> dict:
-    return json.loads((model_dir / "cases.json").read_text())["generation"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +16,6 @@ from tests.models.manifest import (
     greedy_params,
     manifest_ids,
     max_new_tokens,
-    model_cases,
     output_key,
     prompt_of,
     require,
@@ -26,11 +24,6 @@ from tests.models.manifest import (
 
 PARITY_MODEL = "delay"
 GENERATE_IDS = manifest_ids(PARITY_MODEL, "generate")
-
-
-@pytest.fixture(scope="module")
-def cases(parity_dir: Path) -> dict[str, dict]:
-    return model_cases(parity_dir, PARITY_MODEL)
 
 
 def stated_params(case: dict) -> SamplingParams:

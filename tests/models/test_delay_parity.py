@@ -7,7 +7,6 @@ same format runs unchanged; a delay case of a kind no test here knows fails loud
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,17 +19,11 @@ from tests.models.manifest import (
     golden_key,
     json_field,
     manifest_ids,
-    model_cases,
     require,
 )
 
 PARITY_MODEL = "delay"
 KNOWN_KINDS = {"proc", "teacher_forced", "generate"}
-
-
-@pytest.fixture(scope="module")
-def cases(parity_dir: Path) -> dict[str, dict]:
-    return model_cases(parity_dir, PARITY_MODEL)
 
 
 def named_codes(spec: str | None, case: dict, goldens: dict[str, torch.Tensor], n_vq: int):

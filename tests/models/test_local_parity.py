@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +18,6 @@ from tests.models.manifest import (
     greedy_params,
     manifest_ids,
     max_new_tokens,
-    model_cases,
     output_key,
     prompt_of,
     require,
@@ -30,11 +28,6 @@ from tests.models.test_delay_parity import check_processor_case
 PARITY_MODEL = "local"
 KNOWN_KINDS = {"proc", "teacher_forced", "generate"}
 GENERATE_IDS = manifest_ids(PARITY_MODEL, "generate")
-
-
-@pytest.fixture(scope="module")
-def cases(parity_dir: Path) -> dict[str, dict]:
-    return model_cases(parity_dir, PARITY_MODEL)
 
 
 def acting_penalty(case: dict) -> float:
