@@ -65,10 +65,18 @@ def echo_canceller(mode: str) -> Any:
 
 
 async def _chat(args: argparse.Namespace) -> int:
+    from moss_agent._optional import require
     from moss_agent.serving import converse
-    from moss_agent.transports.local import LocalAudio
+    from moss_agent.transports.local import LocalAudio, resolve_device
 
     canceller = echo_canceller(args.echo)
+    # The devices, the VAD and the LLM server are checked before the models load (a minute on a CPU).
+    resolve_device(_device(args.input_device), "input")
+    resolve_device(_device(args.output_device), "output")
+    require("silero_vad", "vad")
+    llm = common.build_llm(args)
+    if args.llm_url:
+        await llm.check()
     engine, stt, voice = await common.build_speech_stack(args)
     config = common.session_config(args, echo_mode=args.echo)
     async with engine, LocalAudio(
@@ -78,7 +86,7 @@ async def _chat(args: argparse.Namespace) -> int:
         print("listening; speak to the agent (Ctrl-C to stop)", file=sys.stderr)
         stop = asyncio.create_task(common.wait_for_stop_signal(), name="chat-stop")
         summary = await converse(
-            engine, input=audio.input, output=audio.output, llm=common.build_llm(args), vad=common.silero_vad(),
+            engine, input=audio.input, output=audio.output, llm=llm, vad=common.silero_vad(),
             stt=stt, config=config, echo_canceller=canceller, voice_prompt=voice, greeting=args.greeting,
             verbose=args.verbose, stop=stop,
         )  # fmt: skip

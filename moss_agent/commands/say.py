@@ -31,20 +31,25 @@ def run(args: argparse.Namespace) -> int:
 
 async def _say(args: argparse.Namespace) -> int:
     from moss_agent.audio import write_wav
-    from moss_agent.errors import ConfigError
+    from moss_agent.errors import ConfigError, TransportError
     from moss_agent.streaming.metrics import format_breakdown
     from moss_agent.streaming.session import Session
 
     text = sys.stdin.read() if args.text == "-" else args.text
     if not text.strip():
         raise ConfigError("nothing to say: the text is empty")
+    if args.play:
+        from moss_agent.transports.local import LocalAudio, resolve_device
+
+        try:
+            resolve_device(args.output_device, "output")  # before the models load
+        except TransportError as exc:
+            raise TransportError(f"{exc}; or drop --play to write a wav") from exc
     engine = await asyncio.to_thread(common.build_engine, args)
     voice = common.load_voice(args)
     async with engine:
         if args.play:
-            from moss_agent.transports.local import LocalAudio
-
-            async with LocalAudio(input_device=None, output_device=args.output_device) as local, Session(
+            async with LocalAudio(output_device=args.output_device, use_input=False) as local, Session(
                 engine, output=local.output, voice_prompt=voice
             ) as session:
                 result = await session.say(text)

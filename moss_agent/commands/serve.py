@@ -47,9 +47,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    from moss_agent._optional import require
     from moss_agent.serving import session_handler
     from moss_agent.transports.webrtc import WebRTCServer, ice_servers_from_urls
 
+    for module in ("aiortc", "aiohttp.web"):  # before the models load
+        require(module, "webrtc")
     token = args.token or secrets.token_urlsafe(16)
     credential = args.ice_credential or os.environ.get("MOSS_TURN_CREDENTIAL")
     ice_servers = ice_servers_from_urls(args.ice_server, args.ice_username, credential)

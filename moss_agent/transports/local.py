@@ -30,7 +30,13 @@ DeviceSpec = int | str | None
 
 
 def _sounddevice() -> Any:
-    return require("sounddevice", "local")
+    try:
+        return require("sounddevice", "local")
+    except OSError as exc:  # the package is installed; the PortAudio library it loads is not
+        raise TransportError(
+            "the PortAudio library is missing (sounddevice needs it); install it with: "
+            "sudo apt-get install libportaudio2 (Debian, Ubuntu), or brew install portaudio (macOS)"
+        ) from exc
 
 
 def list_devices() -> list[dict[str, Any]]:
@@ -60,8 +66,8 @@ def resolve_device(spec: DeviceSpec, kind: str) -> dict[str, Any]:
     available = ", ".join(f"{d['index']}: {d['name']}" for d in devices) or "none"
     if not devices:
         raise TransportError(
-            f"no {kind} audio device found (PortAudio sees none); connect one, or check that the sound "
-            "server (PulseAudio, PipeWire, JACK) is running"
+            f"no {kind} audio device found: PortAudio sees none (list them with: python -m sounddevice); "
+            "connect one, or start the sound server (PulseAudio, PipeWire, JACK)"
         )
     if spec is None:
         default = sd.default.device[0 if kind == "input" else 1]

@@ -1,0 +1,246 @@
+"""The errors a newcomer meets, from the real ``moss-agent`` command: one line on stderr that says
+what was wrong and what to do, exit code 2, no traceback.
+
+Each case runs the CLI in a subprocess. The hub is pointed at a closed local port (or a port that
+never answers), so these tests never download anything, even on a machine that has network.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+HELLO = REPO / "examples" / "hello.wav"
+REALTIME_ID = "OpenMOSS-Team/MOSS-TTS-Realtime"
+CODEC_ID = "OpenMOSS-Team/MOSS-Audio-Tokenizer"
+
+
+def closed_port() -> int:
+    """A local port nothing listens on: connecting to it is refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def offline(tmp_path: Path) -> dict[str, str]:
+    """The environment of a machine that cannot reach the hub and has nothing in its hub cache."""
+    return {
+        "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}",
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"),
+        "MOSS_AGENT_CACHE": str(tmp_path / "cache"),
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_delay_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny batch (Delay) model whose folder names no codec, so the default codec id is used."""
+    from moss_agent.options import ensure_tiny_batch_checkpoint
+
+    return ensure_tiny_batch_checkpoint(tmp_path_factory.mktemp("tiny_batch"))
+
+
+def moss_agent(*args: str | Path, env: dict[str, str] | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, **(env or {})}
+    environment.pop("HF_HUB_OFFLINE", None)
+    return subprocess.run(
+        [sys.executable, "-m", "moss_agent.cli", *map(str, args)],
+        capture_output=True, text=True, env=environment, cwd=cwd, timeout=180,
+    )  # fmt: skip
+
+
+def error_line(proc: subprocess.CompletedProcess[str], command: str) -> str:
+    """The one error line (exit 2, no traceback, nothing else but the --tiny notice); returns it."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert lines, "nothing on stderr"
+    others = [line for line in lines[:-1] if not line.startswith("NOTE: --tiny")]
+    assert not others, proc.stderr
+    prefix = f"moss-agent {command}: error: "
+    assert lines[-1].startswith(prefix), proc.stderr
+    return lines[-1].removeprefix(prefix)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. a hub id without network
+
+
+def hub_reachable() -> bool:
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
+def test_default_models_on_a_machine_without_network(tmp_path):
+    if hub_reachable():
+        pytest.skip("this machine reaches huggingface.co; the closed-port tests cover the offline path")
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
+    started = time.monotonic()
+    proc = moss_agent("reply", "-i", HELLO, "-o", tmp_path / "r.wav", env=env)
+    line = error_line(proc, "reply")
+    assert time.monotonic() - started < 60
+    assert f"could not download {REALTIME_ID}" in line
+    assert f"hf download {REALTIME_ID} --local-dir DIR" in line and line.endswith("pass --model DIR")
+
+
+def test_a_hub_id_offline_names_the_option_to_pass_a_folder(offline, tmp_path):
+    proc = moss_agent("say", "hi", "-o", tmp_path / "s.wav", "--model", REALTIME_ID, env=offline)
+    line = error_line(proc, "say")
+    assert line.startswith(f"could not download {REALTIME_ID}: no connection to the Hugging Face hub")
+    assert line.endswith("pass --model DIR")
+
+
+def test_the_realtime_codec_offline_names_codec(offline, tmp_path, tiny_realtime_dir):
+    proc = moss_agent("say", "hi", "-o", tmp_path / "s.wav", "--model", tiny_realtime_dir, env=offline)
+    line = error_line(proc, "say")
+    assert f"could not download {CODEC_ID}" in line and line.endswith("pass --codec DIR")
+
+
+def test_batch_commands_offline(offline, tmp_path, tiny_delay_dir):
+    line = error_line(moss_agent("tts", "hello", "-o", tmp_path / "t.wav", env=offline), "tts")
+    assert "could not download OpenMOSS-Team/MOSS-TTS:" in line and line.endswith("pass --model DIR")
+    # The codec the model implies (no --codec given) is still set with --codec.
+    proc = moss_agent("sfx", "rain on a roof", "-o", tmp_path / "s.wav", "--model", tiny_delay_dir, env=offline)
+    line = error_line(proc, "sfx")
+    assert f"could not download {CODEC_ID}" in line and line.endswith("pass --codec DIR")
+
+
+@pytest.fixture
+def silent_hub() -> Iterator[str]:
+    """A hub endpoint that accepts connections and never answers (a black-holing network)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_a_hub_that_never_answers_fails_within_seconds(offline, silent_hub, tmp_path):
+    from moss_agent.models.loading import HUB_TIMEOUT_S
+
+    started = time.monotonic()
+    proc = moss_agent("say", "hi", "-o", tmp_path / "s.wav", env={**offline, "HF_ENDPOINT": silent_hub})
+    line = error_line(proc, "say")
+    assert time.monotonic() - started < HUB_TIMEOUT_S + 60  # imports included; not the OS's minutes
+    assert f"did not answer within {HUB_TIMEOUT_S:g} s" in line and line.endswith("pass --model DIR")
+
+
+def test_the_python_api_raises_the_same_error(offline):
+    code = (
+        "from moss_agent.engine.realtime import RealtimeEngine\n"
+        "from moss_agent.errors import CheckpointError\n"
+        "try:\n"
+        f"    RealtimeEngine.load({REALTIME_ID!r}, {CODEC_ID!r}, device='cpu')\n"
+        "except CheckpointError as exc:\n"
+        "    print(exc)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **offline}, timeout=180
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"could not download {REALTIME_ID}: no connection to the Hugging Face hub")
+    assert proc.stdout.rstrip().endswith("and pass DIR")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. a missing or wrong local folder
+
+
+@pytest.mark.parametrize(
+    ("model", "words"),
+    [
+        ("/nonexistent", ["checkpoint folder /nonexistent does not exist", "pass --model DIR"]),
+        ("examples/hello.wav", ["examples/hello.wav is a file, not a checkpoint folder", "pass --model DIR"]),
+        ("empty", ["has no config.json", "pass --model DIR"]),
+        ("codec", ["model_type 'speech_tokenizer'", "moss_tts_realtime"]),
+    ],
+)
+def test_a_wrong_model_folder(model, words, tmp_path, offline, tiny_codec_dir):
+    if model == "empty":
+        model = str(tmp_path)
+    elif model == "codec":
+        model = str(tiny_codec_dir)
+    line = error_line(moss_agent("say", "hi", "-o", tmp_path / "s.wav", "--model", model, env=offline), "say")
+    for word in words:
+        assert word in line
+
+
+def test_batch_folders_of_another_model(tmp_path, offline, tiny_delay_dir, tiny_codec_dir, tiny_realtime_dir):
+    proc = moss_agent("tts", "hello", "-o", tmp_path / "t.wav", "--model", tiny_codec_dir, env=offline)
+    line = error_line(proc, "tts")
+    assert "holds MOSS-Audio-Tokenizer (the codec), not a MOSS-TTS batch model" in line
+    assert "pass --model DIR" in line
+    proc = moss_agent("tts", "hello", "-o", tmp_path / "t.wav", "--model", tiny_delay_dir,
+                      "--codec", tiny_realtime_dir, env=offline)  # fmt: skip
+    line = error_line(proc, "tts")
+    assert "holds MOSS-TTS-Realtime, not MOSS-Audio-Tokenizer" in line and "pass --codec DIR" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. a missing extra, 4. a missing sound card
+
+
+def shim(tmp_path: Path, name: str, text: str) -> dict[str, str]:
+    """An environment whose Python first imports ``name`` from a file holding ``text``."""
+    folder = tmp_path / "shim"
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_text(text)
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
+
+
+def test_serve_without_the_webrtc_extra(tmp_path, offline):
+    env = {**offline, **shim(tmp_path, "sitecustomize.py", "import sys\nsys.modules['aiortc'] = None\n")}
+    line = error_line(moss_agent("serve", "--tiny", env=env), "serve")
+    assert line == 'aiortc is not installed; install it with: pip install "moss-agent[webrtc]"'
+
+
+@pytest.fixture
+def no_sound_card(offline) -> dict[str, str]:
+    """PortAudio present, no device: no JACK server under this name, none started for us."""
+    env = {**offline, "JACK_DEFAULT_SERVER": "moss-agent-test-no-server", "JACK_NO_START_SERVER": "1"}
+    count = "import sounddevice; print(len(sounddevice.query_devices()))"
+    probe = subprocess.run([sys.executable, "-c", count], capture_output=True, text=True, env={**os.environ, **env})
+    if probe.returncode != 0:
+        pytest.skip(f"sounddevice or PortAudio is not installed: {probe.stderr.strip()[-200:]}")
+    if probe.stdout.strip() != "0":
+        pytest.skip("this machine has sound devices")
+    return env
+
+
+def test_chat_without_a_sound_card(no_sound_card):
+    line = error_line(moss_agent("chat", "--tiny", env=no_sound_card), "chat")
+    assert line.startswith("no input audio device found") and "python -m sounddevice" in line
+
+
+def test_say_play_without_a_speaker(no_sound_card):
+    line = error_line(moss_agent("say", "hi", "--play", "--tiny", env=no_sound_card), "say")
+    assert line.startswith("no output audio device found") and "drop --play" in line
+
+
+def test_chat_without_the_portaudio_library(tmp_path, offline):
+    env = {**offline, **shim(tmp_path, "sounddevice.py", "raise OSError('PortAudio library not found')\n")}
+    line = error_line(moss_agent("chat", "--tiny", env=env), "chat")
+    assert "PortAudio library is missing" in line and "libportaudio2" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. an LLM URL that refuses connections
+
+
+def test_reply_with_an_llm_that_refuses_connections(tmp_path, offline):
+    url = f"http://127.0.0.1:{closed_port()}/v1"
+    proc = moss_agent("reply", "--tiny", "-i", HELLO, "-o", tmp_path / "r.wav", "--llm-url", url, env=offline)
+    line = error_line(proc, "reply")
+    assert line.startswith(f"cannot connect to the LLM server at {url} (connection refused")
+    assert not (tmp_path / "r.wav").exists()
