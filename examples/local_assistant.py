@@ -96,8 +96,11 @@ async def from_files(engine: RealtimeEngine, args: argparse.Namespace, parts: di
         feeder.cancel()
         await speaker.aclose()
     audio = speaker.played_audio()
-    write_wav(args.speaker_wav, audio, engine.sample_rate)
-    print(f"wrote {args.speaker_wav} ({len(audio) / engine.sample_rate:.2f} s); {summary.turns} turn(s)")
+    if len(audio):
+        write_wav(args.speaker_wav, audio, engine.sample_rate)
+        print(f"wrote {args.speaker_wav} ({len(audio) / engine.sample_rate:.2f} s); {summary.turns} turn(s)")
+    else:  # the model ended its reply before any audio
+        print(f"{summary.turns} turn(s), no agent audio; nothing written to {args.speaker_wav}")
     return 0 if summary.turns else 1
 
 

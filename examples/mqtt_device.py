@@ -101,9 +101,12 @@ async def run(args: argparse.Namespace) -> int:
                 audio = await talk(session, args)
         finally:
             await session.close()
+    if not len(audio):
+        print(f"the agent sent no audio; nothing written to {args.out}")
+        return 1
     write_wav(args.out, audio, 24_000)
     print(f"wrote {args.out} ({len(audio) / 24_000:.2f} s of agent audio)")
-    return 0 if len(audio) else 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,10 +60,15 @@ async def _reply(args: argparse.Namespace) -> int:
     print(f"agent: {result.text}", file=sys.stderr)
     if args.verbose and result.metrics is not None:
         print(format_breakdown(result.metrics), file=sys.stderr)
-    # A turn that fails midway keeps what it made and exits 1 (the session printed the error).
+    # A turn that fails midway keeps what it made and exits 1 (the session printed the error). A
+    # model that ends its turn before any audio gave a valid, empty reply: said, and exit 0.
     if not len(audio):
-        print(f"no reply audio; nothing written to {args.output}", file=sys.stderr)
-        return 1
+        if result.error is not None:
+            print(f"no reply audio; nothing written to {args.output}", file=sys.stderr)
+            return 1
+        print(f"the reply is empty (the model ended its turn before any audio); nothing written to {args.output}",
+              file=sys.stderr)
+        return 0
     write_wav(args.output, audio, 24000)
     print(f"wrote {args.output} ({len(audio) / 24000:.2f} s of audio)")
     return 0 if result.error is None else 1

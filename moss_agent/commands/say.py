@@ -59,8 +59,11 @@ async def _say(args: argparse.Namespace) -> int:
                 events = session.events()
                 audio, result = await common.collect_turn(events, session.say(text))
             output = args.output or Path("say.wav")
-            write_wav(output, audio, 24000)
-            print(f"wrote {output} ({len(audio) / 24000:.2f} s of audio)")
+            if len(audio):
+                write_wav(output, audio, 24000)
+                print(f"wrote {output} ({len(audio) / 24000:.2f} s of audio)")
+            else:  # the model ended the turn before any audio: an empty result, not a failure
+                print(f"no audio (the model ended its turn at once); nothing written to {output}", file=sys.stderr)
     if args.verbose and result.metrics is not None:
         print(format_breakdown(result.metrics), file=sys.stderr)
     return 0 if result.error is None else 1
