@@ -70,7 +70,7 @@ def utterance() -> FloatArray:
 
 
 async def run_session(
-    index: int, backend: Any, args: argparse.Namespace, llm: OpenAIChatLLM, stt: HttpTranscriber, llm_cfg: LLMConfig
+    index: int, backend: Any, args: argparse.Namespace, llm: OpenAIChatLLM, stt: HttpTranscriber
 ) -> list[Metrics]:
     clock = MonotonicClock()
     mic = FakeAudioInput(MIC_RATE, clock=clock)  # released at real-time pace, like a sound card
@@ -78,7 +78,7 @@ async def run_session(
     turns = TurnTakingConfig(min_speech_s=0.1, hang_s=args.hang_s, echo_mode="none")
     session = Session(
         backend, llm=llm, output=speaker, input=mic, vad=EnergyVad(), stt=stt,
-        config=SessionConfig(llm=llm_cfg, turns=turns), clock=clock, name=f"bench{index}",
+        config=SessionConfig(turns=turns), clock=clock, name=f"bench{index}",
     )
     results: list[Metrics] = []
     async with session:
@@ -144,7 +144,7 @@ async def bench(args: argparse.Namespace) -> int:
             lags: list[float] = []
             probe = asyncio.create_task(loop_lag(lags), name="loop-lag-probe")
             per_session = await asyncio.gather(
-                *(run_session(i, backend, args, llm, stt, llm_cfg) for i in range(sessions))
+                *(run_session(i, backend, args, llm, stt) for i in range(sessions))
             )
             probe.cancel()
             await asyncio.wait([probe])

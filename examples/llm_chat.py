@@ -17,7 +17,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from moss_agent import AudioChunk, ErrorEvent, Session, SessionConfig, TextDelta, options, write_wav
+from moss_agent import AudioChunk, ErrorEvent, Session, TextDelta, options, write_wav
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,7 +48,7 @@ async def chat(args: argparse.Namespace) -> int:
         await speaker.start()
     try:
         output = speaker.output if speaker is not None else None
-        async with engine, Session(engine, llm=llm, output=output, config=SessionConfig(llm=options.llm_config(args))) as session:
+        async with engine, Session(engine, llm=llm, output=output, config=options.session_config(args)) as session:
             while line := await read_line("you> "):
                 turn = session.respond(user_text=line)
                 audio = []

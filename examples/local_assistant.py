@@ -22,7 +22,6 @@ from typing import Any
 from moss_agent import (
     EchoMode,
     RealtimeEngine,
-    SessionConfig,
     SileroVad,
     TurnTakingConfig,
     converse,
@@ -47,9 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def assist(args: argparse.Namespace) -> int:
-    llm_settings = options.llm_config(args)
     echo_mode: EchoMode = "none" if args.mic_wav else args.echo  # a file cannot hear the speaker
-    config = SessionConfig(llm=llm_settings, turns=TurnTakingConfig(echo_mode=echo_mode))
+    config = options.session_config(args, turns=TurnTakingConfig(echo_mode=echo_mode))
     canceller = None
     if echo_mode == "aec":
         from moss_agent import WebRtcEchoCanceller

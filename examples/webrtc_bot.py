@@ -18,7 +18,7 @@ import secrets
 import signal
 import sys
 
-from moss_agent import SessionConfig, SileroVad, WebRTCServer, options, session_handler
+from moss_agent import SileroVad, WebRTCServer, options, session_handler
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,7 +35,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    llm_settings = options.llm_config(args)
     engine = await asyncio.to_thread(options.build_engine, args)  # loading weights blocks: off the loop
     stt = await asyncio.to_thread(options.build_stt, args)
     handler = session_handler(
@@ -43,7 +42,7 @@ async def serve(args: argparse.Namespace) -> int:
         llm_factory=lambda: options.build_llm(args),
         vad_factory=SileroVad,  # one per connection: the model keeps state
         stt=stt,
-        config=SessionConfig(llm=llm_settings),
+        config=options.session_config(args),
         greeting=args.greeting or None,
     )
     token = args.token or secrets.token_urlsafe(16)

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from moss_agent.errors import ConfigError
 
 EchoMode = Literal["half_duplex", "aec", "none"]
+DEFAULT_SYSTEM_PROMPT = "You are a helpful voice assistant. Answer briefly, in plain spoken sentences."
 
 
 def _check(condition: bool, message: str) -> None:
@@ -23,14 +24,14 @@ def _check(condition: bool, message: str) -> None:
 class LLMConfig:
     """An OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, SGLang, Ollama, llama.cpp).
 
-    ``request_timeout_s`` bounds connecting and each network read; ``idle_timeout_s`` bounds the
+    Only the endpoint and its sampling: the system prompt is the session's
+    (``SessionConfig.system_prompt``), so every LLM gets the same one. ``request_timeout_s`` bounds connecting and each network read; ``idle_timeout_s`` bounds the
     wait for the first and every following streamed delta, so a stalled server ends the turn.
     """
 
     base_url: str = "http://127.0.0.1:8000/v1"
     model: str = "default"
     api_key: str = "not-needed"
-    system_prompt: str = "You are a helpful voice assistant. Answer briefly, in plain spoken sentences."
     temperature: float | None = 0.7
     top_p: float | None = None
     max_tokens: int | None = 400
@@ -105,6 +106,8 @@ class HistoryConfig:
 class SessionConfig:
     """One conversation's settings.
 
+    - ``system_prompt``: the LLM's system prompt; the session puts it first in the messages it
+      passes to ``llm.stream`` (any LLM, not only the OpenAI one). None: no system message.
     - ``auto_respond``: answer with the LLM when the user stops speaking (needs ``llm``).
     - ``speech_system_prompt``: the TTS model's own system prompt (voice/style), not the LLM's.
     - ``event_queue_size``: per ``events()`` subscriber; when a subscriber lags, its oldest
@@ -113,17 +116,16 @@ class SessionConfig:
       raise OverloadError.
     - ``audio_stall_timeout_s``: a turn whose audio stops coming (engine) or leaving (output) for
       this long ends with an ErrorEvent instead of staying "speaking" in silence; keep it above
-      ``llm.idle_timeout_s``.
+      the LLM's own idle timeout (``LLMConfig.idle_timeout_s``).
     """
 
-    llm: LLMConfig = field(default_factory=LLMConfig)
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
     turns: TurnTakingConfig = field(default_factory=TurnTakingConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
     auto_respond: bool = True
     speech_system_prompt: str | None = None
     event_queue_size: int = 256
     turn_queue_size: int = 8
-    input_queue_size: int = 200
     vad_sample_rate: int = 16000
     user_audio_sample_rate: int = 24000
     audio_stall_timeout_s: float = 20.0
@@ -131,7 +133,6 @@ class SessionConfig:
     def __post_init__(self) -> None:
         _check(self.event_queue_size >= 1, "SessionConfig.event_queue_size must be >= 1")
         _check(self.turn_queue_size >= 1, "SessionConfig.turn_queue_size must be >= 1")
-        _check(self.input_queue_size >= 1, "SessionConfig.input_queue_size must be >= 1")
         _check(self.vad_sample_rate in (8000, 16000), "SessionConfig.vad_sample_rate must be 8000 or 16000")
         _check(self.user_audio_sample_rate > 0, "SessionConfig.user_audio_sample_rate must be > 0")
         _check(self.audio_stall_timeout_s > 0, "SessionConfig.audio_stall_timeout_s must be > 0 seconds")

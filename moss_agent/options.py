@@ -8,6 +8,7 @@ The ``moss-agent`` command and the examples use them; so can your own scripts::
     args = parser.parse_args()
     engine = options.build_engine(args)     # loads weights: call it off the event loop
     llm = options.build_llm(args)
+    config = options.session_config(args)   # the system prompt and any other SessionConfig fields
 
 This module and the CLI are the only places that read the environment (``OPENAI_API_KEY``,
 ``MOSS_AGENT_CACHE``, ``XDG_CACHE_HOME``); the library below takes everything as arguments.
@@ -21,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from moss_agent.config import LLMConfig
+from moss_agent.config import LLMConfig, SessionConfig
 from moss_agent.model_ids import CODEC_MODEL_ID, REALTIME_MODEL_ID
 
 UNTRAINED_NOTICE = (
@@ -65,7 +66,7 @@ def add_llm_options(parser: argparse.ArgumentParser) -> None:
                             "echo responder (not a language model) repeats what it heard")
     group.add_argument("--llm-model", default="default", help="model name the server expects")
     group.add_argument("--api-key", default=None, help="API key (default: $OPENAI_API_KEY, else none)")
-    group.add_argument("--system-prompt", default=None, help="system prompt of the LLM")
+    group.add_argument("--system-prompt", default=None, help="system prompt of the LLM (default: a brief assistant)")
 
 
 def add_stt_options(parser: argparse.ArgumentParser) -> None:
@@ -147,9 +148,14 @@ def llm_config(args: argparse.Namespace) -> LLMConfig:
         "model": args.llm_model,
         "api_key": args.api_key or os.environ.get("OPENAI_API_KEY") or "not-needed",
     }
-    if args.system_prompt:
-        fields["system_prompt"] = args.system_prompt
     return LLMConfig(**fields)
+
+
+def session_config(args: argparse.Namespace, **fields: Any) -> SessionConfig:
+    """A SessionConfig with the LLM's system prompt from ``--system-prompt``; ``fields`` set the rest."""
+    if getattr(args, "system_prompt", None):
+        fields.setdefault("system_prompt", args.system_prompt)
+    return SessionConfig(**fields)
 
 
 def build_stt(args: argparse.Namespace) -> Any:

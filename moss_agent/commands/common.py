@@ -22,6 +22,7 @@ from moss_agent.options import (  # re-exported for the subcommands
     ensure_tiny_checkpoints,
     llm_config,
 )
+from moss_agent.options import session_config as _session_config
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +85,9 @@ def add_listening_options(parser: argparse.ArgumentParser) -> None:
 
 def session_config(args: argparse.Namespace, *, echo_mode: str = "none") -> Any:
     """The SessionConfig from the LLM and listening options."""
-    from moss_agent.config import SessionConfig, TurnTakingConfig
+    from moss_agent.config import TurnTakingConfig
 
-    return SessionConfig(llm=llm_config(args), turns=TurnTakingConfig(hang_s=args.hang, echo_mode=echo_mode))  # type: ignore[arg-type]
+    return _session_config(args, turns=TurnTakingConfig(hang_s=args.hang, echo_mode=echo_mode))  # type: ignore[arg-type]
 
 
 def silero_vad() -> Any:

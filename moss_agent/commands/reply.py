@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
 async def _reply(args: argparse.Namespace) -> int:
     from moss_agent.audio import load_audio, write_wav
-    from moss_agent.config import SessionConfig
+    from moss_agent.options import session_config
     from moss_agent.streaming.metrics import format_breakdown
     from moss_agent.streaming.session import Session
 
@@ -52,7 +52,7 @@ async def _reply(args: argparse.Namespace) -> int:
     print(f"user: {transcript or '(nothing recognised)'}", file=sys.stderr)
 
     voice = common.load_voice(args)
-    config = SessionConfig(llm=common.llm_config(args))
+    config = session_config(args)
     async with engine, Session(engine, llm=llm, config=config, voice_prompt=voice) as session:
         events = session.events()
         handle = session.respond(user_text=transcript, user_audio=user_audio)

@@ -23,7 +23,8 @@ class SamplingConfig:
     """Per-turn sampling settings. Defaults are the MOSS-TTS-Realtime recommendations.
 
     ``greedy`` (or ``temperature == 0``) takes the argmax after the repetition penalty.
-    ``top_k`` / ``top_p`` of None disable that filter. ``repetition_window`` counts frames of the
+    ``top_p`` of None disables that filter. ``top_k`` bounds the candidates every draw picks from
+    (the sampler keeps a fixed-size candidate list), so sampling needs one; None is only for greedy. ``repetition_window`` counts frames of the
     current turn; the penalty applies per codebook to every distinct code in the window.
     ``mask_special_codes`` forbids ids the model must not emit (pad and BOS in codebook 0, pad, BOS
     and EOS in codebooks 1..15); upstream does not mask them (set False to reproduce it).
@@ -43,7 +44,13 @@ class SamplingConfig:
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1] or None, got {self.top_p}")
         if self.top_k is not None and self.top_k < 1:
-            raise ConfigError(f"top_k must be >= 1 or None, got {self.top_k}")
+            raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_k is None and not self.is_greedy:
+            raise ConfigError(
+                "top_k=None cannot disable the filter: the sampler draws from a fixed top-k candidate "
+                "list; give a top_k (30 is the model's default, at most the engine's max_top_k of 64) "
+                "or set greedy=True"
+            )
         if self.repetition_penalty <= 0:
             raise ConfigError(
                 f"repetition_penalty must be > 0 (1.0 disables it), got {self.repetition_penalty}"

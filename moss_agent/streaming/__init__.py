@@ -5,8 +5,9 @@ Typical wiring::
     from moss_agent.config import LLMConfig, SessionConfig
     from moss_agent.streaming import OpenAIChatLLM, Session
 
-    config = SessionConfig(llm=LLMConfig(base_url="http://localhost:8000/v1", model="qwen"))
-    async with Session(backend, llm=OpenAIChatLLM(config.llm), output=speaker, input=mic,
+    llm = OpenAIChatLLM(LLMConfig(base_url="http://localhost:8000/v1", model="qwen"))
+    config = SessionConfig(system_prompt="You are a terse assistant.")
+    async with Session(backend, llm=llm, output=speaker, input=mic,
                        vad=SileroVad(), stt=recognizer, config=config) as session:
         async for event in session.events():
             ...

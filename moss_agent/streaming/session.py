@@ -194,7 +194,7 @@ class EventStream:
 class Session:
     """A voice conversation bound to one engine slot.
 
-    >>> async with Session(backend, llm=OpenAIChatLLM(cfg.llm), output=speaker, input=mic,
+    >>> async with Session(backend, llm=OpenAIChatLLM(llm_settings), output=speaker, input=mic,
     ...                    vad=SileroVad(), stt=recognizer, config=cfg) as session:
     ...     await session.say("Hello! How can I help?")
     ...     async for event in session.events(): ...
@@ -235,7 +235,7 @@ class Session:
         self.name = name
         self.summary = SessionSummary()
         self.stale_chunks_dropped = 0
-        self._history = History(self.config.llm.system_prompt, self.config.history)
+        self._history = History(self.config.system_prompt, self.config.history)
         self._ids = itertools.count(1)
         # Each subscriber's channel and the turn it follows (None: every event of the session).
         self._subscribers: dict[Channel[Event], int | None] = {}

@@ -50,12 +50,14 @@ async def server(utterances: dict[str, np.ndarray]) -> AsyncIterator[FakeOpenAIS
 
 
 class Rig:
-    def __init__(self, backend: Any, server: FakeOpenAIServer, clock: ScaledClock, config: SessionConfig) -> None:
+    def __init__(
+        self, backend: Any, server: FakeOpenAIServer, clock: ScaledClock, config: SessionConfig, llm_idle_s: float = 2.0
+    ) -> None:
         self.clock = clock
         self.backend = backend
         self.mic = FakeAudioInput(MIC_RATE)
         self.speaker = FakeAudioOutput(backend.sample_rate, clock=clock)
-        self.llm = OpenAIChatLLM(config.llm)
+        self.llm = OpenAIChatLLM(LLMConfig(base_url=server.base_url, model="fake", idle_timeout_s=llm_idle_s))
         self.stt = HttpTranscriber(server.base_url)
         self.session = Session(
             backend, llm=self.llm, output=self.speaker, input=self.mic, vad=EnergyVad(),
@@ -77,7 +79,7 @@ class Rig:
 def session_config(server: FakeOpenAIServer, **turns: Any) -> SessionConfig:
     settings: dict[str, Any] = {"min_speech_s": 0.1, "hang_s": 0.5, "min_interrupt_s": 0.4, "echo_mode": "none"}
     turn_cfg = TurnTakingConfig(**(settings | turns))
-    return SessionConfig(llm=LLMConfig(base_url=server.base_url, model="fake", idle_timeout_s=2.0), turns=turn_cfg)
+    return SessionConfig(turns=turn_cfg)
 
 
 async def test_two_turn_conversation_from_user_speech(
@@ -191,9 +193,7 @@ async def test_llm_failure_mid_turn_leaves_a_usable_session(
         "Back to normal.",
     )
     clock = ScaledClock(SPEED)
-    config = session_config(server)
-    config = SessionConfig(llm=LLMConfig(base_url=server.base_url, model="fake", idle_timeout_s=0.5), turns=config.turns)
-    rig = Rig(await make_backend(clock), server, clock, config)
+    rig = Rig(await make_backend(clock), server, clock, session_config(server), llm_idle_s=0.5)
     await rig.session.start()
     events = rig.session.events()
     try:
