@@ -218,3 +218,16 @@ def test_bench_prints_latency_and_throughput(cache, capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
     assert [row[0] for row in rows] == ["1", "2"]
     assert all(float(row[1]) > 0 and float(row[5]) > 0 for row in rows)  # first audio ms, frames/s
+
+
+def test_an_empty_reply_is_said_not_a_crash(tmp_path, tiny_codec_dir, capsys):
+    """A model that ends its turn on the first frame gave a valid, empty reply: exit 0, one line."""
+    from moss_agent.models.realtime.tiny import save_tiny_realtime
+
+    model = save_tiny_realtime(tmp_path / "stops_at_once", seed=3, eos_gain=1000.0)
+    out = tmp_path / "reply.wav"
+    code = main(["reply", "--model", str(model), "--codec", str(tiny_codec_dir), "--greedy",
+                 "-i", str(HELLO), "-o", str(out), "--transcript", "hello"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "the reply is empty" in err and not out.exists()
