@@ -163,7 +163,7 @@ def test_the_python_api_raises_the_same_error(offline):
         ("/nonexistent", ["checkpoint folder /nonexistent does not exist", "pass --model DIR"]),
         ("examples/hello.wav", ["examples/hello.wav is a file, not a checkpoint folder", "pass --model DIR"]),
         ("empty", ["has no config.json", "pass --model DIR"]),
-        ("codec", ["model_type 'speech_tokenizer'", "moss_tts_realtime"]),
+        ("codec", ["holds MOSS-Audio-Tokenizer (the codec), not MOSS-TTS-Realtime", "pass --model DIR"]),
     ],
 )
 def test_a_wrong_model_folder(model, words, tmp_path, offline, tiny_codec_dir):

@@ -28,6 +28,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
 from moss_agent.errors import CheckpointError, ConfigError
 from moss_agent.models.loading import (
+    check_model_type,
     check_state_dict,
     load_safetensors,
     pick_device,
@@ -334,7 +335,9 @@ def load_realtime(
     (bf16 files are cast losslessly). ``attn_implementation``: None (auto), sdpa, eager, flash_attention_2.
     """
     folder = resolve_checkpoint(path_or_id)
-    config = RealtimeConfig.from_dict(read_config(folder))
+    raw = read_config(folder)
+    check_model_type(raw, folder, ("moss_tts_realtime",), "MOSS-TTS-Realtime")
+    config = RealtimeConfig.from_dict(raw)
     target = pick_device(device)
     torch_dtype = pick_dtype(dtype, target)
     attention = choose_attention(attn_implementation, target, torch_dtype)
