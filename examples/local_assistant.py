@@ -64,11 +64,8 @@ async def assist(args: argparse.Namespace) -> int:
             return await from_files(engine, args, parts)
         from moss_agent import LocalAudio
 
-        def device(spec: str | None) -> int | str | None:
-            return int(spec) if spec is not None and spec.isdigit() else spec
-
         async with LocalAudio(
-            input_device=device(args.input_device), output_device=device(args.output_device),
+            input_device=args.input_device, output_device=args.output_device,  # a name, or an index as digits
             sample_rate=engine.sample_rate,
         ) as audio:  # fmt: skip
             print("listening; Ctrl-C stops", file=sys.stderr)

@@ -51,10 +51,6 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(_chat(args))
 
 
-def _device(spec: str | None) -> int | str | None:
-    return int(spec) if spec is not None and spec.isdigit() else spec
-
-
 def echo_canceller(mode: str) -> Any:
     """The echo canceller for ``--echo aec`` (None otherwise); a clear error when it is not installed."""
     if mode != "aec":
@@ -71,8 +67,8 @@ async def _chat(args: argparse.Namespace) -> int:
 
     canceller = echo_canceller(args.echo)
     # The devices, the VAD and the LLM server are checked before the models load (a minute on a CPU).
-    resolve_device(_device(args.input_device), "input")
-    resolve_device(_device(args.output_device), "output")
+    resolve_device(args.input_device, "input")
+    resolve_device(args.output_device, "output")
     require("silero_vad", "vad")
     llm = common.build_llm(args)
     if args.llm_url:
@@ -80,7 +76,7 @@ async def _chat(args: argparse.Namespace) -> int:
     engine, stt, voice = await common.build_speech_stack(args)
     config = common.session_config(args, echo_mode=args.echo)
     async with engine, LocalAudio(
-        input_device=_device(args.input_device), output_device=_device(args.output_device),
+        input_device=args.input_device, output_device=args.output_device,
         sample_rate=engine.sample_rate,
     ) as audio:  # fmt: skip
         print("listening; speak to the agent (Ctrl-C to stop)", file=sys.stderr)

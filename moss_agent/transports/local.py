@@ -57,9 +57,15 @@ def list_devices() -> list[dict[str, Any]]:
 
 
 def resolve_device(spec: DeviceSpec, kind: str) -> dict[str, Any]:
-    """The device dict for ``spec`` that can do ``kind`` ('input' or 'output'); TransportError if none."""
+    """The device dict for ``spec`` that can do ``kind`` ('input' or 'output'); TransportError if none.
+
+    ``spec``: None (the default device), an index, or a name; a string of digits is an index, as
+    typed on a command line.
+    """
     if kind not in ("input", "output"):
         raise ConfigError(f"kind must be 'input' or 'output', got {kind!r}")
+    if isinstance(spec, str) and spec.strip().isdigit():
+        spec = int(spec)
     sd = _sounddevice()
     channels_key = f"max_{kind}_channels"
     devices = [d for d in list_devices() if d[channels_key] > 0]

@@ -60,6 +60,8 @@ async def test_device_selection_errors_are_clear(jack_server: str) -> None:
         LocalAudio(input_device="no-such-mic", use_output=False)
     with pytest.raises(TransportError, match="no output device with index 42"):
         LocalAudio(output_device=42, use_input=False)
+    with pytest.raises(TransportError, match="no output device with index 42"):
+        LocalAudio(output_device="42", use_input=False)  # digits, as typed on a command line
 
 
 async def test_no_device_at_all_is_a_transport_error() -> None:
