@@ -227,3 +227,15 @@ def greedy_params(case: dict, penalty: float) -> SamplingParams:
     for name in ("text_top_p", "audio_top_p"):
         tops[name] = float(stated_or(case, name, getattr(params, name)))  # type: ignore[arg-type]
     return replace(params, **tops)
+
+
+def assert_generated_as_upstream(results: list, case: dict, goldens: dict[str, torch.Tensor], expected: list[dict]) -> None:
+    """Per sample: the generated rows, their text channel and the decoded segments equal the golden."""
+    assert len(results) == len(expected)
+    for index, (result, facts) in enumerate(zip(results, expected, strict=True)):
+        assert torch.equal(result.rows, goldens[output_key(case, "output_ids", index)])
+        assert result.rows[:, 0].tolist() == facts["text_channel"]
+        if facts.get("processor_decode_error") is None:  # upstream decode raised: no segments pinned
+            assert [s.shape[0] for s in result.segments] == facts["segment_frames"]
+            for i, segment in enumerate(result.segments):
+                assert torch.equal(segment, goldens[output_key(case, "decoded_codes", index, i)])

@@ -12,6 +12,7 @@ from moss_agent.models.batch_sampling import SamplingParams
 from moss_agent.models.delay.generation import generate_delay
 from moss_agent.models.tts_loading import LoadedTTS
 from tests.models.manifest import (
+    assert_generated_as_upstream,
     generation_facts,
     greedy_params,
     manifest_ids,
@@ -60,14 +61,8 @@ def test_greedy_generation_matches_upstream(case_id, cases, loaded, goldens, mod
     case = require(case_id, cases)
     results = run(loaded, goldens, case, upstream_compatible=True)
     expected = generation_facts(case, model_dir)
-    assert len(results) == len(expected)
-    for index, (result, facts) in enumerate(zip(results, expected, strict=True)):
-        assert torch.equal(result.rows, goldens[output_key(case, "output_ids", index)])
-        assert result.rows[:, 0].tolist() == facts["text_channel"]
-        if facts.get("processor_decode_error") is None:  # upstream decode raised: no segments pinned
-            assert [s.shape[0] for s in result.segments] == facts["segment_frames"]
-            for i, segment in enumerate(result.segments):
-                assert torch.equal(segment, goldens[output_key(case, "decoded_codes", index, i)])
+    assert_generated_as_upstream(results, case, goldens, expected)
+    for result, facts in zip(results, expected, strict=True):
         # Upstream counts the audio_start row as a prompt frame; we report frames.
         assert result.prompt_frames == max(facts["start_length"] - 1, 0)
         assert result.prompt_rows == facts["start_length"]

@@ -11,6 +11,7 @@ from moss_agent.errors import ConfigError
 from moss_agent.models.batch_sampling import SamplingParams
 from moss_agent.models.local.generation import generate_local
 from tests.models.manifest import (
+    assert_generated_as_upstream,
     case_kind,
     compare_gathered,
     generation_facts,
@@ -18,7 +19,6 @@ from tests.models.manifest import (
     greedy_params,
     manifest_ids,
     max_new_tokens,
-    output_key,
     prompt_of,
     require,
     stated_or,
@@ -117,14 +117,8 @@ def test_greedy_generation_matches_upstream(case_id, cases, loaded, goldens, mod
     case = require(case_id, cases)
     results = run(loaded, goldens, case, upstream_compatible=True)
     expected = generation_facts(case, model_dir)
-    assert len(results) == len(expected)
-    for index, (result, facts) in enumerate(zip(results, expected, strict=True)):
-        assert torch.equal(result.rows, goldens[output_key(case, "output_ids", index)])
-        assert result.rows[:, 0].tolist() == facts["text_channel"]
-        if facts.get("processor_decode_error") is None:  # upstream decode raised: no segments pinned
-            assert [s.shape[0] for s in result.segments] == facts["segment_frames"]
-            for i, segment in enumerate(result.segments):
-                assert torch.equal(segment, goldens[output_key(case, "decoded_codes", index, i)])
+    assert_generated_as_upstream(results, case, goldens, expected)
+    for result, facts in zip(results, expected, strict=True):
         assert result.prompt_frames == facts["start_length"]
         decoded = loaded.processor.decode_text(result.rows[:, 0], result.prompt_frames)
         assert decoded == facts["content_with_escaped_regex"]
