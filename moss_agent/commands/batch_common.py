@@ -4,10 +4,13 @@ engine building and writing the wav files as results complete."""
 from __future__ import annotations
 
 import argparse
+import codecs
+import dataclasses
 import json
+import math
 import sys
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,49 +83,250 @@ def add_batch_options(parser: argparse.ArgumentParser, kind: str) -> None:
     group.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
-def read_jsonl(path: Path, kind: str) -> list[dict[str, Any]]:
-    """Request objects from a JSONL file; errors name the file and line. Audio paths become absolute."""
+# --------------------------------------------------------------------------------------------------
+# requests: the text argument or --jsonl lines, all checked before any model loads
+
+# Sane ranges for the numeric fields (JSONL and options alike); anything outside is a mistake or an
+# attack, never a longer result: the engine caps each piece's audio anyway.
+MAX_TOKENS = 7500  # "tokens" hint: 12.5 Hz frames, 10 minutes
+MAX_DURATION_S = 600.0  # sfx "duration_s", as SoundEffectRequest allows
+MAX_PIECE_SECONDS = 600.0  # --max-seconds
+MAX_BATCH_SIZE = 256  # --batch-size
+MAX_CHARS_RANGE = (8, 2000)  # --max-chars: split_text needs 8; longer pieces only get cut
+MAX_SEED = 2**62  # --seed (batch k samples with seed + k)
+MAX_JSONL_BYTES = 64 * 1024 * 1024
+MAX_JSONL_LINE_BYTES = 1024 * 1024  # a long chapter of text fits; the engine splits it
+MAX_JSONL_DEPTH = 3  # {"references": [..]} is the deepest a request goes
+
+
+@dataclass
+class _Item:
+    """One request: its fields for the engine, where it came from (``file:line``, None for the
+    command line) and the wav it goes to."""
+
+    fields: dict[str, Any]
+    where: str | None
+    target: Path
+
+
+def _text_field(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return f"must be a string, got {_json_type(value)}"
+    return None if value.strip() else "is empty; give some text"
+
+
+def _path_field(value: Any) -> str | None:
+    if not isinstance(value, str) or not value.strip():
+        return f"must be the path of an audio file, got {_json_type(value)}"
+    return None
+
+
+def _paths_field(value: Any) -> str | None:
+    if not isinstance(value, list):
+        return f"must be a list of audio paths (null for a speaker not cloned), got {_json_type(value)}"
+    if len(value) > 5:
+        return f"lists {len(value)} clips; MOSS-TTSD takes at most 5 speakers"
+    bad = [clip for clip in value if clip is not None and _path_field(clip)]
+    return f"must hold audio paths or null, got {_json_type(bad[0])}" if bad else None
+
+
+def _flag_field(value: Any) -> str | None:
+    return None if isinstance(value, bool) else f"must be true or false, got {_json_type(value)}"
+
+
+def _tokens_field(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TOKENS:
+        return (
+            f"must be a whole number of 12.5 Hz frames from 1 to {MAX_TOKENS} (10 minutes), "
+            f"got {_shown(value)}"
+        )
+    return None
+
+
+def _duration_field(value: Any) -> str | None:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or not 0 < value <= MAX_DURATION_S:
+        return f"must be seconds in (0, {MAX_DURATION_S:g}], got {_shown(value)}"
+    return None
+
+
+# Each request field's check (None: the value is fine); null is allowed for optional fields.
+_FIELD_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "text": _text_field,
+    "script": _text_field,
+    "instruction": _text_field,
+    "description": _text_field,
+    "language": _text_field,
+    "reference": _path_field,
+    "continuation": _path_field,
+    "references": _paths_field,
+    "continue_from_references": _flag_field,
+    "normalize": _flag_field,
+    "tokens": _tokens_field,
+    "duration_s": _duration_field,
+}
+
+
+def _json_type(value: Any) -> str:
+    names = {
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "an object",
+    }
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _shown(value: Any) -> str:
+    text = (
+        json.dumps(value)
+        if isinstance(value, int | float | str | bool) or value is None
+        else _json_type(value)
+    )
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_fields(kind: str, fields: dict[str, Any]) -> None:
+    """Raise ConfigError naming the first field of a ``kind`` request that is missing, of the wrong
+    type or out of range (see MAX_TOKENS, MAX_DURATION_S)."""
     from moss_agent.engine.batch import KINDS
 
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    allowed = {f.name for f in fields(KINDS[kind])} | set(_EXTRA_KEYS)
+    for spec in dataclasses.fields(KINDS[kind]):
+        required = spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING
+        value = fields.get(spec.name)
+        if value is None:
+            if required:
+                raise ConfigError(f'missing field "{spec.name}"; a {kind} request needs it')
+            continue
+        problem = _FIELD_CHECKS[spec.name](value)
+        if problem:
+            raise ConfigError(f'"{spec.name}" {problem}')
+
+
+def read_jsonl(path: Path, kind: str, outputs: _OutputFolder) -> list[_Item]:
+    """The requests of a JSONL file, every line checked (shape, types, ranges, audio files present,
+    outputs inside the output folder) before anything runs; errors are ``file:line: message``."""
+    from moss_agent.engine.batch import KINDS
+    from moss_agent.wire import decode_json_object
+
+    data = _read_bounded(path)
+    allowed = {f.name for f in dataclasses.fields(KINDS[kind])} | set(_EXTRA_KEYS)
     items = []
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(data.removeprefix(codecs.BOM_UTF8).split(b"\n"), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
         try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
-        if not isinstance(item, dict):
-            raise ConfigError(f"{where}: each line must be a JSON object, got {type(item).__name__}")
-        unknown = sorted(set(item) - allowed)
-        if unknown:
-            raise ConfigError(
-                f"{where}: unknown field(s) {', '.join(unknown)}; a {kind} request takes {', '.join(sorted(allowed))}"
+            item = decode_json_object(
+                line,
+                what="the line",
+                max_bytes=MAX_JSONL_LINE_BYTES,
+                max_depth=MAX_JSONL_DEPTH,
+                error=ConfigError,
             )
-        if item.get("kind", kind).replace("-", "_") != kind:
-            raise ConfigError(f"{where}: kind {item['kind']!r} does not belong in a {kind} file")
-        for key in _AUDIO_KEYS:
-            if key in item:
-                item[key] = _relative_to(item[key], path.parent)
-        item["_line"] = where
-        items.append(item)
+            unknown = sorted(set(item) - allowed)
+            if unknown:
+                raise ConfigError(
+                    f"unknown field(s) {', '.join(_shown(name)[1:-1] for name in unknown)}; "
+                    f"a {kind} request takes {', '.join(sorted(allowed))}"
+                )
+            line_kind = item.pop("kind", kind)
+            if not isinstance(line_kind, str) or line_kind.replace("-", "_") != kind:
+                raise ConfigError(f"kind {_shown(line_kind)} does not belong in a {kind} file")
+            target = outputs.claim(item.pop("output", None), f"{len(items):04d}.wav", where)
+            check_fields(kind, item)
+            for key in _AUDIO_KEYS:
+                if item.get(key) is not None:
+                    item[key] = _audio_paths(item[key], path.parent)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        items.append(_Item(item, where, target))
     if not items:
         raise ConfigError(f"{path} holds no requests")
     return items
 
 
-def _relative_to(value: Any, base: Path) -> Any:
-    if isinstance(value, str):
-        return str(base / value) if not Path(value).is_absolute() else value
+def _read_bounded(path: Path) -> bytes:
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_JSONL_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if len(data) > MAX_JSONL_BYTES:
+        raise ConfigError(
+            f"{path} is larger than {MAX_JSONL_BYTES // 2**20} MiB; split it into several files"
+        )
+    return data
+
+
+def _audio_paths(value: str | list[str | None], base: Path | None) -> str | list[str | None]:
+    """Audio paths relative to ``base`` (the JSONL file's folder; None: the working folder), each
+    checked to be a file now rather than after the models load."""
     if isinstance(value, list):
-        return [_relative_to(v, base) for v in value]
-    return value
+        return [None if clip is None else _audio_path(clip, base) for clip in value]
+    return _audio_path(value, base)
+
+
+def _audio_path(value: str, base: Path | None) -> str:
+    file = (base or Path()) / Path(value).expanduser()
+    if not file.is_file():
+        hint = "; paths are relative to the JSONL file" if base is not None else ""
+        raise ConfigError(f"audio file {value} not found (looked for {file.absolute()}){hint}")
+    return str(file)
+
+
+class _OutputFolder:
+    """Where each JSONL request's wav goes: always inside ``--output-dir``, never twice the same file.
+
+    A name is refused if it is absolute, has a ``..`` part, or resolves (through symlinks already in
+    the folder) to somewhere outside it.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.root = folder.resolve()
+        self._claimed: dict[Path, str] = {}
+
+    def claim(self, name: Any, default: str, where: str) -> Path:
+        """The path of a line's wav: ``name`` (its "output") or ``default``; ConfigError if refused."""
+        if name is None:
+            name = default
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f'"output" must be a file name inside --output-dir, got {_shown(name)}')
+        relative = Path(name)
+        if relative.is_absolute() or ".." in relative.parts:
+            raise ConfigError(
+                f'"output" {name!r} leaves --output-dir {self.folder}; give a name relative to it, without ".."'
+            )
+        target = self.folder / relative
+        resolved = self.check_inside(target)
+        if resolved.is_dir():
+            raise ConfigError(f'"output" {name!r} is a folder; name a wav file')
+        if resolved in self._claimed:
+            raise ConfigError(
+                f"the output {name!r} is also the output of {self._claimed[resolved]}; give each line its own "
+                '"output"'
+            )
+        self._claimed[resolved] = where
+        return target
+
+    def create(self) -> None:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create --output-dir {self.folder}: {exc.strerror or exc}") from exc
+
+    def check_inside(self, target: Path) -> Path:
+        """``target`` resolved; ConfigError if a symlink takes it outside the folder."""
+        resolved = target.resolve()
+        if not resolved.is_relative_to(self.root):
+            raise ConfigError(
+                f"{target} resolves to {resolved}, outside --output-dir {self.folder} (a symlink?); "
+                "outputs stay inside the folder"
+            )
+        return resolved
 
 
 def build_batch_engine(args: argparse.Namespace) -> Any:
@@ -135,8 +339,6 @@ def build_batch_engine(args: argparse.Namespace) -> Any:
         codec = common.ensure_tiny_checkpoints()[1]
     options: dict[str, Any] = {"max_chars": args.max_chars}
     if args.max_seconds is not None:
-        if args.max_seconds <= 0:
-            raise ConfigError(f"--max-seconds must be > 0, got {args.max_seconds}")
         options["max_new_tokens"] = round(args.max_seconds * 12.5) + 40  # + the flush and end rows
     registry = ModelRegistry(device=args.device, dtype=args.dtype)
     registry.tts(model)  # loaded first, so a checkpoint error after it is the codec's
@@ -147,39 +349,62 @@ def build_batch_engine(args: argparse.Namespace) -> Any:
         raise
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """The numeric options in their documented ranges, before anything loads."""
+    low, high = MAX_CHARS_RANGE
+    checks = [
+        (
+            "--batch-size",
+            args.batch_size,
+            1 <= args.batch_size <= MAX_BATCH_SIZE,
+            f"from 1 to {MAX_BATCH_SIZE}",
+        ),
+        ("--max-chars", args.max_chars, low <= args.max_chars <= high, f"from {low} to {high}"),
+        (
+            "--max-seconds",
+            args.max_seconds,
+            args.max_seconds is None or 0 < args.max_seconds <= MAX_PIECE_SECONDS,  # False for NaN
+            f"seconds in (0, {MAX_PIECE_SECONDS:g}]",
+        ),
+        ("--seed", args.seed, args.seed is None or 0 <= args.seed <= MAX_SEED, f"from 0 to {MAX_SEED}"),
+    ]
+    for option, value, ok, wanted in checks:
+        if not ok:
+            raise ConfigError(f"{option} must be {wanted}, got {value}")
+
+
 def run_batch(
     args: argparse.Namespace, kind: str, single: Callable[[argparse.Namespace], dict[str, Any]]
 ) -> int:
-    """Build the requests (the text argument, or --jsonl), generate, write one wav per request."""
+    """Build the requests (the text argument, or --jsonl), check them all, generate, write one wav
+    per request."""
     from moss_agent.audio import write_wav
 
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_options(args)
+    outputs = None
     if args.jsonl is not None:
         if args.output is not None:
             raise ConfigError("--output is for one request; with --jsonl use --output-dir")
-        items = read_jsonl(args.jsonl, kind)
+        outputs = _OutputFolder(args.output_dir or Path("."))
+        items = read_jsonl(args.jsonl, kind, outputs)
     else:
         if args.output_dir is not None:
             raise ConfigError("--output-dir is for --jsonl; for one request use --output")
-        items = [single(args)]
+        fields = single(args)
+        check_fields(kind, fields)
+        for key in _AUDIO_KEYS:
+            if fields.get(key) is not None:
+                fields[key] = _audio_paths(fields[key], None)
+        items = [_Item(fields, None, args.output or Path(f"{kind.replace('_', '-')}.wav"))]
     engine = build_batch_engine(args)
-    requests, targets = [], []
-    out_dir = args.output_dir or Path(".")
-    for index, item in enumerate(items):
-        where = item.pop("_line", None)
-        output = item.pop("output", None)
-        item.pop("kind", None)
+    requests = []
+    for item in items:
         try:
-            requests.append(engine.request(kind, **item))
+            requests.append(engine.request(kind, **item.fields))
         except MossError as exc:
-            raise ConfigError(f"{where}: {exc}" if where else str(exc)) from exc
-        if where is None:
-            targets.append(args.output or Path(f"{kind.replace('_', '-')}.wav"))
-        else:
-            targets.append(out_dir / (output or f"{index:04d}.wav"))
-    if args.jsonl is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
+            raise ConfigError(f"{item.where}: {exc}" if item.where else str(exc)) from exc
+    if outputs is not None:
+        outputs.create()
     params = None
     if args.greedy:
         params = engine.default_params(kind).greedy()
@@ -187,7 +412,9 @@ def run_batch(
     for result in engine.stream(
         requests, batch_size=args.batch_size, progress=not args.quiet, params=params, seed=args.seed
     ):
-        target = targets[result.index]
+        target = items[result.index].target
+        if outputs is not None:
+            outputs.check_inside(target)  # a symlink planted while the models ran
         write_wav(target, result.pcm, result.sample_rate)
         unfinished += not result.finished
         note = "" if result.finished else " (cut at the length limit)"

@@ -123,7 +123,7 @@ def test_jsonl_writes_one_wav_per_line(cache, tmp_path, voice):
         ('["text"]', "must be a JSON object"),
         ('{"txt": "typo"}', "unknown field(s) txt"),
         ('{"text": "   "}', "empty"),
-        ('{"text": "x", "tokens": -3}', "positive number"),
+        ('{"text": "x", "tokens": -3}', "from 1 to 7500"),
         ('{"text": "x", "reference": "missing.wav"}', "missing.wav"),
         ('{"kind": "sfx", "text": "x"}', "does not belong"),
     ],
