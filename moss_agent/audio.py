@@ -27,6 +27,9 @@ from moss_agent.errors import AudioError
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "MAX_AUDIO_BYTES",
+    "MAX_AUDIO_SECONDS",
+    "AudioTooLong",
     "StreamResampler",
     "decode_audio_bytes",
     "float_to_pcm16",
@@ -52,6 +55,31 @@ _DECLARED_DURATION_SLACK_S = 0.1
 _DECLARED_DURATION_SLACK_FRACTION = 0.02
 # A wav data size this large (about 2 GiB) is a streaming placeholder, not a real length.
 _WAV_PLACEHOLDER_SIZE = 0x7FFF0000
+# Sample sizes a wav header may state, per format tag (PCM, IEEE float); anything else makes
+# libsndfile read the data with the wrong stride (a "7-bit" wav loads twice the samples).
+_WAV_PCM, _WAV_FLOAT, _WAV_EXTENSIBLE = 1, 3, 0xFFFE
+_WAV_BITS = {_WAV_PCM: (8, 16, 24, 32), _WAV_FLOAT: (32, 64)}
+_WAV_MAX_CHUNKS = 1024  # chunks walked looking for fmt and data; real files have a handful
+
+# Limits on one decoded file or upload. A voice reference, a user's utterance or a continuation is
+# seconds to minutes long; longer input is a mistake (or an attack on memory and CPU). Callers may
+# pass their own ``max_seconds`` (None: no duration limit).
+MAX_AUDIO_SECONDS = 600.0
+MAX_AUDIO_BYTES = 1 << 30
+# Float audio lives in [-1, 1]; overshoot to +12 dBFS (decoded mp3/aac, loud masters) is kept, but
+# peaks beyond that are unscaled integer samples or garbage that would drive the codec far off its
+# training range.
+MAX_FLOAT_PEAK = 4.0
+
+
+class AudioTooLong(AudioError):
+    """The audio is longer than the caller's limit; ``seconds`` (as declared or decoded so far) and
+    ``limit`` say by how much."""
+
+    def __init__(self, message: str, *, seconds: float, limit: float) -> None:
+        super().__init__(message)
+        self.seconds = seconds
+        self.limit = limit
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,13 +181,17 @@ class StreamResampler:
 # decoding
 
 
-def load_audio(path: PathLike, sample_rate: int = 24000) -> np.ndarray:
+def load_audio(
+    path: PathLike, sample_rate: int = 24000, *, max_seconds: float | None = MAX_AUDIO_SECONDS
+) -> np.ndarray:
     """Read an audio file as float32 mono at ``sample_rate``: returns [T].
 
-    wav (PCM 16/24/32-bit, float), flac, ogg and mp3 go through soundfile; m4a/AAC and anything else
-    FFmpeg knows through PyAV. Channels are averaged; the rate is converted with soxr (HQ).
-    Raises AudioError for a missing file, a directory, an empty, truncated or unreadable file,
-    NaN/inf samples or no samples at all.
+    wav (PCM 8/16/24/32-bit, float 32/64), flac, ogg and mp3 go through soundfile; m4a/AAC and
+    anything else FFmpeg knows through PyAV. Channels are averaged; the rate is converted with soxr
+    (HQ). Raises AudioError for a missing file, a directory, an empty, truncated or unreadable file,
+    a wav header that contradicts itself, NaN/inf samples, float samples beyond ±MAX_FLOAT_PEAK, no
+    samples at all, or a file over MAX_AUDIO_BYTES; AudioTooLong (an AudioError) for more than
+    ``max_seconds`` of audio, found from the header where it says, before decoding.
     """
     _check_rate(sample_rate, "sample_rate")
     file = Path(path)
@@ -174,18 +206,25 @@ def load_audio(path: PathLike, sample_rate: int = 24000) -> np.ndarray:
         raise AudioError(f"cannot read audio file {label}: {exc}") from exc
     if size == 0:
         raise AudioError(f"audio file {label} is empty (0 bytes)")
+    _check_size(size, label)
     try:
         with open(file, "rb") as handle:
-            samples, native_rate = _decode(handle, label, size)
+            samples, native_rate = _decode(handle, label, size, max_seconds)
     except OSError as exc:
         raise AudioError(f"cannot read audio file {label}: {exc}") from exc
     return _finish(samples, native_rate, sample_rate, label)
 
 
-def decode_audio_bytes(data: bytes, sample_rate: int = 24000, *, name: str = "audio data") -> np.ndarray:
+def decode_audio_bytes(
+    data: bytes,
+    sample_rate: int = 24000,
+    *,
+    name: str = "audio data",
+    max_seconds: float | None = MAX_AUDIO_SECONDS,
+) -> np.ndarray:
     """Decode an encoded audio file held in memory (e.g. an upload) to float32 mono [T].
 
-    Same formats and errors as :func:`load_audio`; ``name`` labels the data in error messages.
+    Same formats, limits and errors as :func:`load_audio`; ``name`` labels the data in error messages.
     """
     _check_rate(sample_rate, "sample_rate")
     if not isinstance(data, bytes | bytearray | memoryview):
@@ -193,18 +232,21 @@ def decode_audio_bytes(data: bytes, sample_rate: int = 24000, *, name: str = "au
     raw = bytes(data)
     if not raw:
         raise AudioError(f"{name} is empty (0 bytes)")
-    samples, native_rate = _decode(io.BytesIO(raw), name, len(raw))
+    _check_size(len(raw), name)
+    samples, native_rate = _decode(io.BytesIO(raw), name, len(raw), max_seconds)
     return _finish(samples, native_rate, sample_rate, name)
 
 
-def _decode(handle: IO[bytes], label: str, size: int) -> tuple[np.ndarray, int]:
+def _decode(handle: IO[bytes], label: str, size: int, max_seconds: float | None) -> tuple[np.ndarray, int]:
     """Decode a seekable binary stream -> (samples [T, C] float32, native rate)."""
+    _check_wav_header(handle, label, size)
+    handle.seek(0)
     try:
-        return _decode_soundfile(handle, label, size)
+        return _decode_soundfile(handle, label, max_seconds)
     except _NotForSoundfile as sf_failure:
         handle.seek(0)
         try:
-            return _decode_pyav(handle, label)
+            return _decode_pyav(handle, label, max_seconds)
         except _PyAVFailure as av_failure:
             raise AudioError(
                 f"cannot decode {label}: not a recognised audio format, or the file is corrupt "
@@ -220,13 +262,17 @@ class _PyAVFailure(Exception):
     """PyAV cannot decode this data either."""
 
 
-def _decode_soundfile(handle: IO[bytes], label: str, size: int) -> tuple[np.ndarray, int]:
+def _decode_soundfile(handle: IO[bytes], label: str, max_seconds: float | None) -> tuple[np.ndarray, int]:
     try:
         with sf.SoundFile(handle) as reader:
             declared = reader.frames
             native_rate = reader.samplerate
             audio_format = reader.format
+            if native_rate > 0:
+                _check_duration(declared / native_rate, max_seconds, label)
             samples = reader.read(dtype="float32", always_2d=True)
+    except AudioError:
+        raise
     except sf.LibsndfileError as exc:
         # libsndfile reports unknown data in a file object as "does not exist ... (possibly a pipe?)".
         message = exc.error_string
@@ -244,28 +290,37 @@ def _decode_soundfile(handle: IO[bytes], label: str, size: int) -> tuple[np.ndar
             f"{label} is truncated: its header declares {declared} frames but only {read} could be "
             "decoded; re-export or re-download the file"
         )
-    if audio_format == "WAV":
-        _check_wav_data_chunk(handle, label, size)
     return samples, native_rate
 
 
-def _check_wav_data_chunk(handle: IO[bytes], label: str, size: int) -> None:
-    """Raise if a RIFF/WAVE file's data chunk is shorter than its header says.
+def _check_wav_header(handle: IO[bytes], label: str, size: int) -> None:
+    """Raise if a RIFF/WAVE file's fmt chunk contradicts itself or its data chunk is cut short.
 
-    libsndfile silently reads what is there, so a cut download would otherwise pass as a short clip.
-    Writers that stream to a pipe put a placeholder size in the header (0, 0xFFFFFFFF, espeak-ng's
-    0x7FFFF000); sizes that large or zero are accepted.
+    libsndfile trusts the header: a sample size no PCM or float wav has, or a block size that is not
+    channels x sample size, makes it read the data with the wrong stride and return noise of the
+    wrong length. It also silently reads what is there, so a cut download would otherwise pass as a
+    short clip. Writers that stream to a pipe put a placeholder data size in the header (0,
+    0xFFFFFFFF, espeak-ng's 0x7FFFF000); sizes that large or zero are accepted. Other files pass.
     """
     handle.seek(0)
     header = handle.read(12)
     if len(header) < 12 or header[:4] != b"RIFF" or header[8:12] != b"WAVE":
         return
     offset = 12
-    while offset + 8 <= size:
+    for _ in range(_WAV_MAX_CHUNKS):
+        if offset + 8 > size:
+            return
         handle.seek(offset)
         chunk_id, chunk_size = struct.unpack("<4sI", handle.read(8))
         body = offset + 8
-        if chunk_id == b"data":
+        if chunk_id == b"fmt ":
+            fmt = handle.read(min(chunk_size, 40))
+            if len(fmt) < min(chunk_size, 16):
+                raise AudioError(
+                    f"cannot decode {label}: it ends inside its wav header; re-export or re-download the file"
+                )
+            _check_wav_format(fmt, label)
+        elif chunk_id == b"data":
             available = size - body
             placeholder = chunk_size == 0 or chunk_size >= _WAV_PLACEHOLDER_SIZE
             if not placeholder and available < chunk_size:
@@ -277,7 +332,34 @@ def _check_wav_data_chunk(handle: IO[bytes], label: str, size: int) -> None:
         offset = body + chunk_size + (chunk_size & 1)
 
 
-def _decode_pyav(handle: IO[bytes], label: str) -> tuple[np.ndarray, int]:
+def _check_wav_format(fmt: bytes, label: str) -> None:
+    """The fields of a wav fmt chunk (WAVEFORMAT, or WAVEFORMATEXTENSIBLE with its subformat)."""
+    if len(fmt) < 16:
+        raise AudioError(
+            f"cannot decode {label}: its wav fmt chunk has {len(fmt)} bytes, not the 16 every wav has"
+        )
+    tag, channels, rate, _byte_rate, block_align, bits = struct.unpack("<HHIIHH", fmt[:16])
+    if tag == _WAV_EXTENSIBLE and len(fmt) >= 26:
+        tag = struct.unpack("<H", fmt[24:26])[0]  # the first two bytes of the subformat GUID
+    problem = None
+    if channels == 0:
+        problem = "0 channels"
+    elif rate == 0:
+        problem = "a sample rate of 0 Hz"
+    elif tag in _WAV_BITS and bits not in _WAV_BITS[tag]:
+        kind = "PCM" if tag == _WAV_PCM else "float"
+        allowed = "/".join(map(str, _WAV_BITS[tag]))
+        problem = f"{bits} bits per sample ({kind} wav files have {allowed})"
+    elif tag in _WAV_BITS and block_align != channels * bits // 8:
+        problem = (
+            f"{block_align} bytes per frame where {channels} channel(s) of {bits} bits take "
+            f"{channels * bits // 8}"
+        )
+    if problem:
+        raise AudioError(f"{label} has a broken wav header: it states {problem}; re-export the file")
+
+
+def _decode_pyav(handle: IO[bytes], label: str, max_seconds: float | None) -> tuple[np.ndarray, int]:
     import av  # PyAV loads FFmpeg; only files soundfile cannot read pay for it
 
     planes: list[np.ndarray] = []
@@ -287,12 +369,20 @@ def _decode_pyav(handle: IO[bytes], label: str) -> tuple[np.ndarray, int]:
                 raise _PyAVFailure("the container holds no audio stream")
             stream = container.streams.audio[0]
             native_rate = stream.rate or stream.codec_context.sample_rate
+            declared_s = _declared_duration_s(stream)
+            if declared_s is not None:
+                _check_duration(declared_s, max_seconds, label)
             # Planar float keeps channels apart and the native rate; soxr does the resampling.
             converter = av.AudioResampler(format="fltp")
+            decoded = 0
             for frame in container.decode(stream):
                 planes.extend(f.to_ndarray() for f in converter.resample(frame))
+                decoded += frame.samples
+                if native_rate:  # a stream that understates its length is stopped as it decodes
+                    _check_duration(decoded / native_rate, max_seconds, label)
             planes.extend(f.to_ndarray() for f in converter.resample(None))
-            declared_s = _declared_duration_s(stream)
+    except AudioError:
+        raise
     except av.FFmpegError as exc:
         raise _PyAVFailure(str(exc)) from None
     except (ValueError, RuntimeError, OSError, EOFError) as exc:
@@ -328,6 +418,12 @@ def _finish(samples: np.ndarray, native_rate: int, sample_rate: int, label: str)
     if native_rate <= 0:
         raise AudioError(f"{label} declares an invalid sample rate {native_rate}")
     _check_finite(samples, label)
+    peak = float(np.abs(samples).max())
+    if peak > MAX_FLOAT_PEAK:
+        raise AudioError(
+            f"{label} has samples up to ±{peak:.4g}; float audio lies in [-1, 1] and peaks above "
+            f"{MAX_FLOAT_PEAK:g} are refused (unscaled integer samples?); normalise or re-export the file"
+        )
     mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
     mono = np.ascontiguousarray(mono, dtype=np.float32)
     if native_rate != sample_rate:
@@ -385,6 +481,23 @@ def _check_rate(rate: object, name: str) -> None:
         raise AudioError(f"{name} must be a number of samples per second, got {rate!r}")
     if not np.isfinite(rate) or rate <= 0:
         raise AudioError(f"{name} must be a positive sample rate in Hz, got {rate}")
+
+
+def _check_size(size: int, label: str) -> None:
+    if size > MAX_AUDIO_BYTES:
+        raise AudioError(
+            f"{label} is {size / 2**20:.0f} MiB; audio input is limited to {MAX_AUDIO_BYTES // 2**20} MiB: "
+            "cut or compress it"
+        )
+
+
+def _check_duration(seconds: float, max_seconds: float | None, label: str) -> None:
+    if max_seconds is not None and seconds > max_seconds:
+        raise AudioTooLong(
+            f"{label} is {seconds:.1f} s long; at most {max_seconds:g} s of audio are accepted here",
+            seconds=seconds,
+            limit=max_seconds,
+        )
 
 
 def _check_finite(samples: np.ndarray, label: str) -> None:

@@ -4,6 +4,7 @@ conversion, wav writing, and a clear AudioError for every kind of bad input."""
 from __future__ import annotations
 
 import io
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,8 @@ import pytest
 import soundfile as sf
 
 from moss_agent.audio import (
+    MAX_FLOAT_PEAK,
+    AudioTooLong,
     StreamResampler,
     decode_audio_bytes,
     float_to_pcm16,
@@ -368,6 +371,66 @@ def test_non_finite_or_misshaped_samples_are_rejected(tmp_path: Path) -> None:
         StreamResampler(16000, 24000).process(np.zeros(320, dtype=np.int16))
     with pytest.raises(AudioError, match="cannot write"):
         write_wav(tmp_path / "missing_dir" / "out.wav", np.zeros(10, dtype=np.float32), 16000)
+
+
+def _with_fmt(wav: bytes, **fields: int) -> bytes:
+    """``wav`` (a plain 44-byte-header wav) with fmt fields replaced: channels, block_align, bits."""
+    data = bytearray(wav)
+    offsets = {"tag": 20, "channels": 22, "block_align": 32, "bits": 34}
+    for name, value in fields.items():
+        data[offsets[name] : offsets[name] + 2] = struct.pack("<H", value)
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"bits": 7, "block_align": 1}, "7 bits per sample"),
+        ({"bits": 12}, "12 bits per sample"),
+        ({"block_align": 4}, "4 bytes per frame"),
+        ({"channels": 0}, "0 channels"),
+        ({"tag": 3}, "16 bits per sample (float wav files have 32/64)"),
+    ],
+)
+def test_wav_header_that_contradicts_itself_is_refused(fields: dict[str, int], message: str) -> None:
+    wav = _with_fmt(wav_bytes(_sine(440, 0.2, 16000), 16000), **fields)
+    with pytest.raises(AudioError, match="broken wav header") as caught:
+        decode_audio_bytes(wav, 16000, name="odd.wav")
+    assert message in str(caught.value) and "odd.wav" in str(caught.value)
+
+
+def test_float_samples_far_outside_unit_range_are_refused_and_mild_overshoot_kept(tmp_path: Path) -> None:
+    x = _sine(440, 0.2, 16000)
+    loud = tmp_path / "unscaled.wav"
+    sf.write(str(loud), x * 1796, 16000, subtype="FLOAT")  # peaks of about ±898
+    with pytest.raises(AudioError, match=r"unscaled.wav has samples up to ±89\d") as caught:
+        load_audio(loud, 16000)
+    assert f"peaks above {MAX_FLOAT_PEAK:g}" in str(caught.value)
+    hot = tmp_path / "hot.wav"
+    sf.write(str(hot), x * 3, 16000, subtype="FLOAT")  # +3.5 dBFS: kept as it is
+    assert np.abs(load_audio(hot, 16000)).max() == pytest.approx(1.5, abs=1e-3)
+
+
+def test_audio_longer_than_the_limit_is_refused_before_decoding(tmp_path: Path) -> None:
+    path = tmp_path / "long.wav"
+    write_wav(path, np.zeros(16000 * 12, dtype=np.float32), 16000)
+    with pytest.raises(AudioTooLong, match=r"long.wav is 12.0 s long; at most 10 s") as caught:
+        load_audio(path, 16000, max_seconds=10)
+    assert (caught.value.seconds, caught.value.limit) == (12.0, 10)
+    assert len(load_audio(path, 16000, max_seconds=None)) == 16000 * 12
+    m4a = io.BytesIO()
+    with av.open(m4a, "w", format="mp4") as container:
+        stream = container.add_stream("aac", rate=16000)
+        stream.layout = "mono"
+        for _ in range(0, 16000 * 3, 1024):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate = 16000
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    with pytest.raises(AudioTooLong, match=r"upload.m4a is 3.\d s long; at most 2 s"):
+        decode_audio_bytes(m4a.getvalue(), 16000, name="upload.m4a", max_seconds=2)
 
 
 def test_audio_and_speech_recognition_do_not_import_torch() -> None:
