@@ -7,6 +7,7 @@ held back for sentence boundaries here.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import socket
@@ -20,6 +21,11 @@ from moss_agent.streaming.clock import Clock, MonotonicClock
 from moss_agent.streaming.history import ChatMessage
 
 log = logging.getLogger(__name__)
+
+# How much of an answer that is not an event stream is read: enough for a whole non-streamed
+# completion, or to quote the start of an HTML page in the error.
+_MAX_PLAIN_ANSWER_BYTES = 1024 * 1024
+_QUOTED_BYTES = 120
 
 
 class LLMRequestError(LLMError):
@@ -82,6 +88,12 @@ class OpenAIChatLLM:
             kind = "connection"
         else:
             kind = "protocol"
+        if isinstance(exc, json.JSONDecodeError):
+            return LLMRequestError(
+                f"the LLM server at {self.config.base_url} sent a stream event that is not JSON ({exc.msg} at "
+                f"column {exc.colno}); check that the URL is an OpenAI-compatible /v1 endpoint",
+                kind=kind,
+            )
         status = getattr(exc, "status_code", None)
         if kind == "connection":
             return LLMRequestError(
@@ -116,6 +128,15 @@ class OpenAIChatLLM:
         try:
             async with asyncio.timeout(idle):
                 response = await self._client.chat.completions.create(**self._request_kwargs(messages))
+            content_type = _content_type(response)
+            if content_type and content_type != "text/event-stream":
+                # Not a stream: a server that ignored "stream": true (JSON), or no LLM at all (HTML).
+                async with asyncio.timeout(idle):
+                    body = await _read_at_most(response.response, _MAX_PLAIN_ANSWER_BYTES)
+                text = self._plain_answer(content_type, response.response.status_code, body)
+                if text:
+                    yield text
+                return
             iterator = response.__aiter__()
             while True:
                 try:
@@ -141,10 +162,63 @@ class OpenAIChatLLM:
                     except Exception:
                         log.debug("closing the LLM response failed", exc_info=True)
 
+    def _plain_answer(self, content_type: str, status: int, body: bytes) -> str:
+        """The reply text of a complete (non-streamed) JSON chat completion; LLMRequestError for
+        anything else, quoting the content type and the body's first bytes."""
+        from moss_agent.wire import decode_json_object
+
+        where = f"the LLM server at {self.config.base_url}"
+        if content_type.endswith("json"):
+            try:
+                answer = decode_json_object(
+                    body, what=f"the answer of {where}", max_bytes=_MAX_PLAIN_ANSWER_BYTES, error=LLMError
+                )
+            except LLMError as exc:
+                raise LLMRequestError(str(exc), kind="protocol") from None
+            error = answer.get("error")
+            if error is not None:
+                detail = error.get("message", error) if isinstance(error, dict) else error
+                raise LLMRequestError(f"{where} answered with an error: {str(detail)[:200]}", kind="protocol")
+            choices = answer.get("choices")
+            message = (
+                choices[0].get("message")
+                if isinstance(choices, list) and choices and isinstance(choices[0], dict)
+                else None
+            )
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, str):
+                return content
+        raise LLMRequestError(
+            f"{where} answered HTTP {status} with {content_type!r}, not a chat completion stream "
+            "(text/event-stream); "
+            f"the answer begins {body[:_QUOTED_BYTES]!r}; check that the URL is an OpenAI-compatible "
+            "/v1 endpoint",
+            kind="protocol",
+        )
+
     async def aclose(self) -> None:
         close = getattr(self._client, "close", None)
         if close is not None:
             await close()
+
+
+def _content_type(response: Any) -> str:
+    """The media type of a stream's HTTP answer ("" when unknown, e.g. from a test double)."""
+    headers = getattr(getattr(response, "response", None), "headers", None)
+    if headers is None:
+        return ""
+    value = headers.get("content-type") or ""
+    return str(value).split(";")[0].strip().lower()
+
+
+async def _read_at_most(http: Any, limit: int) -> bytes:
+    """Up to ``limit`` bytes of an HTTP response body."""
+    body = bytearray()
+    async for chunk in http.aiter_bytes():
+        body += chunk
+        if len(body) >= limit:
+            break
+    return bytes(body[:limit])
 
 
 def _connection_failure(exc: BaseException) -> str:

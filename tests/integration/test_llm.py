@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
@@ -88,7 +89,9 @@ async def test_transcription_endpoint_decodes_the_upload_for_the_recognizer() ->
     sf.write(buffer, tone, 24000, format="WAV", subtype="PCM_16")
     async with FakeOpenAIServer(transcribe=transcribe) as server:
         client = openai.AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0)
-        result = await client.audio.transcriptions.create(model="whisper-1", file=("t.wav", buffer.getvalue()))
+        result = await client.audio.transcriptions.create(
+            model="whisper-1", file=("t.wav", buffer.getvalue())
+        )
         await client.close()
     assert result.text == "a half second tone"
     assert heard == [pytest.approx(0.5, abs=0.01)]
@@ -98,3 +101,80 @@ async def test_echo_responder_repeats_the_last_user_message() -> None:
     words = [d async for d in EchoResponder().stream([*MESSAGES, {"role": "assistant", "content": "x"}])]
     assert "".join(words) == "You said: hi"
     assert [d async for d in EchoResponder().stream([])] != []
+
+
+class FixedAnswerServer:
+    """A real local HTTP server whose chat-completions endpoint always gives one fixed answer: what
+    a misconfigured --llm-url meets (a web page, a plain-text proxy, a non-streaming JSON server)."""
+
+    def __init__(self, content_type: str, body: bytes, status: int = 200) -> None:
+        self.content_type, self.body, self.status = content_type, body, status
+
+    async def __aenter__(self) -> str:
+        from aiohttp import web
+
+        async def answer(request: web.Request) -> web.Response:
+            await request.read()
+            return web.Response(
+                status=self.status, body=self.body, headers={"Content-Type": self.content_type}
+            )
+
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", answer)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        return f"http://127.0.0.1:{self._runner.addresses[0][1]}/v1"
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._runner.cleanup()
+
+
+async def _stream_from(base_url: str) -> list[str]:
+    llm = OpenAIChatLLM(LLMConfig(base_url=base_url, model="tiny", idle_timeout_s=2.0))
+    try:
+        return [delta async for delta in llm.stream(MESSAGES)]
+    finally:
+        await llm.aclose()
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "expected"),
+    [
+        (
+            "text/html; charset=utf-8",
+            b"<html><body>Welcome to nginx!</body></html>" * 20,
+            "answered HTTP 200 with 'text/html', not a chat completion stream (text/event-stream); "
+            "the answer begins b'<html><body>Welcome to nginx!",
+        ),
+        ("text/plain", b"upstream connect error", "answered HTTP 200 with 'text/plain'"),
+        ("application/json", b'{"status": "ok"}', "with 'application/json', not a chat completion"),
+        ("application/json", b"[" * 5000 + b"]" * 5000, "nests 5000 levels deep; at most 16 are accepted"),
+    ],
+    ids=["html", "plain text", "json without choices", "nested json"],
+)
+async def test_an_answer_that_is_not_a_stream_is_an_llm_error_quoting_it(
+    content_type: str, body: bytes, expected: str
+) -> None:
+    async with FixedAnswerServer(content_type, body) as base_url:
+        with pytest.raises(LLMRequestError) as info:
+            await _stream_from(base_url)
+    assert info.value.kind == "protocol"
+    assert expected in str(info.value)
+    assert len(str(info.value)) < 400  # the first bytes of a page, never all of it
+
+
+async def test_a_complete_json_completion_is_one_delta_and_an_error_object_is_an_error() -> None:
+    completion = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi there."}}]}
+    async with FixedAnswerServer("application/json", json.dumps(completion).encode()) as base_url:
+        assert await _stream_from(base_url) == ["Hi there."]
+    error = {"error": {"message": "model 'tiny' not found", "type": "invalid_request_error"}}
+    async with FixedAnswerServer("application/json", json.dumps(error).encode()) as base_url:
+        with pytest.raises(LLMRequestError, match="answered with an error: model 'tiny' not found"):
+            await _stream_from(base_url)
+
+
+async def test_a_stream_event_that_is_not_json_is_an_llm_error() -> None:
+    async with FixedAnswerServer("text/event-stream", b"data: {not json\n\n") as base_url:
+        with pytest.raises(LLMRequestError, match="stream event that is not JSON"):
+            await _stream_from(base_url)
