@@ -1,8 +1,23 @@
-"""A dedicated thread that owns one device's models and runs their ticks.
+"""A dedicated thread that owns one device's models: realtime ticks, commands and batch jobs.
 
-Only this thread touches the models and their state. Other threads hand it work as commands (run
-between ticks, in order); asyncio code awaits their results through ``asyncio.wrap_future``. When
-there is nothing to compute the thread sleeps on a condition instead of polling.
+Only this thread touches the models on its device and their state (the realtime generator, the
+shared codec, batch TTS models). Other threads hand it work:
+
+- commands (``submit``/``post``): run between ticks, in order;
+- workers (``attach``): a realtime engine whose ``tick`` runs whenever its ``has_work`` says so;
+- batch jobs (``submit_batch``): long, lower-priority work. A job runs only when no realtime tick
+  is due and calls ``checkpoint()`` between its steps; the checkpoint runs the commands and ticks
+  that came due meanwhile (at most ``ticks_per_batch_step`` ticks, so a saturated realtime load
+  still lets the job advance), then lets the job take its next step.
+
+When there is nothing to compute the thread sleeps on a condition instead of polling.
+
+Failure: an exception in a worker's tick goes to its ``tick_failed``, which may recover (the
+device still works) or raise. Anything that escapes the loop (a raising ``has_work`` or
+``tick_failed``, or ``fail()`` called by a command that found the device's state broken) marks the
+thread failed: every queued and later command and batch job fails at once with an ``EngineError``
+that says what happened, and each worker's ``device_failed`` is called once, so it can end its
+streams and tell its host. A failed thread never runs again; the process restarts the engine.
 """
 
 from __future__ import annotations
@@ -12,6 +27,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from moss_agent.errors import EngineError
@@ -20,39 +36,87 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+Checkpoint = Callable[[], None]
 
-class DeviceThread:
-    """Runs ``tick()`` while ``has_work()`` is true, and commands between ticks.
 
-    ``tick`` and ``has_work`` are called on this thread only. An exception in a command goes to its
-    future; an exception in ``tick`` goes to ``on_tick_error`` and the thread keeps running, so one
-    failing session never takes the device down.
+@dataclass(eq=False)
+class DeviceWorker:
+    """Realtime work on a device thread; every callable runs on that thread.
+
+    ``tick_failed(exc)`` recovers from a failed tick, or raises to mark the device failed.
+    ``device_failed(error)`` is told, once, that the device thread failed for good.
     """
 
-    def __init__(
-        self,
-        name: str,
-        tick: Callable[[], None],
-        has_work: Callable[[], bool],
-        on_tick_error: Callable[[BaseException], None],
-    ) -> None:
-        self._tick = tick
-        self._has_work = has_work
-        self._on_tick_error = on_tick_error
+    name: str
+    tick: Callable[[], None]
+    has_work: Callable[[], bool]
+    tick_failed: Callable[[Exception], None]
+    device_failed: Callable[[EngineError], None]
+
+
+class _BatchJob:
+    def __init__(self, run: Callable[[Checkpoint], Any]) -> None:
+        self.run = run
+        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+
+class DeviceThread:
+    """Runs workers' ticks, commands between them, and batch jobs when no tick is due.
+
+    ``ticks_per_batch_step``: while a batch job runs, at most this many realtime ticks run before
+    the job takes its next step (realtime first, but a batch job is never starved).
+    """
+
+    def __init__(self, name: str, *, ticks_per_batch_step: int = 8) -> None:
+        if ticks_per_batch_step < 1:
+            raise ValueError(f"ticks_per_batch_step must be >= 1, got {ticks_per_batch_step}")
+        self.name = name
+        self.ticks_per_batch_step = ticks_per_batch_step
+        self._workers: tuple[DeviceWorker, ...] = ()  # replaced, never mutated: read without the lock
         self._commands: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any] | None]] = deque()
+        self._batch_jobs: deque[_BatchJob] = deque()
+        self._running_job: _BatchJob | None = None
         self._wakeup = threading.Condition()
         self._stopping = False
+        self._failure: EngineError | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
+    # -- state -----------------------------------------------------------------------------------
+
     def start(self) -> None:
-        self._thread.start()
+        """Start the thread (again is a no-op)."""
+        with self._wakeup:
+            if not self._thread.is_alive() and self._thread.ident is None:
+                self._thread.start()
 
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def failure(self) -> EngineError | None:
+        """Why the thread failed for good, or None."""
+        return self._failure
+
+    @property
+    def healthy(self) -> bool:
+        return self._failure is None and not self._stopping and self._thread.ident is not None and self.alive
+
     def is_current(self) -> bool:
         return threading.current_thread() is self._thread
+
+    # -- handing work over -----------------------------------------------------------------------
+
+    def attach(self, worker: DeviceWorker) -> None:
+        with self._wakeup:
+            self._check_open()
+            self._workers = (*self._workers, worker)
+            self._wakeup.notify()
+
+    def detach(self, worker: DeviceWorker) -> None:
+        """Stop ticking ``worker``; from the device thread, or between ticks under the lock."""
+        with self._wakeup:
+            self._workers = tuple(w for w in self._workers if w is not worker)
 
     def submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
         """Run ``fn(*args)`` on the device thread before its next tick; the future gets the result."""
@@ -64,53 +128,175 @@ class DeviceThread:
         """Like submit, for callers that do not wait: ``fn`` must handle its own errors."""
         self._enqueue(lambda: fn(*args), None)
 
+    def submit_batch(self, run: Callable[[Checkpoint], T]) -> concurrent.futures.Future[T]:
+        """Queue ``run(checkpoint)`` as a batch job; it must call ``checkpoint()`` between steps.
+
+        ``checkpoint`` raises EngineError when the job should stop: its future was cancelled, the
+        thread is stopping, or it failed. Jobs run one at a time, in order.
+        """
+        job = _BatchJob(run)
+        with self._wakeup:
+            self._check_open()
+            self._batch_jobs.append(job)
+            self._wakeup.notify()
+        return job.future
+
     def wake(self) -> None:
         """Re-check ``has_work`` (e.g. a consumer caught up with a paused stream)."""
         with self._wakeup:
             self._wakeup.notify()
 
+    def _check_open(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+        if self._stopping:
+            raise EngineError("the engine is closed")
+        if self._thread.ident is not None and not self._thread.is_alive():
+            raise EngineError(f"the device thread {self.name!r} is not running; restart the engine")
+
     def _enqueue(self, call: Callable[[], Any], future: concurrent.futures.Future[Any] | None) -> None:
         with self._wakeup:
-            if self._stopping:
-                raise EngineError("the engine is closed")
+            self._check_open()
             self._commands.append((call, future))
             self._wakeup.notify()
 
+    # -- ending ----------------------------------------------------------------------------------
+
     def stop(self, timeout: float | None = 30.0) -> None:
+        """Finish the command or batch step in progress, fail the queued ones, end the thread."""
         with self._wakeup:
             self._stopping = True
             self._wakeup.notify()
         if self._thread.is_alive() and not self.is_current():
             self._thread.join(timeout)
 
+    def fail(self, exc: BaseException) -> EngineError:
+        """Mark the thread failed for good (on the device thread): the device or its models are in
+        an unknown state. Queued work fails, workers are told; the loop exits after the current step."""
+        with self._wakeup:
+            if self._failure is not None:
+                return self._failure
+            log.error("device thread failed", extra={"thread": self.name}, exc_info=exc)
+            error = EngineError(
+                f"the device thread {self.name!r} failed ({type(exc).__name__}: {exc}); every turn on it "
+                "ended, and the engine must be restarted"
+            )
+            error.__cause__ = exc
+            self._failure = error
+            commands, self._commands = list(self._commands), deque()
+            jobs, self._batch_jobs = list(self._batch_jobs), deque()
+            workers = self._workers
+            self._wakeup.notify_all()
+        for _, future in commands:
+            if future is not None and future.set_running_or_notify_cancel():
+                future.set_exception(error)
+        for job in jobs:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(error)
+        for worker in workers:
+            try:
+                worker.device_failed(error)
+            except Exception:
+                log.exception("a worker's failure handler raised", extra={"worker": worker.name})
+        return error
+
+    # -- the loop --------------------------------------------------------------------------------
+
     def _run(self) -> None:
-        while True:
+        try:
+            while self._failure is None:
+                with self._wakeup:
+                    while not (self._commands or self._stopping or self._batch_jobs or self._due()):
+                        self._wakeup.wait()
+                if not self._serve(stop_when_idle=False) and self._batch_jobs and self._failure is None:
+                    self._run_batch_job()
+                if self._stopping:
+                    self._drain_on_stop()
+                    return
+        except BaseException as exc:  # nothing may end this thread silently
+            self.fail(exc)
+
+    def _due(self) -> bool:
+        return any(worker.has_work() for worker in self._workers)
+
+    def _serve(self, *, stop_when_idle: bool) -> int:
+        """Run queued commands and one tick of every worker that has work; return ticks run.
+
+        ``stop_when_idle`` (within a batch job): loop until nothing is due or the tick budget is spent.
+        """
+        ticks = 0
+        while self._failure is None:
             with self._wakeup:
-                while not self._commands and not self._stopping and not self._has_work():
-                    self._wakeup.wait()
-                commands = list(self._commands)
-                self._commands.clear()
-                stopping = self._stopping
+                commands, self._commands = list(self._commands), deque()
             for call, future in commands:
-                self._run_command(call, future, cancelled=stopping)
-            if stopping:
-                return
-            if self._has_work():
-                try:
-                    self._tick()
-                except Exception as exc:
-                    log.exception("engine tick failed")
-                    self._on_tick_error(exc)
+                if self._failure is None:
+                    self._run_command(call, future)
+                elif future is not None and future.set_running_or_notify_cancel():
+                    future.set_exception(self._failure)
+            if self._stopping:
+                return ticks
+            ran = 0
+            for worker in self._workers:
+                if self._failure is None and worker.has_work():
+                    ran += 1
+                    try:
+                        worker.tick()
+                    except Exception as exc:
+                        log.exception("engine tick failed", extra={"worker": worker.name})
+                        worker.tick_failed(exc)  # raising marks the device failed
+            ticks += ran
+            if not stop_when_idle or (ran == 0 and not commands) or ticks >= self.ticks_per_batch_step:
+                return ticks
+        return ticks
+
+    def _run_batch_job(self) -> None:
+        with self._wakeup:
+            job = self._batch_jobs.popleft()
+        if not job.future.set_running_or_notify_cancel():
+            return
+        self._running_job = job
+        try:
+            result = job.run(self._checkpoint)
+        except Exception as exc:
+            if not job.future.done():
+                job.future.set_exception(exc)
+        else:
+            if not job.future.done():
+                job.future.set_result(result)
+        finally:
+            self._running_job = None
+
+    def _checkpoint(self) -> None:
+        """Between two steps of a batch job: serve the realtime work that came due."""
+        if not self.is_current():
+            raise EngineError("a batch job's checkpoint was called off its device thread")
+        try:
+            self._serve(stop_when_idle=True)
+        except Exception as exc:
+            raise EngineError(f"batch job stopped: {self.fail(exc)}") from exc
+        job = self._running_job
+        if self._failure is not None:
+            raise self._failure
+        if self._stopping:
+            raise EngineError("the engine was closed while this batch job ran")
+        if job is not None and job.future.cancelled():
+            raise EngineError("the batch job was cancelled")
+
+    def _drain_on_stop(self) -> None:
+        with self._wakeup:
+            commands, self._commands = list(self._commands), deque()
+            jobs, self._batch_jobs = list(self._batch_jobs), deque()
+        closed = EngineError("the engine was closed before this request ran")
+        for _, future in commands:
+            if future is not None and future.set_running_or_notify_cancel():
+                future.set_exception(closed)
+        for job in jobs:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(closed)
 
     @staticmethod
-    def _run_command(
-        call: Callable[[], Any], future: concurrent.futures.Future[Any] | None, *, cancelled: bool
-    ) -> None:
+    def _run_command(call: Callable[[], Any], future: concurrent.futures.Future[Any] | None) -> None:
         if future is not None and not future.set_running_or_notify_cancel():
-            return
-        if cancelled:
-            if future is not None:
-                future.set_exception(EngineError("the engine was closed before this request ran"))
             return
         try:
             result = call()

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from moss_agent.audio import resample
-from moss_agent.engine.device import DeviceThread
+from moss_agent.engine.device import DeviceThread, DeviceWorker
+from moss_agent.engine.health import EngineHealth, FailureCallback, bounded
 from moss_agent.errors import ConfigError, EngineError, MossError, OverloadError, SessionClosedError
 from moss_agent.events import AudioChunk, FloatArray
 from moss_agent.model_ids import CODEC_MODEL_ID, REALTIME_MODEL_ID
@@ -50,6 +51,8 @@ class RealtimeEngineConfig:
     ``max_waiting``: conversations that may wait for a slot; one more gets OverloadError.
     ``max_frames_per_turn``: hard cap (80 ms each), so a missing EOS cannot run forever.
     ``max_ahead_s``: how far generation may run ahead of what the listener consumed.
+    ``call_timeout_s``: longest wait for one request to the device thread (open a conversation,
+    start or cut a turn); beyond it the request fails with EngineError instead of hanging.
     """
 
     num_slots: int = 8
@@ -57,6 +60,7 @@ class RealtimeEngineConfig:
     max_context: int = 4096
     max_frames_per_turn: int = 1500
     max_ahead_s: float = 4.0
+    call_timeout_s: float = 30.0
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     seed: int | None = None
     cuda_graph: bool = True  # replay each tick from a CUDA graph on CUDA devices (ignored on CPU)
@@ -73,6 +77,8 @@ class RealtimeEngineConfig:
             raise ConfigError(f"max_waiting must be >= 0, got {self.max_waiting}")
         if self.max_ahead_s <= 0:
             raise ConfigError(f"max_ahead_s must be > 0, got {self.max_ahead_s}")
+        if not self.call_timeout_s > 0:
+            raise ConfigError(f"call_timeout_s must be > 0 seconds, got {self.call_timeout_s}")
         if self.cpu_threads < 1:
             raise ConfigError(f"cpu_threads must be >= 1, got {self.cpu_threads}")
 
@@ -89,13 +95,25 @@ class EngineStats:
 
 
 class RealtimeEngine:
-    """A SpeechBackend on one device. Use ``async with RealtimeEngine.load(...) as engine``."""
+    """A SpeechBackend on one device. Use ``async with RealtimeEngine.load(...) as engine``.
+
+    ``device_thread``: the thread that owns this device's models, shared with other engines on it
+    (``ModelRegistry`` passes one per device); by default the engine makes and owns its own.
+
+    Failure: a failed tick ends the turns in it with EngineError and the engine goes on if the
+    device still works. Anything worse (the device broken, a rollback or bookkeeping failing)
+    fails the engine for good: every open stream and pending request ends with an EngineError that
+    says what happened, new conversations are refused, ``healthy`` turns False and the callbacks
+    of ``on_failure`` run, so the host can exit and be restarted.
+    """
 
     def __init__(
         self,
         generator: RealtimeGenerator,
         codec: MossAudioTokenizer,
         config: RealtimeEngineConfig | None = None,
+        *,
+        device_thread: DeviceThread | None = None,
     ) -> None:
         self.config = config or RealtimeEngineConfig()
         if generator.num_slots != self.config.num_slots:
@@ -123,7 +141,14 @@ class RealtimeEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._hold = torch.zeros(self.config.num_slots, dtype=torch.bool)
-        self._device = DeviceThread("moss-realtime-engine", self._tick, self._has_work, self._tick_failed)
+        # A slot whose tick failed keeps its turn, held, until interrupt(heard_s) cuts it to what was heard.
+        self._failed_serial = [-1] * self.config.num_slots
+        self._health = EngineHealth()
+        self._owns_device = device_thread is None
+        self._device = device_thread or DeviceThread("moss-realtime-engine")
+        self._worker = DeviceWorker(
+            "realtime", self._tick, self._has_work, self._tick_failed, self._device_failed
+        )
 
     @classmethod
     def load(
@@ -136,8 +161,10 @@ class RealtimeEngine:
         codec_dtype: str | torch.dtype | None = None,
         config: RealtimeEngineConfig | None = None,
         attn_implementation: str | None = None,
+        device_thread: DeviceThread | None = None,
     ) -> RealtimeEngine:
-        """Load the model (and the codec, unless an already loaded one is passed to share it)."""
+        """Load the model (and the codec, unless an already loaded one is passed to share it: then
+        pass the ``device_thread`` its other users run on too)."""
         from moss_agent.models.codec import load_codec
         from moss_agent.models.realtime import load_realtime
 
@@ -155,7 +182,7 @@ class RealtimeEngine:
             cuda_graph=config.cuda_graph,
             compile=config.compile,
         )
-        return cls(generator, codec, config)
+        return cls(generator, codec, config, device_thread=device_thread)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -167,6 +194,7 @@ class RealtimeEngine:
             self._loop = asyncio.get_running_loop()
             self._device.start()
             try:
+                self._device.attach(self._worker)
                 await asyncio.wrap_future(self._device.submit(self._warm_up))
             except Exception as exc:
                 await self.aclose()
@@ -204,14 +232,32 @@ class RealtimeEngine:
         for stream in self._streams:
             if stream is not None:
                 stream._finish(EngineError("the engine was closed"))
-        if self._device.alive:
+        if not self._device.alive:
+            return
+        if self._owns_device:
             await asyncio.to_thread(self._device.stop)
+        else:  # others use the thread: stop ticking between two ticks
+            await asyncio.to_thread(self._device.detach, self._worker)
 
     async def __aenter__(self) -> RealtimeEngine:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+    @property
+    def healthy(self) -> bool:
+        """False once the engine failed for good (see ``failure``) or was closed."""
+        return self._health.healthy and not self._closed
+
+    @property
+    def failure(self) -> EngineError | None:
+        """Why the engine stopped serving, or None."""
+        return self._health.failure
+
+    def on_failure(self, callback: FailureCallback) -> None:
+        """Call ``callback(error)`` on the event loop when the engine fails for good (at once if it has)."""
+        self._health.add_callback(callback)
 
     @property
     def free_slots(self) -> int:
@@ -234,6 +280,7 @@ class RealtimeEngine:
         """
         if self._closed:
             raise SessionClosedError("the engine is closed")
+        self._health.check()
         await self.start()
         slot = await self._claim_slot()
         try:
@@ -273,7 +320,12 @@ class RealtimeEngine:
     async def _call(self, fn: Any, *args: Any) -> Any:
         if self._closed:
             raise SessionClosedError("the engine is closed")
-        return await asyncio.wrap_future(self._device.submit(fn, *args))
+        if self._health.failure is not None:
+            if fn == self._release:  # nothing is left to free on a failed device: closing succeeds
+                return None
+            raise self._health.failure
+        what = getattr(fn, "__name__", "a request").lstrip("_").replace("_", " ")
+        return await bounded(self._device.submit(fn, *args), self.config.call_timeout_s, what)
 
     # -- device-thread work ----------------------------------------------------------------------
 
@@ -360,7 +412,12 @@ class RealtimeEngine:
             frames = generated
         else:  # a frame the listener started hearing counts as heard
             frames = min(generated, math.ceil(max(0.0, heard_s) / self.frame_s - 1e-6))
-        text = self.generator.rollback(slot, frames)
+        try:
+            text = self.generator.rollback(slot, frames)
+        except MossError:
+            raise
+        except Exception as exc:  # the context is half cut: nothing on this device can be trusted
+            raise self._device.fail(exc) from exc
         if self._streams[slot] is stream:
             self._streams[slot] = None
         return HeardResult(frames=frames, text=text, audio_s=frames * self.frame_s)
@@ -368,13 +425,20 @@ class RealtimeEngine:
     def _release(self, slot: int) -> None:
         self._streams[slot] = None
         self._turn_serial[slot] += 1
-        self.generator.release(slot)
-        self._decode_state.reset(slot)
+        try:
+            self.generator.release(slot)
+            self._decode_state.reset(slot)
+        except MossError:
+            raise
+        except Exception as exc:  # slot bookkeeping on the device failed: its state is unknown
+            raise self._device.fail(exc) from exc
 
     def _held(self) -> torch.Tensor:
         held = torch.zeros(self.config.num_slots, dtype=torch.bool)
         for slot, stream in enumerate(self._streams):
             if stream is not None and stream.produced_frames - stream.consumed_frames >= self._ahead_frames:
+                held[slot] = True
+            if self._failed_serial[slot] == self._turn_serial[slot]:
                 held[slot] = True
         return held
 
@@ -425,16 +489,39 @@ class RealtimeEngine:
         if stream is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(stream._finish, exc)
 
-    def _tick_failed(self, exc: BaseException) -> None:
-        """A failed forward poisons every turn in it: end them all with the error, keep the engine."""
+    def _tick_failed(self, exc: Exception) -> None:
+        """A failed forward ends every turn in it with the error; the engine goes on if the device works.
+
+        Each turn keeps the frames it made: its slot is held (never stepped again) until
+        ``interrupt(heard_s)`` cuts the context to what the listener heard, or the next turn keeps
+        them all. Raising here (the device is broken) fails the engine for good.
+        """
         self.stats.failed_ticks += 1
+        # A CUDA device-side assert makes every later op raise: probe before trusting the device.
+        float((torch.ones(1, device=self.codec.device) + 1).sum().cpu())
+        error = EngineError(
+            f"generation failed on the device ({type(exc).__name__}: {exc}); this turn ended, the engine goes on"
+        )
         for slot, stream in enumerate(self._streams):
             if stream is not None:
-                try:
-                    self.generator.rollback(slot, 0)
-                except MossError:
-                    log.debug("rollback after a failed tick did not apply", extra={"slot": slot})
-                self._end_stream_from_device(slot, EngineError(f"generation failed: {exc}"))
+                self._failed_serial[slot] = self._turn_serial[slot]
+                self._end_stream_from_device(slot, error)
+
+    def _device_failed(self, error: EngineError) -> None:
+        """The device thread failed for good (on that thread): end every stream and tell the host."""
+        streams = [stream for stream in self._streams if stream is not None]
+        self._streams = [None] * self.config.num_slots
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._failed_on_loop, streams, error)
+
+    def _failed_on_loop(self, streams: list[EngineStream], error: EngineError) -> None:
+        self._health.failed(error)
+        for stream in streams:
+            stream._finish(error)
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(error)
 
 
 def _deliver(items: list[tuple[EngineStream, Any]]) -> None:
