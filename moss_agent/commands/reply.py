@@ -13,6 +13,11 @@ from pathlib import Path
 
 from moss_agent.commands import common
 
+# One user turn is seconds long; a whole recording passed as one turn would keep speech recognition
+# busy for minutes with nothing to show (and overfill the model's context).
+DEFAULT_MAX_INPUT_SECONDS = 60.0
+MAX_INPUT_SECONDS = 300.0
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = subparsers.add_parser(
@@ -24,6 +29,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     parser.add_argument("--input", "-i", type=Path, required=True, help="the user's speech (wav, flac, mp3, m4a...)")
     parser.add_argument("--output", "-o", type=Path, default=Path("reply.wav"), help="where to write the reply")
     parser.add_argument("--transcript", default=None, help="what the user said (skips speech recognition)")
+    parser.add_argument(
+        "--max-input-seconds",
+        type=float,
+        default=DEFAULT_MAX_INPUT_SECONDS,
+        help=f"longest --input accepted, up to {MAX_INPUT_SECONDS:g} (default {DEFAULT_MAX_INPUT_SECONDS:g})",
+    )
     common.add_engine_options(parser, slots=1)
     common.add_llm_options(parser)
     common.add_stt_options(parser)
@@ -35,12 +46,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _reply(args: argparse.Namespace) -> int:
-    from moss_agent.audio import load_audio, write_wav
+    from moss_agent.audio import AudioTooLong, load_audio, write_wav
+    from moss_agent.errors import AudioError, ConfigError
     from moss_agent.options import session_config
     from moss_agent.streaming.metrics import format_breakdown
     from moss_agent.streaming.session import Session
 
-    user_audio = load_audio(args.input, 24000)
+    limit = args.max_input_seconds
+    if not 0 < limit <= MAX_INPUT_SECONDS:  # False for NaN too
+        raise ConfigError(f"--max-input-seconds must be in (0, {MAX_INPUT_SECONDS:g}], got {limit}")
+    try:
+        user_audio = load_audio(args.input, 24000, max_seconds=limit)
+    except AudioTooLong as exc:
+        raise AudioError(
+            f"--input {args.input} is {exc.seconds:.1f} s long; reply takes one user turn of at most "
+            f"{limit:g} s: cut the recording, or raise --max-input-seconds (up to {MAX_INPUT_SECONDS:g})"
+        ) from None
     llm = common.build_llm(args)
     if args.llm_url:
         await llm.check()  # an unreachable server fails now, not after the models load
@@ -48,6 +69,7 @@ async def _reply(args: argparse.Namespace) -> int:
     transcript = args.transcript
     if transcript is None:
         recognizer = common.build_stt(args)
+        recognizer.max_seconds = limit  # the input passed the command's own limit
         transcript = (await recognizer.transcribe(user_audio, 24000)).strip()
     print(f"user: {transcript or '(nothing recognised)'}", file=sys.stderr)
 

@@ -19,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from moss_agent._optional import require
-from moss_agent.audio import float_to_pcm16, resample, wav_bytes
+from moss_agent.audio import as_mono_float, float_to_pcm16, resample, wav_bytes
 from moss_agent.errors import AudioError, STTError
 
 logger = logging.getLogger(__name__)
@@ -28,6 +28,10 @@ __all__ = ["OpenAITranscriber", "PocketSphinxRecognizer", "SpeechRecognizer"]
 
 # Both recognizers work on 16 kHz speech (Whisper resamples to it anyway), so uploads stay small.
 RECOGNIZER_RATE = 16000
+# One utterance is a turn of a conversation, seconds long. Minutes of audio are a mistake (a whole
+# recording passed as one turn): PocketSphinx spends longer than the audio lasts on it, with no output
+# until the end. Recognizers take ``max_seconds`` to change it.
+MAX_UTTERANCE_SECONDS = 120.0
 
 
 @runtime_checkable
@@ -39,10 +43,20 @@ class SpeechRecognizer(Protocol):
         ...
 
 
-def _prepare(pcm: np.ndarray, sample_rate: int) -> np.ndarray:
-    """Validate and resample one utterance to 16 kHz: [T] -> [T'] float32. Raises STTError."""
+def _prepare(pcm: np.ndarray, sample_rate: int, max_seconds: float | None) -> np.ndarray:
+    """Validate and resample one utterance to 16 kHz: [T] -> [T'] float32. Raises STTError, also
+    for an utterance longer than ``max_seconds``."""
     try:
-        return resample(pcm, sample_rate, RECOGNIZER_RATE)
+        samples = as_mono_float(pcm, "audio to transcribe")
+        seconds = (
+            samples.size / sample_rate if isinstance(sample_rate, int | float) and sample_rate > 0 else 0.0
+        )
+        if max_seconds is not None and seconds > max_seconds:  # before resampling it all
+            raise STTError(
+                f"cannot transcribe {seconds:.1f} s of audio as one utterance: the recognizer takes at "
+                f"most {max_seconds:g} s (its max_seconds); pass shorter turns"
+            )
+        return resample(samples, sample_rate, RECOGNIZER_RATE)
     except AudioError as exc:
         raise STTError(f"cannot transcribe this audio: {exc}") from exc
 
@@ -56,8 +70,8 @@ class OpenAITranscriber:
 
     The utterance is sent as a 16 kHz PCM16 wav built in memory. ``language`` is an ISO-639-1 hint
     such as "en"; ``prompt`` biases the vocabulary. ``base_url`` is explicit (for OpenAI itself:
-    "https://api.openai.com/v1") so that nothing is read from the environment. Requires the ``llm``
-    extra (the openai package).
+    "https://api.openai.com/v1") so that nothing is read from the environment. Longer utterances
+    than ``max_seconds`` (None: any) are refused. Requires the ``llm`` extra (the openai package).
     """
 
     def __init__(
@@ -70,10 +84,12 @@ class OpenAITranscriber:
         *,
         prompt: str | None = None,
         max_retries: int = 1,
+        max_seconds: float | None = MAX_UTTERANCE_SECONDS,
     ) -> None:
         openai = require("openai", "llm")
         if timeout <= 0:
             raise STTError(f"timeout must be positive seconds, got {timeout}")
+        self.max_seconds = max_seconds
         self.model = model
         self.language = language
         self.prompt = prompt
@@ -84,7 +100,7 @@ class OpenAITranscriber:
         )
 
     async def transcribe(self, pcm: np.ndarray, sample_rate: int) -> str:
-        audio = _prepare(pcm, sample_rate)
+        audio = _prepare(pcm, sample_rate, self.max_seconds)
         if audio.size == 0:
             return ""
         upload = await asyncio.to_thread(wav_bytes, audio, RECOGNIZER_RATE)
@@ -150,14 +166,18 @@ class PocketSphinxRecognizer:
       something").
 
     Loading the model takes about a second, so construct it off the event loop. Decoding runs in a
-    worker thread; one decoder serves calls one at a time.
+    worker thread; one decoder serves calls one at a time. Utterances longer than ``max_seconds``
+    (None: any) are refused.
     """
 
     def __init__(
         self,
         grammar: Sequence[str] | str | None = None,
         keyphrases: Sequence[str] | Mapping[str, float] | None = None,
+        *,
+        max_seconds: float | None = MAX_UTTERANCE_SECONDS,
     ) -> None:
+        self.max_seconds = max_seconds
         if grammar is not None and keyphrases is not None:
             raise STTError("give either a grammar or keyphrases to PocketSphinxRecognizer, not both")
         # Cheap checks first, so a typo fails before the model loads.
@@ -175,7 +195,7 @@ class PocketSphinxRecognizer:
             self._use_keyphrases(spotting)
 
     async def transcribe(self, pcm: np.ndarray, sample_rate: int) -> str:
-        audio = _prepare(pcm, sample_rate)
+        audio = _prepare(pcm, sample_rate, self.max_seconds)
         if audio.size == 0:
             return ""
         return await asyncio.to_thread(self._decode, audio)
