@@ -26,7 +26,7 @@ def test_graph_frames_equal_eager_frames_greedy(tokenizer) -> None:  # noqa: F81
     eager_gen, eager = greedy_frames(tokenizer, cuda_graph=False)
     graph_gen, replayed = greedy_frames(tokenizer, cuda_graph=True)
     assert not eager_gen.uses_cuda_graph and graph_gen.uses_cuda_graph
-    assert graph_gen._graph is not None  # really replayed, not the eager fallback
+    assert graph_gen.state.graph is not None  # really replayed, not the eager fallback
     per_tick = [int((frames >= 0).all(-1).sum()) for frames in eager]
     assert sum(per_tick) > 30 and max(per_tick) >= 2
     assert all(torch.equal(a, b) for a, b in zip(eager, replayed, strict=True))
@@ -42,5 +42,5 @@ def test_compiled_tick_inside_the_graph_gives_the_eager_frames(tokenizer) -> Non
     """compile=True on CUDA: the compiled local-transformer step is captured in the tick's graph."""
     _, plain = greedy_frames(tokenizer)
     compiled_gen, compiled = greedy_frames(tokenizer, compile=True)
-    assert compiled_gen.uses_cuda_graph and compiled_gen._graph is not None
+    assert compiled_gen.uses_cuda_graph and compiled_gen.state.graph is not None
     assert all(torch.equal(a, b) for a, b in zip(plain, compiled, strict=True))

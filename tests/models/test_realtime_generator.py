@@ -243,14 +243,17 @@ def test_rollback_then_next_turn_matches_a_fresh_context(model, tokenizer) -> No
     heard = gen.rollback(0, 6)
     ids = tokenizer.encode(TEXT, add_special_tokens=False)
     assert heard == tokenizer.decode(ids[: DELAY_TOKENS + 6])
-    assert gen.context_length(0) == base + DELAY_TOKENS + 6
+    # frames 0..4 stay as cache rows; the last heard frame's row and the EOS row wait for the next prompt
+    assert gen.context_length(0) == base + DELAY_TOKENS + 5
+    assert gen.context_layout(0).pending_rows == 2
     kept = gen.context_rows(0)
-    assert torch.equal(kept[-1, 1:], frames[5])  # the last heard frame is the last row
+    assert torch.equal(kept[-1, 1:], frames[4])
 
-    # a fresh slot fed exactly the heard context (plus the EOS row that closes the turn)
+    # a fresh slot fed exactly the heard context, closed as the next prompt closes it
     eos_row = torch.full((17,), model.config.audio_pad)
     eos_row[0], eos_row[1] = model.config.text_pad_id, model.config.audio_eos
-    gen.restore_context(1, torch.cat([kept, eos_row[None]]))
+    frame_row = torch.cat([torch.tensor([ids[DELAY_TOKENS + 5]]), frames[5]])
+    gen.restore_context(1, torch.cat([kept, frame_row[None], eos_row[None]]))
     results = []
     for slot in (0, 1):
         results.append(
@@ -259,7 +262,8 @@ def test_rollback_then_next_turn_matches_a_fresh_context(model, tokenizer) -> No
     assert torch.equal(results[0], results[1])
     assert torch.equal(gen.context_rows(0), gen.context_rows(1))
     length = gen.context_length(0)
-    assert torch.allclose(gen.cache.keys[:, 0, :, :length], gen.cache.keys[:, 1, :, :length], atol=1e-5)
+    keys = gen.state.cache.keys
+    assert torch.allclose(keys[:, 0, :, :length], keys[:, 1, :, :length], atol=1e-5)
 
 
 def test_rollback_edges(model, tokenizer) -> None:
@@ -285,6 +289,8 @@ def test_rollback_edges(model, tokenizer) -> None:
 
 @pytest.mark.parametrize("upstream_compat", [False, True])
 def test_turn_end_rows_in_the_next_context(model, eos_model, tokenizer, upstream_compat) -> None:
+    """A turn that ends by itself (frame cap or EOS) closes, in the next prompt, with the row of its
+    last real frame and the EOS row (upstream: the rows it fed, nothing more)."""
     config = model.config
     for which, net in (("cap", model), ("eos", eos_model)):
         gen = RealtimeGenerator(net, tokenizer, num_slots=1, max_context=320, upstream_compat=upstream_compat)
@@ -293,17 +299,18 @@ def test_turn_end_rows_in_the_next_context(model, eos_model, tokenizer, upstream
         real = gen.frames_generated(0)
         assert (len(frames) == real + 1) if which == "eos" else (len(frames) == real == 60)
         end = gen.context_length(0)
-        assert torch.equal(gen.context_rows(0)[-1, 1:], frames[real - 2 if which == "cap" else real - 1])
+        fed_last = real - 2 if which == "cap" else real - 1  # the cap's last frame was never fed back
+        assert torch.equal(gen.context_rows(0)[-1, 1:], frames[fed_last])
         gen.start_turn(0, "Thanks", None, sampling=GREEDY)
-        rows = gen.context_rows(0)[end:]
-        user_start = rows[:, 0].tolist().index(151645)  # <|im_end|> opens the user block
+        rows = gen.context_rows(0)
+        user_start = gen.context_layout(0).turn_starts[-1]
+        assert rows[user_start, 0] == 151645  # <|im_end|> opens the user block
         if upstream_compat:
-            assert user_start == 0
+            assert user_start == end
             continue
-        if which == "cap":  # the unfed last frame, then the EOS row
-            assert user_start == 2 and torch.equal(rows[0, 1:], frames[-1])
-        else:
-            assert user_start == 1
+        # the last real frame's row (fed back or not) is cut and fed again with the next prompt
+        assert user_start == end + (2 if which == "cap" else 1)
+        assert torch.equal(rows[user_start - 2, 1:], frames[real - 1])
         eos_row = rows[user_start - 1]
         assert eos_row[0] == config.text_pad_id and eos_row[1] == config.audio_eos
         assert bool((eos_row[2:] == config.audio_pad).all())

@@ -39,7 +39,7 @@ def run_schedule(gen: RealtimeGenerator, sampling: list[SamplingConfig], ticks: 
             gen.start_conversation(1)
             gen.start_turn(1, "Again?", None, sampling=sampling[1], seed=7, max_frames=25)
         for slot in range(gen.num_slots):
-            turn = gen._slots[slot].turn
+            turn = gen.state.slots[slot].turn
             if turn is not None and not turn.closed and gen.turn_running(slot):
                 piece = TEXT[(tick % 10) * 9 : (tick % 10) * 9 + 9]
                 gen.push_text(slot, piece)
@@ -70,11 +70,11 @@ def test_device_tick_traces_without_graph_breaks(tokenizer) -> None:
     model = tiny_model(torch.device("cpu"))
     gen = RealtimeGenerator(model, tokenizer, num_slots=2, max_context=64)
     gen.start_conversation(0)
-    gen._in_positions.copy_(gen._length)  # an idle tick: writes land in free cache rows
+    gen.state.set_idle_inputs()  # an idle tick: writes land in free cache rows
     began = time.perf_counter()
     compiled = torch.compile(gen.device_tick, fullgraph=True, backend="eager")
     with torch.inference_mode():
-        hidden, frames = compiled(gen.max_context + 1)
+        hidden, frames = compiled(gen.state.whole_cache)
     if time.perf_counter() - began > 60:
         pytest.skip("tracing took over a minute on this machine")
     assert hidden.shape == (2, model.config.hidden_size)

@@ -12,6 +12,7 @@ from moss_agent.models.realtime.config import DELAY_TOKENS, LocalConfig, Realtim
 from moss_agent.models.realtime.generator import RealtimeGenerator, StepOutput
 from moss_agent.models.realtime.model import BackboneCache, MossTTSRealtime, load_realtime
 from moss_agent.models.realtime.prompt import PromptBuilder
+from moss_agent.models.realtime.state import ContextLayout, GenerationState
 from moss_agent.models.realtime.text import GrowingTextTokenizer, UpstreamSegmentTokenizer
 from moss_agent.models.realtime.tiny import save_tiny_realtime
 from moss_agent.models.sampling import SamplingConfig
@@ -19,6 +20,8 @@ from moss_agent.models.sampling import SamplingConfig
 __all__ = [
     "DELAY_TOKENS",
     "BackboneCache",
+    "ContextLayout",
+    "GenerationState",
     "GrowingTextTokenizer",
     "LocalConfig",
     "MossTTSRealtime",

@@ -1,13 +1,15 @@
 """Faster forms of the realtime tick's device part: a CUDA graph, or torch.compile graphs.
 
-Both replace ``RealtimeGenerator.device_tick``'s eager ops without changing what a tick does:
-they read and write the generator's fixed buffers, run every sampling feature for every row
-(which gives the same frames as the eager shortcuts) and attend over the whole backbone cache.
+Both replace eager ops of ``RealtimeGenerator.device_tick`` without changing what a tick does:
+they read and write the fixed buffers of the generator's ``GenerationState`` (its public fields,
+nothing else of the generator), run every sampling feature for every row (which gives the same
+frames as the eager shortcuts) and the graph attends over the whole backbone cache.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,7 +19,8 @@ from moss_agent.models.compiling import compile_step
 from moss_agent.models.sampling import counter_uniforms, pick_codes
 
 if TYPE_CHECKING:
-    from moss_agent.models.realtime.generator import RealtimeGenerator
+    from moss_agent.models.realtime.model import MossTTSRealtime
+    from moss_agent.models.realtime.state import GenerationState, Spans
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +39,11 @@ class CompiledTick:
     20x slower at 16 slots).
     """
 
-    def __init__(self, generator: RealtimeGenerator, backend: str = "inductor") -> None:
-        self._generator = generator
-        model = generator.model
+    def __init__(self, model: MossTTSRealtime, state: GenerationState, backend: str = "inductor") -> None:
+        self._state = state
+        self._rvq = model.config.rvq
         self._local = model.local_transformer
-        self._positions = [self._local.position_tensors(i) for i in range(generator.config.rvq)]
+        self._positions = [self._local.position_tensors(i) for i in range(self._rvq)]
         self._position = compile_step(self._position_eager, backend)
 
     def _position_eager(
@@ -57,19 +60,19 @@ class CompiledTick:
         uniform: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [S, hidden] -> (codes [S], their embeddings [S, hidden] as the next position's input)."""
-        generator = self._generator
-        logits = self._local.masked_logits(x, generator._local_cache, rotation, write, bias, head)
+        state = self._state
+        logits = self._local.masked_logits(x, state.local_cache, rotation, write, bias, head)
         codes = pick_codes(
-            logits, generator._sampler, history=history, penalty=penalty, banned=banned, uniform=uniform
+            logits, state.sampler, history=history, penalty=penalty, banned=banned, uniform=uniform
         )
         return codes, F.embedding(codes, table)
 
     def local_frames(self, hidden: torch.Tensor, frame_index: torch.Tensor) -> torch.Tensor:
         """hidden [S, hidden], frame_index [S] -> frames [S, rvq] (every sampling feature on)."""
-        generator = self._generator
-        repetition = generator._repetition
+        state = self._state
+        repetition = state.repetition
         penalty = repetition.frame_penalty(frame_index)
-        uniforms = counter_uniforms(generator._seeds, frame_index, generator.config.rvq)
+        uniforms = counter_uniforms(state.seeds, frame_index, self._rvq)
         x, codes = hidden, []
         for index, (rotation, write, bias, head, table) in enumerate(self._positions):
             code, x = self._position(
@@ -81,7 +84,7 @@ class CompiledTick:
                 table,
                 repetition.history(index),
                 penalty,
-                generator._banned[:, index],
+                state.banned[:, index],
                 uniforms[:, index],
             )
             codes.append(code)
@@ -89,33 +92,34 @@ class CompiledTick:
 
 
 class TickGraph:
-    """``RealtimeGenerator.device_tick`` captured once in a CUDA graph and replayed every tick.
+    """A tick function captured once in a CUDA graph and replayed every tick.
 
-    Captured for the generator's fixed slot count with every sampling feature on (which gives the
-    same frames as the eager path's shortcuts) and attention over the whole cache. Everything it
-    touches is a fixed buffer updated in place; prefill, turn control and sampling settings write
-    into the same buffers between replays. Weights must not be moved or replaced afterwards.
+    ``tick(spans)`` is the device part of a tick (``RealtimeGenerator.device_tick``), captured for
+    the state's fixed slot count with every sampling feature on (which gives the same frames as the
+    eager path's shortcuts) and attention over the whole cache (``state.whole_cache``), so a slot's
+    numbers never depend on the other slots. Everything it touches is a fixed buffer of ``state``
+    updated in place; prefill, turn control and sampling settings write into the same buffers
+    between replays. Weights must not be moved or replaced afterwards.
     NOTE: written without access to a GPU; checked by tests/gpu/test_realtime_cuda_graph.py.
     """
 
-    def __init__(self, generator: RealtimeGenerator) -> None:
-        self._generator = generator
-        attend_length = generator.max_context + 1
-        # Warm-up and capture run a tick with no slot generating and every slot writing at its
-        # current length, i.e. into free cache rows: no conversation state changes.
-        generator._in_generating.zero_()
-        generator._in_fresh.zero_()
-        generator._in_positions.copy_(generator._length.clamp(max=generator.max_context))
-        stream = torch.cuda.Stream(generator.device)
-        stream.wait_stream(torch.cuda.current_stream(generator.device))
+    def __init__(
+        self, state: GenerationState, tick: Callable[[Spans], tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
+        spans = state.whole_cache
+        device = state.in_positions.device
+        # Warm-up and capture run a tick in which no slot generates: no conversation state changes.
+        state.set_idle_inputs()
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # lazy inits, allocator and library workspaces outside the capture
-                generator.device_tick(attend_length)
-        torch.cuda.current_stream(generator.device).wait_stream(stream)
+                tick(spans)
+        torch.cuda.current_stream(device).wait_stream(stream)
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
-            self._hidden, self._frames = generator.device_tick(attend_length)
-        log.info("captured the realtime tick in a CUDA graph", extra={"slots": generator.num_slots})
+            self._hidden, self._frames = tick(spans)
+        log.info("captured the realtime tick in a CUDA graph", extra={"slots": state.num_slots})
 
     def replay(self) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (hidden [S, hidden], frames [S, rvq]); buffers overwritten by the next replay."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,21 +191,28 @@ class MossTTSRealtime(nn.Module):
         return self._final_norm(x[0])
 
     def decode(
-        self, cache: BackboneCache, ids: torch.Tensor, positions: torch.Tensor, attend_length: int
+        self,
+        cache: BackboneCache,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        spans: Sequence[tuple[int, int, int]],
     ) -> torch.Tensor:
         """One row per slot, all slots in one call: ids [S, 1 + rvq], positions [S] -> hidden [S, hidden].
 
-        Slot s writes its row at ``positions[s]`` and attends to keys 0..positions[s] among the
-        first ``attend_length`` cache rows, so its result does not depend on the other slots.
+        Slot s writes its row at ``positions[s]`` and attends to its keys 0..positions[s].
+        ``spans``: (first slot, end slot, key rows) runs that cover the slots in order; a run's
+        attention reads its first ``key rows`` cache rows (more than any of its positions). A
+        slot's result depends on its own rows and its run's length only: attention kernels sum
+        over the rows they read in an order that may depend on their count, so a slot that must
+        not depend on its neighbours gets a length that depends on itself alone.
         """
         layers = self._layers()
         slots = ids.shape[0]
         x = self._embed_fast(ids)[:, None]
         cos = cache.cos[positions].view(slots, 1, 1, -1)
         sin = cache.sin[positions].view(slots, 1, 1, -1)
-        mask = (cache.key_positions[None, :attend_length] <= positions[:, None]).view(
-            slots, 1, 1, attend_length
-        )
+        widest = max(length for _, _, length in spans)
+        mask = (cache.key_positions[None, :widest] <= positions[:, None]).view(slots, 1, 1, widest)
         rows = cache.slot_index
         for index, layer in enumerate(layers):
             q, k, v = layer.project(x, cos, sin)
@@ -212,10 +220,17 @@ class MossTTSRealtime(nn.Module):
             values = cache.values[index]
             keys[rows, :, positions] = k[:, 0]
             values[rows, :, positions] = v[:, 0]
-            out = attend(
-                q, keys[:, :, :attend_length], values[:, :, :attend_length], mask, self.attention_kind
-            )
-            x = layer.finish(x, out)
+            parts = [
+                attend(
+                    q[first:end],
+                    keys[first:end, :, :length],
+                    values[first:end, :, :length],
+                    mask[first:end, :, :, :length],
+                    self.attention_kind,
+                )
+                for first, end, length in spans
+            ]
+            x = layer.finish(x, parts[0] if len(parts) == 1 else torch.cat(parts))
         return self._final_norm(x[:, 0])
 
     def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
