@@ -7,7 +7,7 @@ topic                                           direction    payload
 =============================================  ===========  =========================================
 ``<root>/c/<client>/request``                   client->any  JSON session request (shared subscription)
 ``<root>/c/<client>/event``                     worker->cl.  JSON events not tied to a session (errors)
-``<root>/c/<client>/status``                    client will  JSON ``{"online": false}`` (client died)
+``<root>/c/<client>/status``                    client will  JSON ``{"online": false, "instance"}`` (died)
 ``<root>/c/<client>/s/<session>/up/audio``      client->wk.  audio packet (header + Opus or PCM16)
 ``<root>/c/<client>/s/<session>/up/control``    client->wk.  JSON control (interrupt, text, close)
 ``<root>/c/<client>/s/<session>/down/audio``    worker->cl.  audio packet
@@ -15,8 +15,8 @@ topic                                           direction    payload
 ``<root>/w/<worker>/status``                    worker will  JSON ``{"worker", "online"}``
 =============================================  ===========  =========================================
 
-Everything a client may touch is under ``<root>/c/<its username>/``, so one mosquitto ACL pattern
-(``pattern readwrite moss/v1/c/%u/#``) isolates clients; workers read ``$share/<group>/<root>/c/+/request``.
+Everything a client may touch is under ``<root>/c/<its username>/``, so per-device broker roles
+isolate clients (docs/mosquitto/); workers read ``$share/<group>/<root>/c/+/request``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 import re
 import struct
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +41,6 @@ DEFAULT_ROOT = "moss/v1"
 CODECS = ("opus", "pcm16")
 OPUS_RATES = (8_000, 12_000, 16_000, 24_000, 48_000)
 FRAME_S = 0.02
-MAX_JSON_BYTES = 65_536
 MAX_AUDIO_BYTES = 65_536
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _MAGIC = b"MA"
@@ -126,13 +127,20 @@ class AudioHeader:
 
 
 def encode_audio_packet(header: AudioHeader, payload: bytes) -> bytes:
-    return _HEADER.pack(_MAGIC, _VERSION, _CODEC_IDS[header.codec], header.sample_rate, header.seq, header.turn_id) + payload
+    return (
+        _HEADER.pack(
+            _MAGIC, _VERSION, _CODEC_IDS[header.codec], header.sample_rate, header.seq, header.turn_id
+        )
+        + payload
+    )
 
 
 def decode_audio_packet(data: bytes) -> tuple[AudioHeader, bytes]:
     """Split and validate a packet; TransportError says what is wrong with a malformed one."""
     if len(data) < HEADER_BYTES:
-        raise TransportError(f"audio packet of {len(data)} bytes is shorter than the {HEADER_BYTES}-byte header")
+        raise TransportError(
+            f"audio packet of {len(data)} bytes is shorter than the {HEADER_BYTES}-byte header"
+        )
     if len(data) > MAX_AUDIO_BYTES:
         raise TransportError(f"audio packet of {len(data)} bytes is larger than {MAX_AUDIO_BYTES}")
     magic, version, codec_id, rate, seq, turn_id = _HEADER.unpack_from(data)
@@ -150,7 +158,11 @@ def decode_audio_packet(data: bytes) -> tuple[AudioHeader, bytes]:
 def check_audio_format(codec: object, sample_rate: object) -> tuple[str, int]:
     if codec not in CODECS:
         raise TransportError(f"codec {codec!r} is not supported; use one of {list(CODECS)}")
-    if not isinstance(sample_rate, int) or isinstance(sample_rate, bool) or not 8_000 <= sample_rate <= 48_000:
+    if (
+        not isinstance(sample_rate, int)
+        or isinstance(sample_rate, bool)
+        or not 8_000 <= sample_rate <= 48_000
+    ):
         raise TransportError(f"sample_rate {sample_rate!r} must be an integer from 8000 to 48000")
     if codec == "opus" and sample_rate not in OPUS_RATES:
         raise TransportError(f"opus needs a sample_rate in {list(OPUS_RATES)}, got {sample_rate}")
@@ -224,6 +236,10 @@ class AudioDecoder:
     def decode(self, data: bytes) -> tuple[FloatArray, AudioHeader]:
         """One packet -> (pcm [n] float32, header); pcm is empty for a duplicate or late packet."""
         header, payload = decode_audio_packet(data)
+        return self.decode_payload(header, payload), header
+
+    def decode_payload(self, header: AudioHeader, payload: bytes) -> FloatArray:
+        """The payload of a packet already split by ``decode_audio_packet`` -> pcm [n] float32."""
         if header.codec != self.codec or header.sample_rate != self.sample_rate:
             raise TransportError(
                 f"audio packet is {header.codec}/{header.sample_rate} Hz but the session uses "
@@ -233,12 +249,12 @@ class AudioDecoder:
         if self._last_seq is not None:
             ahead = (header.seq - self._last_seq) & 0xFFFFFFFF
             if ahead == 0 or ahead > 0x7FFFFFFF:
-                return empty, header
+                return empty
             self.lost_packets += ahead - 1
         self._last_seq = header.seq
         if self._opus is None:
-            return pcm16_to_float(payload), header
-        return self._decode_opus(payload), header
+            return pcm16_to_float(payload)
+        return self._decode_opus(payload)
 
     def _decode_opus(self, payload: bytes) -> FloatArray:
         av = require("av", "mqtt")
@@ -262,26 +278,87 @@ def encode_json(message: JsonDict) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode()
 
 
-def decode_json(data: bytes, what: str = "message") -> JsonDict:
-    """A JSON object from ``data``; TransportError for anything else or anything over 64 KiB."""
-    if len(data) > MAX_JSON_BYTES:
-        raise TransportError(f"{what} is larger than {MAX_JSON_BYTES} bytes")
-    try:
-        message = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise TransportError(f"{what} is not valid JSON") from None
-    if not isinstance(message, dict):
-        raise TransportError(f"{what} must be a JSON object")
-    return message
+@dataclass(frozen=True)
+class SessionRequest:
+    session: str
+    codec: str
+    sample_rate: int
+    instance: str | None = None
+    """The requesting client connection's id: its last will ends only its own sessions."""
 
 
-def parse_session_request(message: JsonDict) -> tuple[str, str, int]:
-    """``{"type": "session.request", "session", "codec", "sample_rate"}`` -> (session, codec, rate)."""
+def parse_session_request(message: JsonDict) -> SessionRequest:
+    """``{"type": "session.request", "session", "codec", "sample_rate", "instance"?}``."""
     if message.get("type") != "session.request":
         raise TransportError("a request must have type 'session.request'")
     session = check_name(message.get("session"), "session id")
     codec, rate = check_audio_format(message.get("codec", "opus"), message.get("sample_rate", 24_000))
-    return session, codec, rate
+    instance = message.get("instance")
+    return SessionRequest(
+        session, codec, rate, None if instance is None else check_name(instance, "instance id")
+    )
+
+
+def parse_client_status(message: JsonDict) -> tuple[bool, str | None]:
+    """A device's ``status`` (its last will): ``{"online": bool, "instance"?: id}`` -> (online, instance)."""
+    online = message.get("online")
+    if not isinstance(online, bool):
+        raise TransportError("a client status needs a boolean 'online' field")
+    instance = message.get("instance")
+    return online, None if instance is None else check_name(instance, "instance id")
+
+
+_OPUS_FRAME_S = (0.010, 0.020, 0.040, 0.060)  # SILK configs 0-11, by config % 4
+_CELT_FRAME_S = (0.0025, 0.005, 0.010, 0.020)  # CELT configs 16-31
+
+
+def packet_seconds(header: AudioHeader, payload: bytes) -> float:
+    """How much audio a packet claims to carry, without decoding it (RFC 6716 3.1 for Opus).
+
+    Rate limits count this, so a sender cannot pass six times the audio in 120 ms Opus packets.
+    A malformed Opus packet counts as one 20 ms frame; its decoder rejects it afterwards.
+    """
+    if header.codec == "pcm16":
+        return len(payload) / 2 / max(header.sample_rate, 1)
+    if not payload:
+        return FRAME_S
+    config, code = payload[0] >> 3, payload[0] & 3
+    if config < 12:
+        frame_s = _OPUS_FRAME_S[config % 4]
+    elif config < 16:
+        frame_s = 0.010 if config % 2 == 0 else 0.020
+    else:
+        frame_s = _CELT_FRAME_S[config % 4]
+    frames = 1 if code == 0 else 2 if code in (1, 2) else max(1, payload[1] & 0x3F if len(payload) > 1 else 1)
+    return min(frame_s * frames, 0.120)
+
+
+class TokenBucket:
+    """At most ``rate`` units per second on average and ``burst`` at once (units: audio seconds, events)."""
+
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if rate <= 0 or burst <= 0:
+            raise ConfigError(f"a rate limit needs a positive rate and burst, got {rate} and {burst}")
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._tokens = burst
+        self._at = clock()
+
+    def admit(self, cost: float = 1.0) -> bool:
+        """Take ``cost`` if available; False (nothing taken) when over the limit."""
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens < cost:
+            return False
+        self._tokens -= cost
+        return True
+
+    @property
+    def full(self) -> bool:
+        """True once the sender has stayed under the rate long enough to refill the whole burst."""
+        return self._tokens + (self._clock() - self._at) * self.rate >= self.burst
 
 
 def check_topic_root(root: str) -> str:

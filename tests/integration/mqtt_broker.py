@@ -1,8 +1,12 @@
-"""A real mosquitto broker for tests: 127.0.0.1, a free port, a password file and per-client topic ACLs."""
+"""A real mosquitto broker for tests, configured by docs/mosquitto/mosquitto.conf: 127.0.0.1, a free
+port, and users with per-device roles in a dynamic-security file (moss_agent.transports.mqtt_acl)."""
 
 from __future__ import annotations
 
 import contextlib
+import glob
+import json
+import re
 import socket
 import subprocess
 import time
@@ -10,16 +14,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from system_requirements import MOSQUITTO, find_binary, require
+import pytest
+from system_requirements import MOSQUITTO, require
 
-# Workers may use every topic; a client only its own subtree, plus reading worker liveness.
-ACL = """\
-user worker
-topic readwrite moss/v1/#
+from moss_agent.transports.mqtt_acl import dynsec_config
 
-pattern readwrite moss/v1/c/%u/#
-pattern read moss/v1/w/+/status
-"""
+SHIPPED_CONFIG = Path(__file__).resolve().parents[2] / "docs" / "mosquitto" / "mosquitto.conf"
+DYNSEC_PLUGIN = "mosquitto_dynamic_security.so"
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Broker:
     host: str
     port: int
     passwords: dict[str, str]
+    log: Path
 
 
 def _free_port() -> int:
@@ -35,45 +37,68 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@contextlib.contextmanager
-def run_broker(tmp: Path, users: dict[str, str]) -> Iterator[Broker]:
-    require(MOSQUITTO)
-    mosquitto, mosquitto_passwd = MOSQUITTO.path, find_binary("mosquitto_passwd")
-    assert mosquitto is not None and mosquitto_passwd is not None
-    password_file = tmp / "passwd"
-    for i, (user, password) in enumerate(users.items()):
-        args = [mosquitto_passwd, "-b", *(["-c"] if i == 0 else []), str(password_file), user, password]
-        subprocess.run(args, check=True, capture_output=True)
-    password_file.chmod(0o600)
-    (tmp / "acl").write_text(ACL)
-    (tmp / "acl").chmod(0o600)
-    port = _free_port()
-    config = tmp / "mosquitto.conf"
-    config.write_text(
-        f"listener {port} 127.0.0.1\n"
-        "allow_anonymous false\n"
-        f"password_file {password_file}\n"
-        f"acl_file {tmp / 'acl'}\n"
-        "persistence false\n"
-        "log_dest stderr\n"
+def _dynsec_plugin() -> str:
+    """The plugin's path on this machine (the shipped config names Debian's amd64 one)."""
+    for pattern in (
+        f"/usr/lib/*/{DYNSEC_PLUGIN}",
+        f"/usr/lib/{DYNSEC_PLUGIN}",
+        f"/usr/local/lib/{DYNSEC_PLUGIN}",
+    ):
+        found = sorted(glob.glob(pattern))
+        if found:
+            return found[0]
+    pytest.skip(
+        f"the mosquitto dynamic-security plugin ({DYNSEC_PLUGIN}) is missing; install the Debian package mosquitto"
+    )
+
+
+def broker_config(port: int, plugin: str, dynsec_file: Path) -> str:
+    """docs/mosquitto/mosquitto.conf with this machine's listener, paths and test logging."""
+    text = SHIPPED_CONFIG.read_text()
+    for key, value in (
+        ("listener", f"{port} 127.0.0.1"),
+        ("plugin", plugin),
+        ("plugin_opt_config_file", str(dynsec_file)),
+    ):
+        text, count = re.subn(rf"^{key} .*$", f"{key} {value}", text, flags=re.M)
+        assert count == 1, f"{SHIPPED_CONFIG} should set {key} once"
+    return text + (
+        "\n# tests\npersistence false\nlog_dest stderr\n"
         "log_type error\nlog_type warning\nlog_type notice\n"
-        "max_keepalive 60\n"
         # mosquitto started as root drops to the 'mosquitto' user, which cannot read our temp files.
         "user root\n"
     )
-    log = (tmp / "mosquitto.log").open("wb")
-    proc = subprocess.Popen([mosquitto, "-c", str(config)], stdout=log, stderr=subprocess.STDOUT)
+
+
+@contextlib.contextmanager
+def run_broker(tmp: Path, users: dict[str, str], workers: tuple[str, ...] = ("worker",)) -> Iterator[Broker]:
+    """mosquitto on a free port; ``workers`` are worker users, every other user is a device."""
+    require(MOSQUITTO)
+    mosquitto = MOSQUITTO.path
+    assert mosquitto is not None
+    dynsec_file = tmp / "dynamic-security.json"
+    config = dynsec_config(
+        {u: p for u, p in users.items() if u in workers}, {u: p for u, p in users.items() if u not in workers}
+    )
+    dynsec_file.write_text(json.dumps(config))
+    dynsec_file.chmod(0o600)
+    port = _free_port()
+    config_file = tmp / "mosquitto.conf"
+    config_file.write_text(broker_config(port, _dynsec_plugin(), dynsec_file))
+    log_path = tmp / "mosquitto.log"
+    log = log_path.open("wb")
+    proc = subprocess.Popen([mosquitto, "-c", str(config_file)], stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 10
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited: {(tmp / 'mosquitto.log').read_text()}")
+                raise RuntimeError(f"mosquitto exited: {log_path.read_text()}")
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError("mosquitto did not start listening within 10 s")
             time.sleep(0.05)
-        yield Broker("127.0.0.1", port, dict(users))
+        yield Broker("127.0.0.1", port, dict(users), log_path)
     finally:
         proc.terminate()
         try:

@@ -67,21 +67,27 @@ async def test_a_client_cannot_read_or_write_another_clients_topics(broker: Brok
             protocol=aiomqtt.ProtocolVersion.V5,
         )  # fmt: skip
         async with spy:
-            # mosquitto may grant the SUBACK; its ACL then filters every delivery, which is what matters.
-            await spy.subscribe(TOPICS.down_audio("dev1", session.id), qos=0)
-            await spy.subscribe("moss/v1/c/+/request", qos=0)
-            await spy.subscribe("moss/v1/#", qos=0)
-            await spy.subscribe(TOPICS.client_event("dev2"), qos=1)
+            # The broker refuses every subscription outside the spy's own subtree, the workers' shared
+            # subscription included (docs/mosquitto/: the dynamic-security plugin checks subscriptions).
+            for forbidden in (
+                TOPICS.down_audio("dev1", session.id), "moss/v1/c/+/request", "moss/v1/#",
+                TOPICS.shared_requests("moss-workers"),
+            ):  # fmt: skip
+                [code] = await spy.subscribe(forbidden, qos=0)
+                assert code.is_failure, f"{forbidden} was granted"
+            await spy.subscribe(TOPICS.down_filter("dev2"), qos=1)
             # The victim hears its agent while the spy listens ...
             async for _ in session.audio:
                 break
-            # ... and the spy's own marker, published after that, is the only thing it ever receives.
-            await spy.publish(TOPICS.client_event("dev2"), b'{"type":"marker"}', qos=1)
+            # ... and the answer to the spy's own request, published after that, is the first thing it gets.
+            request = b'{"type":"session.request","session":"spy1","codec":"pcm16","sample_rate":24000}'
+            await spy.publish(TOPICS.request("dev2"), request, qos=1)
             # A forged control message in the victim's name is dropped by the broker.
             await spy.publish(TOPICS.up_control("dev1", session.id), b'{"type":"close"}', qos=1)
             async for message in spy.messages:
-                assert str(message.topic) == TOPICS.client_event("dev2"), f"leaked {message.topic}"
+                assert str(message.topic) == TOPICS.down_event("dev2", "spy1"), f"leaked {message.topic}"
                 break
+            await spy.publish(TOPICS.up_control("dev2", "spy1"), b'{"type":"close"}', qos=1)
         await session.send_control({"type": "text", "text": "report"})
         assert (await next_event(session, "report"))["type"] == "report"
         assert not session.ended.is_set()

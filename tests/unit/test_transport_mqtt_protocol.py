@@ -11,9 +11,9 @@ from moss_agent.transports.mqtt_protocol import (
     AudioDecoder,
     AudioEncoder,
     AudioHeader,
+    SessionRequest,
     Topics,
     decode_audio_packet,
-    decode_json,
     encode_audio_packet,
     parse_session_request,
 )
@@ -70,16 +70,12 @@ def test_opus_round_trip_keeps_the_tone_and_counts_losses() -> None:
     assert abs(np.argmax(spectrum) * 24_000 / len(out[4800:]) - 440) < 5
 
 
-def test_json_and_session_request_validation() -> None:
-    with pytest.raises(TransportError, match="JSON"):
-        decode_json(b"{nope")
-    with pytest.raises(TransportError, match="object"):
-        decode_json(b"[1]")
-    assert parse_session_request({"type": "session.request", "session": "abc", "codec": "pcm16", "sample_rate": 16000}) == (
-        "abc",
-        "pcm16",
-        16000,
-    )
+def test_session_request_validation() -> None:
+    request = {"type": "session.request", "session": "abc", "codec": "pcm16", "sample_rate": 16000}
+    assert parse_session_request(request) == SessionRequest("abc", "pcm16", 16000)
+    assert parse_session_request({**request, "instance": "app2"}).instance == "app2"
+    with pytest.raises(TransportError, match="instance id"):
+        parse_session_request({**request, "instance": "a/+"})
     with pytest.raises(TransportError, match="opus needs"):
         parse_session_request({"type": "session.request", "session": "abc", "codec": "opus", "sample_rate": 22050})
     with pytest.raises(TransportError, match="session id"):
