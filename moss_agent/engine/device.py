@@ -176,7 +176,7 @@ class DeviceThread:
         with self._wakeup:
             if self._failure is not None:
                 return self._failure
-            log.error("device thread failed", extra={"thread": self.name}, exc_info=exc)
+            log.error("device thread failed", extra={"device_thread": self.name}, exc_info=exc)
             error = EngineError(
                 f"the device thread {self.name!r} failed ({type(exc).__name__}: {exc}); every turn on it "
                 "ended, and the engine must be restarted"
