@@ -131,10 +131,7 @@ class RealtimeEngine:
         self._decode_step = compile_step(codec.decode_step) if self.config.compile else codec.decode_step
         self._streams: list[EngineStream | None] = [None] * self.config.num_slots
         self._turn_serial = [0] * self.config.num_slots
-        # Context layout per slot, for trimming long conversations: rows of the system/voice prefix,
-        # and the row where each kept turn starts.
-        self._prefix_rows = [0] * self.config.num_slots
-        self._turn_starts: list[list[int]] = [[] for _ in range(self.config.num_slots)]
+        # Rows a turn may add; before each turn the generator drops the oldest turns to leave them.
         self.turn_reserve_rows = min(self.config.max_frames_per_turn + 256, self.config.max_context // 2)
         self._free_slots = deque(range(self.config.num_slots))
         self._waiters: deque[asyncio.Future[int]] = deque()
@@ -345,17 +342,13 @@ class RealtimeEngine:
         if voice_codes is not None and voice_codes.shape[0] == 0:
             raise ConfigError("the voice prompt is shorter than one codec frame (80 ms)")
         self.generator.start_conversation(slot, system_prompt, voice_codes)
-        self._prefix_rows[slot] = self.generator.prompts.system_rows(system_prompt, voice_codes).shape[0]
-        self._turn_starts[slot] = []
 
     def _start_turn(self, slot: int, stream: EngineStream, user: UserTurn | None) -> None:
         codes = None
         if user is not None and user.audio is not None and len(user.audio):
             codes = self._encode(user.audio, user.sample_rate)
             codes = codes if codes.shape[0] else None
-        self._make_room(slot)
-        starts = self._turn_starts[slot]
-        starts.append(self.generator.context_length(slot) if starts else self._prefix_rows[slot])
+        self.generator.trim_context(slot, self.config.max_context - self.turn_reserve_rows)
         self.generator.start_turn(
             slot,
             user_text=None if user is None else user.text,
@@ -367,30 +360,6 @@ class RealtimeEngine:
         self._turn_serial[slot] += 1
         stream.serial = self._turn_serial[slot]
         self._streams[slot] = stream
-
-    def _make_room(self, slot: int) -> None:
-        """Drop the oldest turns (never the system/voice prefix) so a new turn fits the context.
-
-        A turn may add up to ``turn_reserve_rows`` rows; when the context is fuller than that, the
-        fewest oldest turns are cut and the rest is fed again (one prefill, rarely).
-        """
-        gen, starts, prefix = self.generator, self._turn_starts[slot], self._prefix_rows[slot]
-        length = gen.context_length(slot)
-        budget = self.config.max_context - self.turn_reserve_rows
-        if length <= budget or not starts:
-            return
-        rows = gen.context_rows(slot)
-        keep_from = next((s for s in starts[1:] if prefix + length - s <= budget), None)
-        if keep_from is None:  # even the last turn alone is too long: keep only the prefix
-            gen.restore_context(slot, rows[:prefix])
-            self._turn_starts[slot] = []
-        else:
-            gen.restore_context(slot, torch.cat([rows[:prefix], rows[keep_from:]]), keep_pending=True)
-            self._turn_starts[slot] = [prefix + s - keep_from for s in starts if s >= keep_from]
-        log.info(
-            "trimmed conversation context",
-            extra={"slot": slot, "rows_before": length, "rows_after": gen.context_length(slot)},
-        )
 
     def _push_text(self, slot: int, stream: EngineStream, delta: str) -> None:
         if self._streams[slot] is stream and self.generator.turn_running(slot):

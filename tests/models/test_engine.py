@@ -181,7 +181,7 @@ async def test_long_conversations_drop_old_turns_but_keep_the_prefix(tiny_realti
     async with make_engine(tiny_realtime_dir, codec, max_context=320, max_frames_per_turn=16) as engine:
         conversation = await engine.open_conversation(system_prompt="You are a calm narrator.")
         generator, slot = engine.generator, conversation.slot
-        prefix_rows = engine._prefix_rows[slot]
+        prefix_rows = generator.context_layout(slot).prefix_rows
         lengths, prefix = [], None
         for turn in range(14):
             chunks = await speak(conversation, f"Turn number {turn}, a few words.", turn + 1,
