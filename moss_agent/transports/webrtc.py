@@ -21,7 +21,7 @@ import json
 import logging
 import re
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,8 @@ from moss_agent.transports.connection import (
     parse_control,
 )
 from moss_agent.transports.playback import FramePacer, PlaybackBuffer
+from moss_agent.transports.webrtc_http import ConnectionGuard, HttpError, HttpLimits, error_middleware
+from moss_agent.wire import decode_json_object
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -51,6 +53,12 @@ WEB_DIR = Path(__file__).with_name("web")
 LOOPBACK = "127.0.0.1"
 _CANDIDATE = re.compile(r"^a=candidate:\S+ \d+ \S+ \d+ (\S+) \d+ typ", re.IGNORECASE)
 _EVENT_BACKLOG = 256
+_CONGESTED_BYTES = 256 * 1024
+_SDP_CONTROL_CHAR = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+MAX_SDP_CHARS = 32 * 1024
+MAX_MEDIA_SECTIONS = 8
+MAX_CLIENT_ID_CHARS = 128
+MAX_CONTROL_BYTES = 64 * 1024
 
 
 def restrict_ice_to_loopback() -> None:
@@ -158,7 +166,15 @@ class EventChannel:
 
         self._drain()
 
+    @property
+    def attached(self) -> bool:
+        return self._channel is not None
+
     async def send(self, message: JsonDict) -> None:
+        self.post(message)
+
+    def post(self, message: JsonDict) -> None:
+        """Send without waiting (the channel buffers)."""
         self._backlog.append(json.dumps(message))
         self._drain()
 
@@ -168,12 +184,51 @@ class EventChannel:
         channel = self._channel
         return bool(self._backlog) or (channel is not None and channel.bufferedAmount > 0)
 
+    @property
+    def congested(self) -> bool:
+        """The client is not reading what it is sent; replies to its own bad messages are then dropped
+        rather than buffered without bound."""
+        channel = self._channel
+        return len(self._backlog) >= _EVENT_BACKLOG // 2 or (
+            channel is not None and channel.bufferedAmount > _CONGESTED_BYTES
+        )
+
     def _drain(self) -> None:
         channel = self._channel
         if channel is None or channel.readyState != "open":
             return
         while self._backlog:
             channel.send(self._backlog.popleft())
+
+
+def parse_offer(body: JsonDict) -> str:
+    """The SDP of a signaling request ``{"type": "offer", "sdp": "v=0..."}``, checked before aiortc
+    parses it (aiortc's parser is not written for hostile input); TransportError says what is wrong."""
+    sdp = body.get("sdp")
+    if body.get("type") != "offer" or not isinstance(sdp, str):
+        raise TransportError('expected JSON {"type": "offer", "sdp": "v=0..."}')
+    if len(sdp) > MAX_SDP_CHARS:
+        raise TransportError(f"the offer's SDP has {len(sdp)} characters; at most {MAX_SDP_CHARS} are accepted")
+    if not sdp.startswith("v=0"):
+        raise TransportError("the offer's SDP must start with 'v=0'")
+    if not sdp.isascii():
+        raise TransportError("the offer's SDP must be ASCII text")
+    control = _SDP_CONTROL_CHAR.search(sdp)
+    if control is not None:
+        raise TransportError(f"the offer's SDP holds control character {control.group()!r} at {control.start()}")
+    media = [line for line in sdp.splitlines() if line.startswith("m=")]
+    if len(media) > MAX_MEDIA_SECTIONS:
+        raise TransportError(f"the offer has {len(media)} m-lines; at most {MAX_MEDIA_SECTIONS} are accepted")
+    if not any(line.startswith("m=audio ") for line in media):
+        raise TransportError("the offer has no audio m-line; add an audio transceiver or track")
+    return sdp
+
+
+def _client_id(request: web.Request) -> str:
+    client = request.query.get("client", "")
+    if len(client) > MAX_CLIENT_ID_CHARS or not client.isprintable():
+        raise TransportError(f"'client' must be printable text of at most {MAX_CLIENT_ID_CHARS} characters")
+    return client
 
 
 def _bearer_token(request: web.Request) -> str:
@@ -215,9 +270,13 @@ class WebRTCServer:
 
     ``token=None`` disables authentication (only sensible on 127.0.0.1). ``loopback_only`` keeps ICE
     on 127.0.0.1 (tests, local demos); ``ice_servers`` is a list of ``aiortc.RTCIceServer`` (STUN/
-    TURN) for real networks and defaults to none. A peer whose media has not connected within
-    ``connect_timeout_s`` of its offer is hung up, so abandoned offers do not hold handlers. ``input_rate`` is the rate ``conn.input`` yields;
+    TURN) for real networks and defaults to none. ``input_rate`` is the rate ``conn.input`` yields;
     ``output_rate`` the rate ``conn.output`` advertises (any rate is accepted and resampled to 48 kHz).
+
+    Limits: at most ``max_peers`` peers at once, counted from the moment an offer is accepted until
+    everything started for it is released; the handler runs only once a peer's media connects, and a
+    peer not connected within ``connect_timeout_s`` of its offer is hung up. ``http_limits`` bounds
+    the HTTP side (header and body deadlines, connections per address), ``max_offer_bytes`` the body.
     """
 
     def __init__(
@@ -236,6 +295,7 @@ class WebRTCServer:
         playback_buffer_s: float = 1.0,
         handler_grace_s: float = 2.0,
         connect_timeout_s: float = 30.0,
+        http_limits: HttpLimits | None = None,
     ) -> None:
         if token is not None and not token:
             raise ConfigError("token must be a non-empty string, or None to disable authentication")
@@ -252,7 +312,9 @@ class WebRTCServer:
         self._playback_buffer_s = playback_buffer_s
         self._grace_s = handler_grace_s
         self._connect_timeout_s = connect_timeout_s
+        self._guard = ConnectionGuard(http_limits or HttpLimits())
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
         self._peers: dict[str, _Peer] = {}
         self._ids = itertools.count(1)
         self.port = port
@@ -263,7 +325,18 @@ class WebRTCServer:
 
     @property
     def connections(self) -> list[Connection]:
-        return [peer.conn for peer in self._peers.values()]
+        """The peers being served (not those hanging up)."""
+        return [peer.conn for peer in self._peers.values() if not peer.closing]
+
+    @property
+    def peers_held(self) -> int:
+        """Peers holding resources, from their accepted offer until everything they started is released."""
+        return len(self._peers)
+
+    @property
+    def http_connections(self) -> int:
+        """Open HTTP connections (signaling and page), as the connection guard counts them."""
+        return self._guard.open_connections
 
     async def start(self) -> str:
         """Bind and serve; returns the page URL."""
@@ -271,27 +344,39 @@ class WebRTCServer:
         require("aiortc", "webrtc")
         if self._loopback_only:
             restrict_ice_to_loopback()
-        app = web.Application(client_max_size=self._max_offer_bytes)
+        app = web.Application(client_max_size=self._max_offer_bytes, middlewares=[error_middleware()])
         app.router.add_get("/", self._page)
         app.router.add_get("/app.js", self._script)
         app.router.add_post("/offer", self._offer)
         app.router.add_get("/ice", self._ice)
-        self._runner = web.AppRunner(app, access_log=None)
+        # aiohttp's keep-alive timer closes a connection waiting for a complete request: with the
+        # header deadline as its period it bounds every request's headers after the first.
+        self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=self._guard.limits.header_timeout_s)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port)
-        await site.start()
-        server = site._server
-        if server is not None and getattr(server, "sockets", None):
-            self.port = server.sockets[0].getsockname()[1]
+        aiohttp_server = self._runner.server
+        assert aiohttp_server is not None  # set by setup()
+        self._listener = await asyncio.get_running_loop().create_server(
+            self._guard.protocol_factory(aiohttp_server), self._host, self._port
+        )
+        self.port = self._listener.sockets[0].getsockname()[1]
         logger.info("webrtc server listening", extra={"url": self.url})
         return self.url
 
     async def stop(self) -> None:
-        """Hang up every peer (their handlers are cancelled after the grace period) and stop serving."""
-        await asyncio.gather(*(peer.close() for peer in list(self._peers.values())), return_exceptions=True)
+        """Stop accepting, hang up every peer (their handlers are cancelled after the grace period)
+        and close every HTTP connection."""
+        if self._listener is not None:
+            self._listener.close()
+        results = await asyncio.gather(*(peer.close() for peer in list(self._peers.values())), return_exceptions=True)
+        for result in results:
+            if isinstance(result, Exception):
+                logger.error("peer did not close cleanly", exc_info=result)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._listener is not None:
+            await self._listener.wait_closed()
+            self._listener = None
 
     async def __aenter__(self) -> WebRTCServer:
         await self.start()
@@ -315,61 +400,63 @@ class WebRTCServer:
         """The STUN/TURN servers the page's RTCPeerConnection should use, in the browser's
         ``iceServers`` form; behind the token because TURN credentials are secrets."""
         aio_web: Any = require("aiohttp.web", "webrtc")
-        if not self._authorized(request):
-            return aio_web.json_response(error_event("missing or wrong token", code="unauthorized"), status=401)
+        self._check_token(request)
         servers = [ice_server_json(server) for server in self._ice_servers]
         response: web.StreamResponse = aio_web.json_response({"iceServers": servers})
         return response
 
-    def _authorized(self, request: web.Request) -> bool:
-        return self._token is None or hmac.compare_digest(_bearer_token(request).encode(), self._token.encode())
+    def _check_token(self, request: web.Request) -> None:
+        if self._token is not None and not hmac.compare_digest(_bearer_token(request).encode(), self._token.encode()):
+            raise HttpError(401, "missing or wrong token")
 
     async def _offer(self, request: web.Request) -> web.StreamResponse:
-        response: web.StreamResponse = await self._answer_offer(request)
+        """Signaling. The token, the body's size and arrival time, its JSON, the SDP and the peer limit
+        are all checked before anything is started for the offer; refusals are JSON errors
+        (error_middleware)."""
+        aio_web: Any = require("aiohttp.web", "webrtc")
+        self._check_token(request)
+        body = decode_json_object(await self._read_body(request), what="the offer body", max_bytes=self._max_offer_bytes)
+        sdp = parse_offer(body)
+        client_id = _client_id(request)
+        # The limit check and the registration happen with no await between them, so concurrent
+        # offers cannot all pass the check before any of them is counted.
+        if len(self._peers) >= self._max_peers:
+            raise HttpError(503, f"the server is at its limit of {self._max_peers} peers; retry later", code="busy")
+        peer = _Peer(self, f"rtc-{next(self._ids)}", client_id)
+        self._peers[peer.conn.id] = peer
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                answer = await peer.answer(sdp)
+        except TransportError:
+            peer.begin_close()
+            raise
+        except TimeoutError:
+            peer.begin_close()
+            raise HttpError(503, "the offer could not be answered in time; retry later", code="busy") from None
+        except asyncio.CancelledError:
+            peer.begin_close()
+            raise
+        except Exception as exc:  # aiortc raises many kinds on SDP it cannot use
+            logger.info("offer rejected", extra={"reason": repr(exc)[:200]})
+            peer.begin_close()
+            raise HttpError(400, f"the offer could not be used: {str(exc)[:200]}") from None
+        response: web.StreamResponse = aio_web.json_response(answer)
         return response
 
-    async def _answer_offer(self, request: web.Request) -> Any:
-        web: Any = require("aiohttp.web", "webrtc")
-        if not self._authorized(request):
-            return web.json_response(error_event("missing or wrong token", code="unauthorized"), status=401)
+    async def _read_body(self, request: web.Request) -> bytes:
+        declared = request.content_length
+        if declared is not None and declared > self._max_offer_bytes:
+            raise HttpError(413, f"the body is {declared} bytes; at most {self._max_offer_bytes} are accepted")
+        timeout_s = self._guard.limits.body_timeout_s
         try:
-            body = await request.json()
-        except web.HTTPRequestEntityTooLarge:
-            return web.json_response(
-                error_event(f"offer larger than {self._max_offer_bytes} bytes", code="too_large"), status=413
-            )
-        except (ValueError, UnicodeDecodeError):
-            return web.json_response(error_event("the body is not JSON"), status=400)
-        if (
-            not isinstance(body, dict)
-            or body.get("type") != "offer"
-            or not isinstance(body.get("sdp"), str)
-            or not body["sdp"].startswith("v=0")
-        ):
-            return web.json_response(
-                error_event('expected JSON {"type": "offer", "sdp": "v=0..."}'), status=400
-            )
-        if len(self._peers) >= self._max_peers:
-            return web.json_response(
-                error_event("server is at its peer limit; retry later", code="busy"), status=503
-            )
-        peer = _Peer(self, f"rtc-{next(self._ids)}", request.query.get("client", ""))
-        try:
-            answer = await peer.answer(body["sdp"])
-        except TransportError as exc:
-            await peer.close()
-            return web.json_response(error_event(str(exc)), status=400)
-        except Exception as exc:  # aiortc raises many kinds on bad SDP; none may take the server down
-            logger.info("offer rejected", extra={"reason": repr(exc)})
-            await peer.close()
-            return web.json_response(error_event(f"the offer could not be used: {exc}"), status=400)
-        self._peers[peer.conn.id] = peer
-        peer.start_handler()
-        return web.json_response(answer)
+            async with asyncio.timeout(timeout_s):
+                return await request.read()
+        except TimeoutError:
+            raise HttpError(408, f"the request body did not arrive within {timeout_s} s") from None
 
 
 class _Peer:
-    """One RTCPeerConnection, its Connection and the tasks that serve it."""
+    """One RTCPeerConnection, its Connection and the tasks that serve it; all of them end in ``close``."""
 
     def __init__(self, server: WebRTCServer, peer_id: str, client_id: str) -> None:
         aiortc = require("aiortc", "webrtc")
@@ -384,11 +471,17 @@ class _Peer:
         self.client_stats: JsonDict = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._handler_task: asyncio.Task[None] | None = None
-        self._closing = False
+        self._inbound_task: asyncio.Task[None] | None = None
+        self._close_task: asyncio.Task[None] | None = None
+        self._dropped_errors = 0
         self._connected = asyncio.Event()
         self._pc.on("datachannel", self._on_datachannel)
         self._pc.on("track", self._on_track)
         self._pc.on("connectionstatechange", self._on_state)
+
+    @property
+    def closing(self) -> bool:
+        return self._close_task is not None
 
     async def answer(self, offer_sdp: str) -> JsonDict:
         aiortc = require("aiortc", "webrtc")
@@ -402,18 +495,24 @@ class _Peer:
         audio[0].direction = "sendrecv"
         await self._pc.setLocalDescription(await self._pc.createAnswer())
         local = self._pc.localDescription
+        self._spawn(self._watch_connect(), "connect")
         return {"sdp": local.sdp, "type": local.type, "connection_id": self.conn.id}
-
-    def start_handler(self) -> None:
-        self._handler_task = self._spawn(self._run_handler(), f"webrtc-handler-{self.conn.id}")
-        self._spawn(self._watch_connect(), f"webrtc-connect-{self.conn.id}")
 
     async def _watch_connect(self) -> None:
         try:
             await asyncio.wait_for(self._connected.wait(), self._server._connect_timeout_s)
         except TimeoutError:
             logger.info("peer never connected; hanging up", extra={"connection": self.conn.id})
-            await self.close()
+            self.begin_close()
+
+    def _on_state(self) -> None:
+        state = self._pc.connectionState
+        if state == "connected" and self._handler_task is None and not self.closing:
+            # The handler (a Session, a VAD, an engine slot) starts only for a peer that connected.
+            self._connected.set()
+            self._handler_task = self._spawn(self._run_handler(), "handler")
+        elif state in ("failed", "closed"):
+            self.begin_close()
 
     async def _run_handler(self) -> None:
         try:
@@ -422,30 +521,36 @@ class _Peer:
             raise
         except Exception as exc:
             logger.exception("connection handler failed", extra={"connection": self.conn.id})
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # the channel may be gone already
                 await self.conn.send_event(error_event(f"the agent failed: {exc}", code="internal", fatal=True))
         finally:
-            self._spawn(self._close_when_flushed(), f"webrtc-close-{self.conn.id}")
+            if not self.closing:
+                self._spawn(self._close_when_flushed(), "flush")
 
     async def _close_when_flushed(self) -> None:
-        """Hang up once the handler's last events reached the network: its goodbye or refusal may
-        be sent before the client's data channel is even open. Bounded by the connect timeout
-        (the media must connect first) and then by the grace period."""
-        if self._events.pending and not self._closing:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._connected.wait(), self._server._connect_timeout_s)
-                async with asyncio.timeout(self._server._grace_s):
-                    while self._events.pending and not self._closing:
-                        await asyncio.sleep(0.02)
-        await self.close()
+        """Hang up once the handler's last events reached the network (its goodbye or refusal may be
+        sent before the client's data channel is even open), or after the grace period."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._server._grace_s):
+                while self._events.pending:
+                    await asyncio.sleep(0.02)
+        self.begin_close()
 
-    def _spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro, name=name)
+    def _spawn(self, coro: Coroutine[Any, Any, None], role: str) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro, name=f"webrtc-{role}-{self.conn.id}")
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
         return task
 
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("peer task failed", exc_info=task.exception(), extra={"task": task.get_name()})
+
     def _on_datachannel(self, channel: Any) -> None:
+        if self._events.attached:  # one control channel per peer; more would only multiply work
+            channel.close()
+            return
         self._events.attach(channel)
 
         @channel.on("message")  # type: ignore[untyped-decorator]
@@ -453,50 +558,79 @@ class _Peer:
             self._on_message(raw)
 
     def _on_message(self, raw: object) -> None:
+        """One data-channel message. Nothing it holds may escape: an exception raised here would end
+        aiortc's SCTP task, and with it this peer's data channel."""
         try:
-            if not isinstance(raw, str) or len(raw) > 65_536:
-                raise TransportError("control messages are JSON text of at most 64 KiB")
-            try:
-                message = json.loads(raw)
-            except ValueError:
-                raise TransportError("a control message is not valid JSON") from None
-            if isinstance(message, dict) and message.get("type") == "stats":
-                # Client-side figures (page playback energy, latency) kept for inspection, not control.
-                self.client_stats = message
-                self.conn.info["client_stats"] = message
-                return
-            control = parse_control(message)
-            self.conn.deliver_control(control)
-            if control["type"] == "close":
-                # The client is leaving: end input and control so the handler winds down.
-                self.input.close()
-                self.conn.mark_closed()
+            self._apply_message(raw)
         except TransportError as exc:
-            self._spawn(self.conn.send_event(error_event(str(exc))), f"webrtc-error-{self.conn.id}")
+            self._reply_error(str(exc), code="bad_request")
+        except Exception:
+            logger.exception("control message failed", extra={"connection": self.conn.id})
+            self._reply_error("the control message could not be handled; the server log says why", code="internal")
+
+    def _apply_message(self, raw: object) -> None:
+        if not isinstance(raw, str | bytes):
+            raise TransportError("control messages are JSON objects sent as text")
+        message = decode_json_object(raw, what="the control message", max_bytes=MAX_CONTROL_BYTES)
+        if message.get("type") == "stats":
+            # Client-side figures (page playback energy, latency) kept for inspection, not control.
+            self.client_stats = message
+            self.conn.info["client_stats"] = message
+            return
+        control = parse_control(message)
+        self.conn.deliver_control(control)
+        if control["type"] == "close":
+            # The client is leaving: end input and control so the handler winds down.
+            self.input.close()
+            self.conn.mark_closed()
+
+    def _reply_error(self, message: str, *, code: str) -> None:
+        if self.conn.closed.is_set():
+            return
+        if self._events.congested:
+            self._dropped_errors += 1
+            if self._dropped_errors == 1:
+                logger.warning("client is not reading; error replies dropped", extra={"connection": self.conn.id})
+            return
+        self._events.post(error_event(message, code=code))
 
     def _on_track(self, track: Any) -> None:
-        if track.kind == "audio":
-            self._spawn(pump_track(track, self.input), f"webrtc-inbound-{self.conn.id}")
+        # The answer sends and receives on the first audio transceiver only; other tracks are ignored.
+        if track.kind == "audio" and self._inbound_task is None and not self.closing:
+            self._inbound_task = self._spawn(pump_track(track, self.input), "inbound")
 
-    async def _on_state(self) -> None:
-        if self._pc.connectionState == "connected":
-            self._connected.set()
-        if self._pc.connectionState in ("failed", "closed"):
-            await self.close()
+    def begin_close(self) -> asyncio.Task[None]:
+        """Start hanging up (once); the returned task ends when everything this peer started is released."""
+        if self._close_task is None:
+            self._close_task = asyncio.get_running_loop().create_task(
+                self._release(), name=f"webrtc-close-{self.conn.id}"
+            )
+        return self._close_task
 
     async def close(self) -> None:
-        if self._closing:
-            return
-        self._closing = True
-        self._server._peers.pop(self.conn.id, None)
-        self.input.close()
-        self.output.close()
-        self.conn.mark_closed()
-        await self._pc.close()
-        task = self._handler_task
-        if task is not None and not task.done() and task is not asyncio.current_task():
-            done, _ = await asyncio.wait({task}, timeout=self._server._grace_s)
-            if not done:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        await asyncio.shield(self.begin_close())
+
+    async def _release(self) -> None:
+        """Hang up, give the handler its grace period, then cancel and await every task of this peer.
+
+        aiortc never ends the inbound track of a peer that did not connect, so its pump is cancelled
+        here like every other task; the peer's place under ``max_peers`` is given back last.
+        """
+        try:
+            self.input.close()
+            self.output.close()
+            self.conn.mark_closed()
+            try:
+                await self._pc.close()
+            except Exception:
+                logger.warning("peer connection did not close cleanly", exc_info=True, extra={"connection": self.conn.id})
+            handler = self._handler_task
+            if handler is not None and not handler.done():
+                await asyncio.wait({handler}, timeout=self._server._grace_s)
+            while self._tasks:
+                pending = set(self._tasks)
+                for task in pending:
+                    task.cancel()
+                await asyncio.wait(pending)
+        finally:
+            self._server._peers.pop(self.conn.id, None)

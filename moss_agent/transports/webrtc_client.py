@@ -27,8 +27,21 @@ from moss_agent.transports.webrtc import (
     pump_track,
     restrict_ice_to_loopback,
 )
+from moss_agent.wire import decode_json_object
 
 logger = logging.getLogger(__name__)
+
+_MAX_SERVER_MESSAGE_BYTES = 1024 * 1024
+
+
+async def _read_at_most(response: Any, limit: int) -> bytes:
+    """The body, or its first ``limit`` bytes (enough for the decoder to say it is too large)."""
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) >= limit:
+            break
+    return bytes(body[:limit])
 
 
 class WebRTCClient:
@@ -94,10 +107,18 @@ class WebRTCClient:
         async with aiohttp.ClientSession() as http, http.post(
             f"{self._url}/offer", json={"sdp": sdp, "type": "offer"}, headers=headers, params=params
         ) as response:
-            body = await response.json(content_type=None)
-            if response.status != 200:
-                await pc.close()
-                raise TransportError(f"signaling refused ({response.status}): {body.get('message', body)}")
+            raw = await _read_at_most(response, _MAX_SERVER_MESSAGE_BYTES + 1)
+        try:
+            body = decode_json_object(raw, what="the signaling answer", max_bytes=_MAX_SERVER_MESSAGE_BYTES)
+        except TransportError as exc:
+            await pc.close()
+            raise TransportError(f"signaling failed ({response.status}): {exc}") from None
+        if response.status != 200:
+            await pc.close()
+            raise TransportError(f"signaling refused ({response.status}): {body.get('message', body)}")
+        if not isinstance(body.get("sdp"), str):
+            await pc.close()
+            raise TransportError("the signaling answer has no 'sdp' string")
         self.connection_id = body.get("connection_id", "")
         answer = body["sdp"]
         if self._loopback_only:
@@ -112,13 +133,13 @@ class WebRTCClient:
 
     def _on_message(self, raw: object) -> None:
         try:
-            message = json.loads(raw) if isinstance(raw, str) else None
-        except ValueError:
-            message = None
-        if isinstance(message, dict):
-            self._events.put_nowait(message)
-        else:
-            logger.warning("non-JSON event from server dropped")
+            if not isinstance(raw, str | bytes):
+                raise TransportError("server events are JSON text")
+            message = decode_json_object(raw, what="a server event", max_bytes=_MAX_SERVER_MESSAGE_BYTES)
+        except TransportError as exc:
+            logger.warning("malformed event from server dropped", extra={"reason": str(exc)})
+            return
+        self._events.put_nowait(message)
 
     async def events(self) -> AsyncIterator[JsonDict]:
         """The server's events until the connection closes."""

@@ -167,15 +167,13 @@ async def test_malformed_control_message_gets_an_error_event(server: WebRTCServe
         assert (await next_event(client, "report"))["type"] == "report"
 
 
-async def test_an_offer_whose_peer_never_connects_is_hung_up() -> None:
+async def test_an_offer_whose_peer_never_connects_is_hung_up_without_starting_the_handler() -> None:
     from aiortc import RTCConfiguration, RTCPeerConnection
 
     seen: list[Connection] = []
-    called = asyncio.Event()
 
     async def waiter(conn: Connection) -> None:
         seen.append(conn)
-        called.set()
         await conn.closed.wait()
 
     async with WebRTCServer(waiter, token=TOKEN, loopback_only=True, connect_timeout_s=1.0) as srv:
@@ -188,10 +186,13 @@ async def test_an_offer_whose_peer_never_connects_is_hung_up() -> None:
         ) as r:
             assert r.status == 200
         await pc.close()  # vanish without ever applying the answer
+        assert srv.peers_held == 1
         async with asyncio.timeout(TIMEOUT_S):
-            await called.wait()
-            await seen[0].closed.wait()
+            while srv.peers_held:
+                await asyncio.sleep(0.05)
         assert srv.connections == []
+        assert seen == []  # no session was ever built for it
+        assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("webrtc-")]
 
 
 async def test_the_page_gets_the_ice_servers_only_with_the_token() -> None:
