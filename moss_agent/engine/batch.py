@@ -12,22 +12,31 @@ SoundEffectRequest, whose audio fields hold codec codes) or dicts in the JSONL f
 split at sentence ends into pieces of at most ``max_chars`` characters, the pieces of all
 requests are generated in batches (longest first, so a batch holds similar lengths), and each
 request's pieces are decoded and joined with a short crossfade.
+
+Every use of the models and the codec runs on the device's one thread (``DeviceThread``): a job is
+batch work of low priority there, taking one model step (or one decode group) at a time and
+letting the realtime ticks that came due run in between, so a long job beside live conversations
+delays them by at most one step. ``ModelRegistry`` hands the engines of one device the same thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
+from moss_agent.engine.device import Checkpoint, DeviceThread
 from moss_agent.engine.stitch import split_dialogue, split_text, stitch
-from moss_agent.errors import ConfigError, MossError
+from moss_agent.errors import ConfigError, EngineError, MossError
 from moss_agent.models.batch_sampling import SamplingParams, preset
 from moss_agent.models.codec import MossAudioTokenizer
 from moss_agent.models.delay.dialogue import normalize_dialogue
@@ -43,6 +52,8 @@ from moss_agent.models.delay.requests import (
 from moss_agent.models.tts_loading import LoadedTTS
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 KINDS: dict[str, type[Request]] = {
     "tts": TTSRequest,
@@ -110,11 +121,14 @@ class _Job:
 
 
 class BatchEngine:
-    """Batched offline generation on ``tts`` with the (shared) ``codec``; not thread-safe: one call at a time.
+    """Batched offline generation on ``tts`` with the (shared) ``codec``.
 
     max_chars: longest text piece (longer texts are split at sentence ends). max_new_tokens: row
     cap per piece (12.5 rows per second of audio; the budget otherwise follows the text length or
     the requested ``tokens`` / duration). crossfade_s: overlap when joining pieces.
+    device_thread: the thread that owns the device's models (pass the one the codec's other users
+    run on; ``ModelRegistry`` does); by default the engine makes its own, ended by ``close()``.
+    Calls may come from any thread but the device thread; jobs run one at a time, in order.
     """
 
     def __init__(
@@ -125,6 +139,7 @@ class BatchEngine:
         max_chars: int = 300,
         max_new_tokens: int = 4096,
         crossfade_s: float = 0.02,
+        device_thread: DeviceThread | None = None,
     ) -> None:
         n_vq = tts.config.n_vq
         if n_vq > codec.num_quantizers:
@@ -145,6 +160,20 @@ class BatchEngine:
         self.max_chars = max_chars
         self.max_new_tokens = max_new_tokens
         self.crossfade_s = crossfade_s
+        self._owns_device = device_thread is None
+        self._device = device_thread or DeviceThread("moss-batch-engine")
+
+    def close(self) -> None:
+        """End the device thread if this engine made it (a shared one belongs to its registry)."""
+        if self._owns_device:
+            self._device.stop()
+
+    def _on_device(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn`` on the device thread (inline when already there) and wait for it."""
+        if self._device.is_current():
+            return fn(*args)
+        self._device.start()
+        return self._device.submit(fn, *args).result()
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -154,6 +183,9 @@ class BatchEngine:
         Waveforms are mixed to mono, loudness-normalised as upstream does for references (towards
         -20 dBFS, at most 3 dB either way) and encoded with the model's first ``n_vq`` codebooks.
         """
+        return self._on_device(self._encode_audio, audio)
+
+    def _encode_audio(self, audio: AudioLike) -> torch.Tensor:
         if isinstance(audio, torch.Tensor) and not audio.is_floating_point():
             return self._check_codes(audio)
         samples = self._samples(audio)
@@ -196,6 +228,9 @@ class BatchEngine:
     def request(self, kind: str = "tts", **fields: Any) -> Request:
         """A model request of ``kind`` (tts, dialogue, voice_design, sfx) from plain fields; audio
         fields (``reference``, ``continuation``, ``references``) may be paths or waveforms."""
+        return self._on_device(self._request, kind, fields)
+
+    def _request(self, kind: str, fields: dict[str, Any]) -> Request:
         kind = kind.replace("-", "_")
         if kind not in KINDS:
             raise ConfigError(f"unknown request kind {kind!r}; use one of {', '.join(KINDS)}")
@@ -206,9 +241,9 @@ class BatchEngine:
             if name == "references":
                 if isinstance(value, str | Path) or not isinstance(value, Sequence):
                     raise ConfigError("references must be a list (one clip or null per speaker)")
-                fields[name] = [None if clip is None else self.encode_audio(clip) for clip in value]
+                fields[name] = [None if clip is None else self._encode_audio(clip) for clip in value]
             else:
-                fields[name] = self.encode_audio(value)
+                fields[name] = self._encode_audio(value)
         try:
             return KINDS[kind](**fields)
         except TypeError as exc:
@@ -217,7 +252,8 @@ class BatchEngine:
     def _job(self, index: int, item: Request | Mapping[str, Any], params: SamplingParams | None) -> _Job:
         try:
             if isinstance(item, Mapping):
-                item = self.request(**dict(item))
+                fields = dict(item)
+                item = self._request(fields.pop("kind", "tts"), fields)
             kind = _KIND_OF.get(type(item))
             if kind is None:
                 raise ConfigError(f"unsupported request type {type(item).__name__}")
@@ -296,10 +332,17 @@ class BatchEngine:
         params: SamplingParams | None = None,
         seed: int | None = None,
     ) -> list[AudioResult]:
-        """``generate`` on a worker thread, so an event loop keeps running meanwhile."""
-        return await asyncio.to_thread(
-            self.generate, requests, batch_size=batch_size, progress=progress, params=params, seed=seed
-        )
+        """``generate`` for an event loop: the job runs on the device thread, the loop keeps running;
+        cancelling the await stops the job at its next step."""
+        results: list[AudioResult] = []
+        stop = threading.Event()
+        future = self._submit(requests, batch_size, progress, params, seed, results.append, stop)
+        try:
+            await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            stop.set()
+            raise
+        return sorted(results, key=lambda r: r.index)
 
     def stream(
         self,
@@ -317,8 +360,56 @@ class BatchEngine:
         ``seed + k``). Every request is validated before any generation; a bad one raises
         ConfigError naming its index.
         """
+        done = object()
+        results: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        stop = threading.Event()
+        future = self._submit(requests, batch_size, progress, params, seed, results.put, stop)
+        future.add_done_callback(lambda _: results.put(done))
+        try:
+            while (item := results.get()) is not done:
+                yield item
+            future.result()  # the job's error, if any
+        finally:
+            stop.set()  # the caller stopped early: the job ends at its next step
+
+    def _submit(
+        self,
+        requests: Sequence[Request | Mapping[str, Any]],
+        batch_size: int,
+        progress: bool,
+        params: SamplingParams | None,
+        seed: int | None,
+        emit: Callable[[AudioResult], object],
+        stop: threading.Event,
+    ) -> Future[None]:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if self._device.is_current():
+            raise EngineError("a batch job cannot wait for itself: call it from another thread than the device's")
+        self._device.start()
+        requests = list(requests)
+
+        def run(checkpoint: Checkpoint) -> None:
+            def step() -> None:
+                checkpoint()
+                if stop.is_set():
+                    raise EngineError("the batch job was stopped by its caller")
+
+            self._run(requests, batch_size, progress, params, seed, emit, step)
+
+        return self._device.submit_batch(run)
+
+    def _run(
+        self,
+        requests: list[Request | Mapping[str, Any]],
+        batch_size: int,
+        progress: bool,
+        params: SamplingParams | None,
+        seed: int | None,
+        emit: Callable[[AudioResult], object],
+        step: Checkpoint,
+    ) -> None:
+        """The job, on the device thread: ``step()`` between model steps and decode groups."""
         jobs = [self._job(index, item, params) for index, item in enumerate(requests)]
         batches = self._plan(jobs, batch_size)
         from tqdm.auto import tqdm
@@ -331,23 +422,27 @@ class BatchEngine:
                     generator = torch.Generator(device=self.tts.model.device).manual_seed(seed + number)
                 pieces = [jobs[j].pieces[k] for j, k in batch]
                 budget = max(self._row_budget(p) for p in pieces)
+                show = _row_counter(bar, f"batch {number + 1}/{len(batches)}", budget) if progress else None
+
+                def on_step(index: int, rows: torch.Tensor, show: Any = show) -> None:
+                    step()
+                    if show is not None:
+                        show(index, rows)
 
                 samples = self.tts.generate(
                     pieces,
                     params=jobs[batch[0][0]].params,
                     max_new_tokens=budget,
                     generator=generator,
-                    on_step=_row_counter(bar, f"batch {number + 1}/{len(batches)}", budget)
-                    if progress
-                    else None,
+                    on_step=on_step,
                 )
-                for (j, k), sample, pcm in zip(batch, samples, self.decode(samples), strict=True):
+                for (j, k), sample, pcm in zip(batch, samples, self._decode(samples, step=step), strict=True):
                     job = jobs[j]
                     job.audio[k] = pcm
                     job.frames += sum(len(s) for s in sample.segments) - sample.prompt_frames
                     job.finished &= sample.finished
                     if job.done():
-                        yield self._result(job)
+                        emit(self._result(job))
                 bar.update(len(batch))
 
     def _plan(self, jobs: list[_Job], batch_size: int) -> list[list[tuple[int, int]]]:
@@ -382,11 +477,16 @@ class BatchEngine:
         job.audio = []  # the stitched copy is the one kept
         return result
 
-    @torch.inference_mode()
     def decode(self, samples: Sequence[GeneratedSample], max_frames: int = 16384) -> list[np.ndarray]:
         """Generated samples -> float32 waveforms [samples] (a sample's segments joined, the
         continuation prompt trimmed). Segments are decoded in batches of at most ``max_frames``
         padded frames; the codec is causal, so padding never changes a segment's samples."""
+        return self._on_device(self._decode, samples, max_frames)
+
+    @torch.inference_mode()
+    def _decode(
+        self, samples: Sequence[GeneratedSample], max_frames: int = 16384, step: Checkpoint | None = None
+    ) -> list[np.ndarray]:
         frame = self.codec.frame_size
         segments = [
             (i, s, seg)
@@ -398,6 +498,8 @@ class BatchEngine:
         waves: dict[tuple[int, int], np.ndarray] = {}
         start = 0
         while start < len(segments):
+            if step is not None:
+                step()
             longest = len(segments[start][2])
             count = max(1, min(len(segments) - start, max_frames // longest))
             group = segments[start : start + count]

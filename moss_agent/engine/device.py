@@ -75,7 +75,6 @@ class DeviceThread:
         self._workers: tuple[DeviceWorker, ...] = ()  # replaced, never mutated: read without the lock
         self._commands: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any] | None]] = deque()
         self._batch_jobs: deque[_BatchJob] = deque()
-        self._running_job: _BatchJob | None = None
         self._wakeup = threading.Condition()
         self._stopping = False
         self._failure: EngineError | None = None
@@ -131,8 +130,8 @@ class DeviceThread:
     def submit_batch(self, run: Callable[[Checkpoint], T]) -> concurrent.futures.Future[T]:
         """Queue ``run(checkpoint)`` as a batch job; it must call ``checkpoint()`` between steps.
 
-        ``checkpoint`` raises EngineError when the job should stop: its future was cancelled, the
-        thread is stopping, or it failed. Jobs run one at a time, in order.
+        ``checkpoint`` raises EngineError when the job must stop: the thread is stopping or failed.
+        Jobs run one at a time, in order; a job cancels itself by raising from its own steps.
         """
         job = _BatchJob(run)
         with self._wakeup:
@@ -254,17 +253,14 @@ class DeviceThread:
             job = self._batch_jobs.popleft()
         if not job.future.set_running_or_notify_cancel():
             return
-        self._running_job = job
         try:
             result = job.run(self._checkpoint)
-        except Exception as exc:
-            if not job.future.done():
-                job.future.set_exception(exc)
+        except BaseException as exc:
+            job.future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
         else:
-            if not job.future.done():
-                job.future.set_result(result)
-        finally:
-            self._running_job = None
+            job.future.set_result(result)
 
     def _checkpoint(self) -> None:
         """Between two steps of a batch job: serve the realtime work that came due."""
@@ -274,13 +270,10 @@ class DeviceThread:
             self._serve(stop_when_idle=True)
         except Exception as exc:
             raise EngineError(f"batch job stopped: {self.fail(exc)}") from exc
-        job = self._running_job
         if self._failure is not None:
             raise self._failure
         if self._stopping:
             raise EngineError("the engine was closed while this batch job ran")
-        if job is not None and job.future.cancelled():
-            raise EngineError("the batch job was cancelled")
 
     def _drain_on_stop(self) -> None:
         with self._wakeup:

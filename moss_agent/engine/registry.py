@@ -7,6 +7,9 @@
 
 Components are keyed by (resolved folder, device, dtype): asking again with the same key returns
 the same instance, so a realtime agent and batch jobs in one process share the codec's weights.
+Every engine of one device gets that device's one ``DeviceThread``: realtime ticks, codec steps and
+batch jobs all run there (batch work yields to realtime ticks), so no two threads touch a model.
+``close()`` ends those threads.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from moss_agent.engine.device import DeviceThread
 from moss_agent.model_ids import CODEC_MODEL_ID, REALTIME_MODEL_ID
 from moss_agent.models.loading import pick_device, pick_dtype, resolve_checkpoint
 
@@ -47,7 +51,23 @@ class ModelRegistry:
         self.dtype = dtype
         self._codecs: dict[_Key, MossAudioTokenizer] = {}
         self._tts: dict[_Key, LoadedTTS] = {}
+        self._threads: dict[str, DeviceThread] = {}
         self._lock = threading.Lock()
+
+    def device_thread(self, device: str | torch.device | None = None) -> DeviceThread:
+        """The one thread that owns ``device``'s models (made on first use, started by its engines)."""
+        key = str(_indexed(pick_device(device)) if device is not None else self.device)
+        with self._lock:
+            if key not in self._threads:
+                self._threads[key] = DeviceThread(f"moss-device-{key}")
+            return self._threads[key]
+
+    def close(self) -> None:
+        """End the device threads (after their engines are closed); queued work fails with EngineError."""
+        with self._lock:
+            threads, self._threads = list(self._threads.values()), {}
+        for thread in threads:
+            thread.stop()
 
     def _key(
         self, path_or_id: str | Path, device: str | torch.device | None, dtype: str | torch.dtype | None
@@ -106,7 +126,7 @@ class ModelRegistry:
         codec_model = self.codec(
             codec or tts.codec_name_or_path or CODEC_MODEL_ID, device=tts.model.device, dtype=codec_dtype
         )
-        return BatchEngine(tts, codec_model, **options)
+        return BatchEngine(tts, codec_model, device_thread=self.device_thread(tts.model.device), **options)
 
     def realtime_engine(
         self,
@@ -130,6 +150,7 @@ class ModelRegistry:
             dtype=dtype if dtype is not None else self.dtype,
             config=config,
             attn_implementation=attn_implementation,
+            device_thread=self.device_thread(torch_device),
         )
 
     def loaded(self) -> dict[str, list[_Key]]:
