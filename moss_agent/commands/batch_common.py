@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import dataclasses
 import json
 import math
 import sys
@@ -97,6 +96,16 @@ MAX_SEED = 2**62  # --seed (batch k samples with seed + k)
 MAX_JSONL_BYTES = 64 * 1024 * 1024
 MAX_JSONL_LINE_BYTES = 1024 * 1024  # a long chapter of text fits; the engine splits it
 MAX_JSONL_DEPTH = 3  # {"references": [..]} is the deepest a request goes
+
+
+# Each request kind's fields (the dataclasses of engine.batch.KINDS; a test keeps the two equal) and
+# whether they are required, so that a JSONL file is checked without importing torch.
+REQUEST_FIELDS = {
+    "tts": {"text": True, "reference": False, "tokens": False, "language": False, "continuation": False},
+    "dialogue": {"script": True, "references": False, "continue_from_references": False, "normalize": False},
+    "voice_design": {"instruction": True, "text": True},
+    "sfx": {"description": True, "duration_s": False},
+}
 
 
 @dataclass
@@ -191,28 +200,24 @@ def _shown(value: Any) -> str:
 def check_fields(kind: str, fields: dict[str, Any]) -> None:
     """Raise ConfigError naming the first field of a ``kind`` request that is missing, of the wrong
     type or out of range (see MAX_TOKENS, MAX_DURATION_S)."""
-    from moss_agent.engine.batch import KINDS
-
-    for spec in dataclasses.fields(KINDS[kind]):
-        required = spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING
-        value = fields.get(spec.name)
+    for name, required in REQUEST_FIELDS[kind].items():
+        value = fields.get(name)
         if value is None:
             if required:
-                raise ConfigError(f'missing field "{spec.name}"; a {kind} request needs it')
+                raise ConfigError(f'missing field "{name}"; a {kind} request needs it')
             continue
-        problem = _FIELD_CHECKS[spec.name](value)
+        problem = _FIELD_CHECKS[name](value)
         if problem:
-            raise ConfigError(f'"{spec.name}" {problem}')
+            raise ConfigError(f'"{name}" {problem}')
 
 
 def read_jsonl(path: Path, kind: str, outputs: _OutputFolder) -> list[_Item]:
     """The requests of a JSONL file, every line checked (shape, types, ranges, audio files present,
     outputs inside the output folder) before anything runs; errors are ``file:line: message``."""
-    from moss_agent.engine.batch import KINDS
     from moss_agent.wire import decode_json_object
 
     data = _read_bounded(path)
-    allowed = {f.name for f in dataclasses.fields(KINDS[kind])} | set(_EXTRA_KEYS)
+    allowed = set(REQUEST_FIELDS[kind]) | set(_EXTRA_KEYS)
     items = []
     for number, line in enumerate(data.removeprefix(codecs.BOM_UTF8).split(b"\n"), start=1):
         if not line.strip():
@@ -413,8 +418,12 @@ def run_batch(
         requests, batch_size=args.batch_size, progress=not args.quiet, params=params, seed=args.seed
     ):
         target = items[result.index].target
+        if not len(result.pcm):  # the model ended the request at once: an empty result, not a failure
+            print(f"no audio for {target} (the model ended at once); nothing written", file=sys.stderr)
+            continue
         if outputs is not None:
             outputs.check_inside(target)  # a symlink planted while the models ran
+            target.parent.mkdir(parents=True, exist_ok=True)  # an "output" in a subfolder
         write_wav(target, result.pcm, result.sample_rate)
         unfinished += not result.finished
         note = "" if result.finished else " (cut at the length limit)"

@@ -111,16 +111,25 @@ class OpenAIChatLLM:
 
     async def check(self) -> None:
         """Raise LLMRequestError now if the server cannot be reached (one GET of ``/models``), so a
-        command fails before it loads models rather than at its first turn. Any HTTP answer passes:
-        some servers have no ``/models``."""
+        command fails before it loads models rather than at its first turn. An HTTP error passes
+        (some servers have no ``/models``); a successful answer that is not JSON (a web page at a
+        mistyped URL) does not."""
         openai = require("openai", "llm")
         try:
             async with asyncio.timeout(self.config.request_timeout_s):
-                await self._client.models.list()
+                raw = await self._client.models.with_raw_response.list()
         except openai.APIStatusError:
             return
         except Exception as exc:
             raise self._wrap(exc) from exc
+        content_type = str(raw.headers.get("content-type") or "").split(";")[0].strip().lower()
+        if content_type and not content_type.endswith("json"):
+            raise LLMRequestError(
+                f"the LLM server at {self.config.base_url} answered HTTP {raw.status_code} with "
+                f"{content_type!r} where an OpenAI-compatible server sends JSON; the answer begins "
+                f"{raw.content[:_QUOTED_BYTES]!r}; check that the URL is an OpenAI-compatible /v1 endpoint",
+                kind="protocol",
+            )
 
     async def stream(self, messages: list[ChatMessage]) -> AsyncIterator[str]:
         idle = self.config.idle_timeout_s

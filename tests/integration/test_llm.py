@@ -120,7 +120,7 @@ class FixedAnswerServer:
             )
 
         app = web.Application()
-        app.router.add_post("/v1/chat/completions", answer)
+        app.router.add_route("*", "/{tail:.*}", answer)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", 0).start()
@@ -178,3 +178,13 @@ async def test_a_stream_event_that_is_not_json_is_an_llm_error() -> None:
     async with FixedAnswerServer("text/event-stream", b"data: {not json\n\n") as base_url:
         with pytest.raises(LLMRequestError, match="stream event that is not JSON"):
             await _stream_from(base_url)
+
+
+async def test_check_refuses_a_server_that_answers_a_web_page() -> None:
+    async with FixedAnswerServer("text/html", b"<html>router login</html>") as base_url:
+        llm = OpenAIChatLLM(LLMConfig(base_url=base_url, model="tiny"))
+        with pytest.raises(
+            LLMRequestError, match=r"answered HTTP 200 with 'text/html' where .* b'<html>router login"
+        ):
+            await llm.check()
+        await llm.aclose()
