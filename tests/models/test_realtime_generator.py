@@ -371,15 +371,14 @@ def test_held_slots_stay_untouched(model, tokenizer) -> None:
 
 
 def test_attention_in_blocks_of_64_rows_gives_the_frames_of_the_whole_cache(model, tokenizer) -> None:
-    """The default bucket (64) reads only the cache rows in use, rounded up to 64, not the whole cache:
-    every slot makes the same frames, and its backbone states match the whole-cache ones to float
-    rounding, also for a short slot whose tick reads many more rows than it needs because a long slot
-    sits beside it.
+    """The default bucket (64) reads only the cache rows each slot uses, rounded up to 64, not the
+    whole cache: every slot makes the same frames, and its backbone states match the whole-cache
+    ones to float rounding, for a long slot and for a short one beside it (each reads its own length).
 
     States (RMS-normed, up to ~5) are compared within 1e-5 absolute + 1e-5 relative, not bit for bit:
-    the CPU attention kernel sums a different number of masked rows, which on some CPUs moves a long
-    slot's states by ~5e-7. A skipped last block or a mask that ignores the positions moves them by
-    0.03 to 10."""
+    the CPU attention kernel may sum a different number of masked rows in another order, which on
+    some CPUs moves states by ~5e-7. A skipped last block or a mask that ignores the positions moves
+    them by 0.03 to 10."""
     hidden, frames = [], []
     for bucket in (None, 64):
         gen = RealtimeGenerator(model, tokenizer, num_slots=2, max_context=512, attention_bucket=bucket)
@@ -398,7 +397,7 @@ def test_attention_in_blocks_of_64_rows_gives_the_frames_of_the_whole_cache(mode
         lengths = [gen.context_length(slot) for slot in range(2)]
         hidden.append(torch.stack(states))
         frames.append(torch.stack(codes))
-    assert lengths[0] - lengths[1] > 128  # alone, slot 1 would read two fewer 64-row blocks at least
+    assert lengths[0] - lengths[1] > 128  # the two slots read lengths two 64-row blocks apart at least
     torch.testing.assert_close(hidden[1], hidden[0], rtol=1e-5, atol=1e-5)
     assert torch.equal(frames[0], frames[1])
 
