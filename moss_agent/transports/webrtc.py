@@ -39,7 +39,13 @@ from moss_agent.transports.connection import (
     parse_control,
 )
 from moss_agent.transports.playback import FramePacer, PlaybackBuffer
-from moss_agent.transports.webrtc_http import ConnectionGuard, HttpError, HttpLimits, error_middleware
+from moss_agent.transports.webrtc_http import (
+    LINGER_S,
+    ConnectionGuard,
+    HttpError,
+    HttpLimits,
+    error_middleware,
+)
 from moss_agent.wire import decode_json_object
 
 if TYPE_CHECKING:
@@ -351,7 +357,9 @@ class WebRTCServer:
         app.router.add_get("/ice", self._ice)
         # aiohttp's keep-alive timer closes a connection waiting for a complete request: with the
         # header deadline as its period it bounds every request's headers after the first.
-        self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=self._guard.limits.header_timeout_s)
+        self._runner = web.AppRunner(
+            app, access_log=None, keepalive_timeout=self._guard.limits.header_timeout_s, lingering_time=LINGER_S
+        )
         await self._runner.setup()
         aiohttp_server = self._runner.server
         assert aiohttp_server is not None  # set by setup()

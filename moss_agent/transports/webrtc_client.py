@@ -155,11 +155,11 @@ class WebRTCClient:
             raise TransportError("not connected; call connect() first")
         self._channel.send(json.dumps(message))
 
-    async def send_raw(self, text: str) -> None:
-        """Send text as is (for tests of the server's input validation)."""
+    async def send_raw(self, message: str | bytes) -> None:
+        """Send a text (str) or binary (bytes) message as is (for tests of the server's input validation)."""
         if self._channel is None:
             raise TransportError("not connected; call connect() first")
-        self._channel.send(text)
+        self._channel.send(message)
 
     async def close(self) -> None:
         self.output.close()

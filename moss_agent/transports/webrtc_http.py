@@ -29,6 +29,11 @@ from moss_agent.transports.connection import error_event
 
 logger = logging.getLogger(__name__)
 
+LINGER_S = 1.0
+"""After an error answer, how long the client's remaining input is still read (and dropped) before
+the connection closes: closing a socket with unread input resets it, and the reset can discard the
+answer before the client reads it."""
+
 _STATUS_CODES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 408: "timeout",
                  413: "too_large", 503: "busy"}  # fmt: skip
 
@@ -79,6 +84,8 @@ class ConnectionGuard:
     def __init__(self, limits: HttpLimits) -> None:
         self.limits = limits
         self._per_address: Counter[str] = Counter()
+        self.lingering = 0
+        """Refused connections still draining their request; bounded by ``max_connections``."""
 
     @property
     def open_connections(self) -> int:
@@ -123,6 +130,7 @@ class GuardedConnection(asyncio.Protocol):
         self._address: str | None = None
         self._deadline: asyncio.TimerHandle | None = None
         self._transport: asyncio.BaseTransport | None = None
+        self._lingering = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
@@ -130,16 +138,26 @@ class GuardedConnection(asyncio.Protocol):
         address = str(peer[0]) if isinstance(peer, tuple) else str(peer)
         refusal = self._guard.admit(address)
         if refusal is not None:
-            logger.info("connection refused", extra={"address": address, "reason": refusal})
-            if isinstance(transport, asyncio.WriteTransport):
-                transport.write(raw_error_response(503, "Service Unavailable", refusal, "busy"))
-            transport.close()
+            self._refuse(transport, address, refusal)
             return
         self._address = address
         loop = asyncio.get_running_loop()
         self._deadline = loop.call_later(self._guard.limits.header_timeout_s, self._headers_overdue)
         self._inner = self._inner_factory()
         self._inner.connection_made(transport)
+
+    def _refuse(self, transport: asyncio.BaseTransport, address: str, refusal: str) -> None:
+        """Answer 503 and close after at most ``LINGER_S`` of reading and dropping the client's request."""
+        logger.info("connection refused", extra={"address": address, "reason": refusal})
+        if not isinstance(transport, asyncio.Transport) or self._guard.lingering >= self._guard.limits.max_connections:
+            transport.close()
+            return
+        self._guard.lingering += 1
+        self._lingering = True
+        transport.write(raw_error_response(503, "Service Unavailable", refusal, "busy"))
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._deadline = asyncio.get_running_loop().call_later(LINGER_S, transport.abort)
 
     def request_arrived(self) -> None:
         if self._deadline is not None:
@@ -157,7 +175,7 @@ class GuardedConnection(asyncio.Protocol):
             self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
-        return self._inner.eof_received() if self._inner is not None else None
+        return self._inner.eof_received() if self._inner is not None else None  # refused: close
 
     def pause_writing(self) -> None:
         if self._inner is not None:
@@ -168,7 +186,9 @@ class GuardedConnection(asyncio.Protocol):
             self._inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.request_arrived()  # cancels the deadline
+        self.request_arrived()  # cancels the deadline (or the linger)
+        if self._lingering:
+            self._guard.lingering -= 1
         if self._address is not None:
             self._guard.release(self._address)
             self._address = None
