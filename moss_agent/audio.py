@@ -368,7 +368,8 @@ def _decode_pyav(handle: IO[bytes], label: str, max_seconds: float | None) -> tu
             if not container.streams.audio:
                 raise _PyAVFailure("the container holds no audio stream")
             stream = container.streams.audio[0]
-            native_rate = stream.rate or stream.codec_context.sample_rate
+            # PyAV raises AttributeError for the rate of a stream whose codec it cannot open.
+            native_rate = getattr(stream, "rate", None) or getattr(stream.codec_context, "sample_rate", None)
             declared_s = _declared_duration_s(stream)
             if declared_s is not None:
                 _check_duration(declared_s, max_seconds, label)
