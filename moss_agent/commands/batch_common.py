@@ -41,7 +41,8 @@ def add_batch_options(parser: argparse.ArgumentParser, kind: str) -> None:
         type=Path,
         default=None,
         help="many requests: one JSON object per line with the request fields (an optional "
-        '"output" names its wav; audio fields take paths relative to the file)',
+        '"output" names its wav inside --output-dir; audio fields take paths relative to the file); '
+        "the whole file is checked before any model loads",
     )
     io.add_argument(
         "--output", "-o", type=Path, default=None, help=f"wav for a single request (default {kind}.wav)"
@@ -65,15 +66,23 @@ def add_batch_options(parser: argparse.ArgumentParser, kind: str) -> None:
     group.add_argument(
         "--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on CUDA, fp32 on CPU)"
     )
-    group.add_argument("--batch-size", type=int, default=8, help="pieces generated together (default 8)")
     group.add_argument(
-        "--max-chars", type=int, default=300, help="longest text piece; longer texts are split (default 300)"
+        "--batch-size",
+        type=int,
+        default=8,
+        help=f"pieces generated together, 1 to {MAX_BATCH_SIZE} (default 8)",
+    )
+    group.add_argument(
+        "--max-chars",
+        type=int,
+        default=300,
+        help="longest text piece, 8 to 2000; longer texts are split (default 300)",
     )
     group.add_argument(
         "--max-seconds",
         type=float,
         default=None,
-        help="cap on each text piece's audio (default: about 320 s)",
+        help=f"cap on each text piece's audio, at most {MAX_PIECE_SECONDS:g} (default: about 320 s)",
     )
     group.add_argument(
         "--greedy", action="store_true", help="greedy decoding instead of the model card's sampling"

@@ -20,7 +20,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     parser.add_argument("text", nargs="?", default=None, help="what to say ('-' reads standard input)")
     parser.add_argument("--reference", type=Path, default=None, help="speech whose voice is cloned")
     parser.add_argument("--language", default=None, help='the text\'s language, e.g. "English", "Chinese"')
-    parser.add_argument("--tokens", type=int, default=None, help="target length in 12.5 Hz frames (a hint)")
+    parser.add_argument(
+        "--tokens", type=int, default=None, help="target length in 12.5 Hz frames, 1 to 7500 (a hint)"
+    )
     batch_common.add_batch_options(parser, "tts")
     parser.set_defaults(handler=run)
 

@@ -283,3 +283,15 @@ def test_an_llm_url_that_answers_a_web_page_is_refused_before_models_load(
         "OpenAI-compatible /v1 endpoint"
     )
     assert "UNTRAINED" not in proc.stderr and not out.exists()
+
+
+async def test_speech_recognition_refuses_an_utterance_over_its_limit_before_any_request() -> None:
+    from moss_agent.errors import STTError
+    from moss_agent.speech.stt import MAX_UTTERANCE_SECONDS, OpenAITranscriber
+
+    # Nothing listens at this URL: the length check comes before any request or resampling.
+    recognizer = OpenAITranscriber("http://127.0.0.1:9/v1", api_key="x")
+    ten_minutes = np.zeros(16000 * 600, dtype=np.float32)
+    with pytest.raises(STTError, match=rf"600.0 s of audio .* at most {MAX_UTTERANCE_SECONDS:g} s"):
+        await recognizer.transcribe(ten_minutes, 16000)
+    await recognizer.aclose()
