@@ -1,18 +1,28 @@
-"""WebRTC pieces without a network: the paced outbound track and the SDP candidate filter."""
+"""WebRTC pieces without a network: the paced outbound track, the SDP candidate filter, the offer
+checks and the HTTP connection guard's counting."""
 
 from __future__ import annotations
 
 import asyncio
 import fractions
+import re
 
 import numpy as np
 import pytest
 
 pytest.importorskip("aiortc")
 
+from moss_agent.errors import ConfigError, TransportError
 from moss_agent.events import AudioChunk
 from moss_agent.transports.playback import FramePacer, PlaybackBuffer
-from moss_agent.transports.webrtc import filter_candidates, make_paced_track
+from moss_agent.transports.webrtc import (
+    MAX_MEDIA_SECTIONS,
+    MAX_SDP_CHARS,
+    filter_candidates,
+    make_paced_track,
+    parse_offer,
+)
+from moss_agent.transports.webrtc_http import ConnectionGuard, HttpLimits
 
 OFFER = (
     "v=0\r\n"
@@ -54,3 +64,46 @@ async def test_paced_track_emits_20ms_stereo_frames_with_continuous_pts(monkeypa
     assert not frames[-1].to_ndarray().any()  # starved: silence
     assert buffer.played_s(1) > 0
     track.stop()
+
+
+SDP_HEAD = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"
+
+
+def test_parse_offer_returns_the_sdp_of_a_well_formed_offer() -> None:
+    sdp = SDP_HEAD + "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
+    assert parse_offer({"type": "offer", "sdp": sdp}) == sdp
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"type": "answer", "sdp": SDP_HEAD}, '"type": "offer"'),
+        ({"type": "offer", "sdp": ["v=0"]}, '"type": "offer"'),
+        ({"type": "offer"}, '"type": "offer"'),
+        ({"type": "offer", "sdp": "x" + SDP_HEAD}, "start with 'v=0'"),
+        ({"type": "offer", "sdp": SDP_HEAD + "s=\u00e9\r\nm=audio 9 RTP/AVP 0\r\n"}, "ASCII"),
+        ({"type": "offer", "sdp": SDP_HEAD + "a=\x1b\r\nm=audio 9 RTP/AVP 0\r\n"}, "control character"),
+        ({"type": "offer", "sdp": SDP_HEAD + "m=audio 9 RTP/AVP 0\r\n" * (MAX_MEDIA_SECTIONS + 1)}, "m-lines"),
+        ({"type": "offer", "sdp": SDP_HEAD + "m=video 9 RTP/AVP 96\r\n"}, "no audio m-line"),
+        ({"type": "offer", "sdp": SDP_HEAD + "a=" + "x" * MAX_SDP_CHARS}, "characters; at most"),
+    ],
+)
+def test_parse_offer_says_what_is_wrong(body: dict, words: str) -> None:
+    with pytest.raises(TransportError, match=re.escape(words)):
+        parse_offer(body)
+
+
+def test_http_limits_must_be_positive() -> None:
+    with pytest.raises(ConfigError, match="header_timeout_s must be positive"):
+        HttpLimits(header_timeout_s=0)
+
+
+def test_connection_guard_counts_per_address_and_in_total() -> None:
+    guard = ConnectionGuard(HttpLimits(max_connections_per_address=2, max_connections=3))
+    assert guard.admit("10.0.0.1") is None and guard.admit("10.0.0.1") is None
+    assert "too many open connections from 10.0.0.1" in (guard.admit("10.0.0.1") or "")
+    assert guard.admit("10.0.0.2") is None
+    assert "too many open connections; retry later" in (guard.admit("10.0.0.3") or "")
+    guard.release("10.0.0.1")
+    assert guard.connections_from("10.0.0.1") == 1 and guard.open_connections == 2
+    assert guard.admit("10.0.0.3") is None
