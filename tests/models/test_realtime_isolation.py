@@ -113,6 +113,27 @@ def test_interrupt_leaves_the_same_context_whatever_the_run_ahead(model, tokeniz
         assert torch.equal(rows, contexts[0][2]) and torch.equal(keys, contexts[0][3])
 
 
+def test_each_slot_attends_over_a_length_of_its_own(model, tokenizer) -> None:
+    """Whatever its neighbours' lengths, a slot whose backbone state is used reads its own rows in use
+    rounded up to the bucket: no kernel ever sums its keys over a length set by another slot."""
+    gen = RealtimeGenerator(model, tokenizer, num_slots=3, max_context=1536)
+    for slot in range(3):
+        gen.start_conversation(slot, system_prompt=PROMPTS[slot])
+        gen.start_turn(slot, "Hi", None, sampling=GREEDY, max_frames=20)
+        gen.push_text(slot, TEXT)
+        gen.end_text(slot)
+    plans = set()
+    while gen.has_work():
+        positions = [gen.context_length(slot) for slot in range(3)]
+        out = gen.step()
+        plans.add(gen.last_attention)
+        for slot in range(3):
+            if out.produced[slot] and out.frame_index[slot] > 0:  # frame 0 comes from the prefill
+                length = next(n for first, end, n in gen.last_attention if first <= slot < end)
+                assert length == -(-(positions[slot] + 1) // 64) * 64
+    assert any(len(plan) == 3 for plan in plans)  # three lengths side by side
+
+
 def test_plan_attention_gives_each_used_slot_its_own_length() -> None:
     # slots whose state is used (fixed) read exactly their own length; the others join any run
     assert plan_attention([128, 128, 128], [True, True, True]) == ((0, 3, 128),)

@@ -166,6 +166,7 @@ class RealtimeGenerator:
         self._any_penalty = False
         self._any_banned = False
         self.last_hidden: torch.Tensor | None = None
+        self.last_attention: Spans = ()
         if compile:
             self.state.compiled = CompiledTick(model, self.state, "inductor" if compile is True else compile)
         # Run every sampling feature each tick, as the graph does, instead of skipping those no
@@ -491,11 +492,13 @@ class RealtimeGenerator:
         state.in_frame_index.copy_(state.frames, non_blocking=True)
         if self.uses_cuda_graph:
             hidden, frames = self._tick_graph().replay()
+            self.last_attention = state.whole_cache
         else:
             flags = (self._any_sampling, self._any_greedy, self._any_penalty, self._any_banned)
-            spans = self._attention_spans(positions, continuing)
-            hidden, frames = self.device_tick(spans, (True,) * 4 if self.full_tick else flags)
-        self.last_hidden = hidden  # [S, hidden] backbone states that made this tick's frames (checks)
+            self.last_attention = self._attention_spans(positions, continuing)
+            hidden, frames = self.device_tick(self.last_attention, (True,) * 4 if self.full_tick else flags)
+        # For checks: the backbone states [S, hidden] that made this tick's frames, and its attention plan.
+        self.last_hidden = hidden
         frames_cpu = frames.cpu()
 
         frame_index = state.frames.clone()
