@@ -36,6 +36,8 @@ from moss_agent.model_ids import CODEC_MODEL_ID, REALTIME_MODEL_ID
 from moss_agent.models.codec import MossAudioTokenizer
 from moss_agent.models.compiling import compile_step
 from moss_agent.models.realtime import RealtimeGenerator, SamplingConfig, StepOutput
+from moss_agent.models.realtime.config import DELAY_TOKENS
+from moss_agent.models.realtime.text import GrowingTextTokenizer, TextTokenizer, UpstreamSegmentTokenizer
 from moss_agent.streaming.tts import HeardResult, UserTurn
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,8 @@ class RealtimeEngineConfig:
     ``max_ahead_s``: how far generation may run ahead of what the listener consumed.
     ``call_timeout_s``: longest wait for one request to the device thread (open a conversation,
     start or cut a turn); beyond it the request fails with EngineError instead of hanging.
+    ``text_buffer_chars``: text a stream may hold that its model has not read yet; ``push_text``
+    waits beyond it, so a fast LLM is paced by speech (see ``moss_agent.streaming.tts``).
     """
 
     num_slots: int = 8
@@ -61,6 +65,7 @@ class RealtimeEngineConfig:
     max_frames_per_turn: int = 1500
     max_ahead_s: float = 4.0
     call_timeout_s: float = 30.0
+    text_buffer_chars: int = 256
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     seed: int | None = None
     cuda_graph: bool = True  # replay each tick from a CUDA graph on CUDA devices (ignored on CPU)
@@ -81,6 +86,8 @@ class RealtimeEngineConfig:
             raise ConfigError(f"call_timeout_s must be > 0 seconds, got {self.call_timeout_s}")
         if self.cpu_threads < 1:
             raise ConfigError(f"cpu_threads must be >= 1, got {self.cpu_threads}")
+        if self.text_buffer_chars < 1:
+            raise ConfigError(f"text_buffer_chars must be >= 1, got {self.text_buffer_chars}")
 
 
 @dataclass
@@ -175,6 +182,8 @@ class RealtimeEngine:
             config.num_slots,
             config.max_context,
             max_frames_per_turn=config.max_frames_per_turn,
+            max_top_k=max(64, config.sampling.top_k or 0),
+            max_repetition_window=max(64, config.sampling.repetition_window),
             seed=config.seed,
             cuda_graph=config.cuda_graph,
             compile=config.compile,
@@ -361,21 +370,47 @@ class RealtimeEngine:
         stream.serial = self._turn_serial[slot]
         self._streams[slot] = stream
 
+    def _text_ledger(self, stream: EngineStream) -> _TextLedger:
+        if stream.text_ledger is None:
+            tokenizer: TextTokenizer = (
+                UpstreamSegmentTokenizer(self.generator.tokenizer)
+                if self.generator.upstream_compat
+                else GrowingTextTokenizer(self.generator.tokenizer)
+            )
+            stream.text_ledger = _TextLedger(tokenizer)
+        return stream.text_ledger
+
     def _push_text(self, slot: int, stream: EngineStream, delta: str) -> None:
+        # The engine tokenizes (as the generator would) to count the stream's unread text.
+        ledger = self._text_ledger(stream)
         if self._streams[slot] is stream and self.generator.turn_running(slot):
             try:
-                self.generator.push_text(slot, delta)
+                self.generator.push_tokens(slot, ledger.push(delta))
             except MossError as exc:
                 self._end_stream_from_device(slot, exc)
+        else:
+            ledger.drop(delta)  # the turn has ended: never spoken, never waited for
+        self._report_text(stream)
 
     def _end_text(self, slot: int, stream: EngineStream) -> None:
         if self._streams[slot] is stream and self.generator.turn_running(slot):
+            self.generator.push_tokens(slot, self._text_ledger(stream).finish())
             self.generator.end_text(slot)
+            self._report_text(stream)
+
+    def _report_text(self, stream: EngineStream) -> None:
+        """Publish the stream's text counts (one tuple: read whole by the event loop) and wake its producer."""
+        ledger = stream.text_ledger
+        assert ledger is not None
+        stream.text_counts = (ledger.chars, ledger.unread_chars())
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(stream._text_progress)
 
     def _rollback(self, slot: int, stream: EngineStream, heard_s: float | None) -> HeardResult:
-        if stream.serial != self._turn_serial[slot]:  # a later turn already closed this one in full
-            frames = stream.produced_frames
-            return HeardResult(frames=frames, text="", audio_s=frames * self.frame_s)
+        if stream.serial != self._turn_serial[slot]:
+            raise EngineError(
+                f"turn {stream.turn_id} was followed by another turn; settle a turn (interrupt) before the next starts"
+            )
         generated = self.generator.frames_generated(slot)
         if heard_s is None:
             frames = generated
@@ -443,6 +478,9 @@ class RealtimeEngine:
             stream = self._streams[slot]
             if stream is None:
                 continue
+            if stream.text_ledger is not None and bool(out.produced[slot]):
+                stream.text_ledger.read(int(out.text_position[slot]))
+                stream.text_counts = (stream.text_ledger.chars, stream.text_ledger.unread_chars())
             if wav is not None and bool(audible[slot]):
                 stream.produced_frames += 1
                 chunk = AudioChunk(wav[slot].copy(), self.sample_rate, stream.turn_id, int(out.frame_index[slot]))
@@ -498,6 +536,54 @@ def _deliver(items: list[tuple[EngineStream, Any]]) -> None:
         stream._receive(item)
 
 
+class _TextLedger:
+    """One turn's text as the device thread fed it: characters taken, tokens pushed, tokens read.
+
+    Written on the device thread only. Unread characters are counted per pushed delta: a delta
+    counts as read once the model has read every token it completed (coarse, never drifting).
+    """
+
+    def __init__(self, tokenizer: TextTokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.chars = 0  # characters taken (pushed or dropped)
+        self.tokens = 0  # tokens pushed to the generator
+        self.read_tokens = 0
+        self.read_chars = 0
+        self._marks: deque[tuple[int, int]] = deque()  # (tokens, chars) after each delta
+
+    def push(self, delta: str) -> list[int]:
+        ids = self.tokenizer.push(delta)
+        self._advance(len(ids), len(delta))
+        return ids
+
+    def finish(self) -> list[int]:
+        ids = self.tokenizer.finish()
+        self._advance(len(ids), 0)
+        return ids
+
+    def drop(self, delta: str) -> None:
+        self.chars += len(delta)
+        self.read_chars += len(delta)
+
+    def _advance(self, tokens: int, chars: int) -> None:
+        self.tokens += tokens
+        self.chars += chars
+        self._marks.append((self.tokens, self.chars))
+
+    def read(self, tokens_read: int) -> None:
+        """The model has read ``tokens_read`` tokens of this turn (``StepOutput.text_position``)."""
+        self.read_tokens = tokens_read
+        while self._marks and self._marks[0][0] <= tokens_read:
+            self.read_chars = max(self.read_chars, self._marks.popleft()[1])
+
+    def unread_chars(self) -> int:
+        """Characters the model has not read; 0 while it holds less than a prefill's worth of unread
+        tokens, so a producer never waits on a model that is itself waiting for text."""
+        if self.tokens - self.read_tokens < DELAY_TOKENS:
+            return 0
+        return self.chars - self.read_chars
+
+
 class EngineConversation:
     """One slot: a conversation whose context persists across turns. Implements ``Conversation``."""
 
@@ -512,7 +598,10 @@ class EngineConversation:
         if self._closed:
             raise SessionClosedError("the conversation is closed")
         if self._stream is not None and not self._stream.done:
-            await self._stream.aclose()
+            raise EngineError(
+                f"turn {self._stream.turn_id} is still open on this conversation; "
+                "interrupt() or aclose() it before starting another"
+            )
         stream = EngineStream(self, turn_id)
         await self.engine._call(self.engine._start_turn, self.slot, stream, user)
         self._stream = stream
@@ -537,7 +626,7 @@ class EngineConversation:
 
 
 class EngineStream:
-    """One agent turn. Implements ``SpeechStream``: push text, iterate audio, interrupt."""
+    """One agent turn. Implements ``SpeechStream`` and its contract (``moss_agent.streaming.tts``)."""
 
     def __init__(self, conversation: EngineConversation, turn_id: int) -> None:
         self.conversation = conversation
@@ -545,10 +634,16 @@ class EngineStream:
         self.serial = -1  # the slot's turn number, set on the device thread when the turn starts
         self.produced_frames = 0  # written by the device thread
         self.consumed_frames = 0  # written by the event loop; read by the device thread
+        self.text_ledger: _TextLedger | None = None  # the device thread's
+        self.text_counts = (0, 0)  # (characters taken, of them unread): written by the device thread
+        self._posted_chars = 0
         self._queue: deque[Any] = deque()
         self._ready = asyncio.Event()
+        self._text_room = asyncio.Event()
+        self._settling = asyncio.Lock()
         self._error: BaseException | None = None
-        self._input_ended = False
+        self._input_closed = False  # end_input() or aclose() was called
+        self._speech_over = False  # generation ended (last frame made, failure, or cut)
         self._heard: HeardResult | None = None
         self.done = False  # no more audio will be delivered
         self.completed = False  # the model finished the turn by itself (EOS or frame cap)
@@ -557,13 +652,27 @@ class EngineStream:
     def _engine(self) -> RealtimeEngine:
         return self.conversation.engine
 
+    def _unread_chars(self) -> int:
+        taken, unread = self.text_counts
+        return self._posted_chars - taken + unread
+
     async def push_text(self, delta: str) -> None:
-        if not (self.done or self._input_ended) and delta:
-            self._engine._device.post(self._engine._push_text, self.conversation.slot, self, delta)
+        if self._input_closed:
+            raise SessionClosedError(f"push_text after end_input() or aclose() on turn {self.turn_id}")
+        if self._speech_over or not delta:
+            return
+        engine = self._engine
+        self._posted_chars += len(delta)
+        engine._device.post(engine._push_text, self.conversation.slot, self, delta)
+        while self._unread_chars() > engine.config.text_buffer_chars and not self._speech_over:
+            self._text_room.clear()
+            await self._text_room.wait()
 
     async def end_input(self) -> None:
-        if not (self.done or self._input_ended):
-            self._input_ended = True
+        if self._input_closed:
+            return
+        self._input_closed = True
+        if not self._speech_over:
             self._engine._device.post(self._engine._end_text, self.conversation.slot, self)
 
     def __aiter__(self) -> EngineStream:
@@ -594,15 +703,17 @@ class EngineStream:
         Also valid after the model finished the turn, while its audio is still playing: the context
         is then cut to what was heard. A second call returns the first result.
         """
-        if self._heard is None:
-            self._finish(None)
-            engine = self._engine
-            self._heard = await engine._call(engine._rollback, self.conversation.slot, self, heard_s)
+        async with self._settling:
+            if self._heard is None:
+                self._finish(None)
+                engine = self._engine
+                self._heard = await engine._call(engine._rollback, self.conversation.slot, self, heard_s)
         return self._heard
 
     async def aclose(self) -> None:
         """Release the stream; a turn still running is stopped and kept as generated so far."""
-        if not self.completed and self._heard is None:
+        self._input_closed = True
+        if not self.done:
             await self.interrupt(None)
         self._finish(None)
 
@@ -610,12 +721,20 @@ class EngineStream:
         if not self.done:
             self._queue.append(item)
             self._ready.set()
+            if item is _END:
+                self._speech_over = True
+            self._text_room.set()  # a frame was made: the model read text
+
+    def _text_progress(self) -> None:
+        self._text_room.set()
 
     def _finish(self, error: BaseException | None) -> None:
         """End the stream now: queued audio is dropped (stale after an interrupt)."""
         if self.done:
             return
         self.done = True
+        self._speech_over = True
         self._error = error
         self._queue.clear()
         self._ready.set()
+        self._text_room.set()
