@@ -4,7 +4,8 @@ Each text character becomes one codec frame (80 ms by default) of a sine tone wh
 unique to the conversation, so tests can tell sessions apart by ear (FFT) as well as by turn id.
 Frames are paced like a real engine: a time to first audio after the first text, then
 ``frame_s * rtf`` of compute per frame on the given clock. The conversation keeps a text context
-that is cut back to what was heard on interrupt, like the real engine's KV cache.
+that is cut back to what was heard, like the real engine's KV cache. The streams keep the speech
+contract of ``moss_agent.streaming.tts`` (the same tests run against this fake and the engine).
 """
 
 from __future__ import annotations
@@ -38,10 +39,14 @@ class FakeSpeechBackend:
         step_hz: float = 50.0,
         clock: Clock | None = None,
         fail_at_frame: int | None = None,
+        max_frames_per_turn: int | None = None,
     ) -> None:
-        """``fail_at_frame``: every stream raises EngineError when it reaches that frame (fault injection)."""
+        """``fail_at_frame``: every stream raises EngineError when it reaches that frame (fault injection).
+        ``max_frames_per_turn``: a turn stops after that many frames, whatever text is left (the
+        engine's frame cap)."""
         self.sample_rate = sample_rate
         self.fail_at_frame = fail_at_frame
+        self.max_frames_per_turn = max_frames_per_turn
         self.frame_s = frame_s
         self.frame_samples = round(frame_s * sample_rate)
         self.frames_per_chunk = frames_per_chunk
@@ -109,7 +114,10 @@ class FakeConversation:
 
 
 class FakeSpeechStream:
-    """One turn: characters in, one tone frame per character out, paced on the backend's clock."""
+    """One turn: characters in, one tone frame per character out, paced on the backend's clock.
+
+    ``closed``: no more audio comes (the text was spoken, the frame cap, a failure, or a cut).
+    """
 
     def __init__(self, conversation: FakeConversation, turn_id: int) -> None:
         self.conversation = conversation
@@ -118,7 +126,7 @@ class FakeSpeechStream:
         self.text = ""  # everything pushed
         self.frames = 0  # frames generated so far = characters spoken
         self.closed = False
-        self.ended = False
+        self.ended = False  # end_input() or aclose() was called: pushing more is a mistake
         self.interrupted = False
         self._changed = asyncio.Event()
         self._heard: HeardResult | None = None
@@ -127,12 +135,18 @@ class FakeSpeechStream:
     def _pending(self) -> int:
         return len(self.text) - self.frames
 
+    def _capped(self) -> bool:
+        cap = self.backend.max_frames_per_turn
+        return cap is not None and self.frames >= cap
+
     async def push_text(self, delta: str) -> None:
-        if self.ended or self.closed:
-            raise EngineError(f"push_text after end_input or close on turn {self.turn_id}")
+        if self.ended:
+            raise SessionClosedError(f"push_text after end_input() or aclose() on turn {self.turn_id}")
+        if self.closed:
+            return  # the turn ended on its own or was cut: this text is never spoken
         self.text += delta
         self._changed.set()
-        while self._pending() > self.backend.text_buffer_chars and not (self.closed or self.interrupted):
+        while self._pending() > self.backend.text_buffer_chars and not self.closed:
             self._changed.clear()
             await self._changed.wait()
 
@@ -148,20 +162,23 @@ class FakeSpeechStream:
         while True:
             if self.interrupted or self.closed:
                 raise StopAsyncIteration
-            if self._pending() > 0:
-                break
-            if self.ended:
+            if self._capped() or (self.ended and self._pending() == 0):
                 self._finish()
                 raise StopAsyncIteration
+            if self._pending() > 0:
+                break
             self._changed.clear()
             await self._changed.wait()
         count = min(self._pending(), backend.frames_per_chunk)
+        if backend.max_frames_per_turn is not None:
+            count = min(count, backend.max_frames_per_turn - self.frames)
         if self.frames == 0:
             await backend.clock.sleep(backend.ttfa_s)
         await backend.clock.sleep(backend.frame_s * backend.rtf * count)
         if self.interrupted or self.closed:
             raise StopAsyncIteration
         if backend.fail_at_frame is not None and self.frames >= backend.fail_at_frame:
+            self._finish()  # the frames made so far stay, as the engine keeps them
             raise EngineError(f"injected engine failure at frame {self.frames} of turn {self.turn_id}")
         first = self.frames
         self.frames += count
@@ -178,12 +195,17 @@ class FakeSpeechStream:
             self._context_index = len(self.conversation.context)
             self.conversation.context.append(("assistant", self.text[: self.frames]))
             self.closed = True
+            self._changed.set()
 
     async def interrupt(self, heard_s: float | None = None) -> HeardResult:
         """Also valid after the last frame was generated: the listener may still be hearing it."""
         if self._heard is not None:
             return self._heard
-        frames = self.frames if heard_s is None else min(self.frames, int(heard_s / self.backend.frame_s + 1e-6))
+        if self.conversation.turn_ids[-1] != self.turn_id:
+            raise EngineError(f"turn {self.turn_id} was followed by another; settle a turn before the next starts")
+        frames = self.frames
+        if heard_s is not None:  # a frame the listener started hearing counts as heard
+            frames = min(frames, max(0, math.ceil(heard_s / self.backend.frame_s - 1e-6)))
         entry = ("assistant", self.text[:frames])
         if self._context_index is not None:  # generation had finished: cut the context back
             self.conversation.context[self._context_index] = entry
@@ -196,5 +218,6 @@ class FakeSpeechStream:
         return self._heard
 
     async def aclose(self) -> None:
+        self.ended = True
         if not self.closed:
             await self.interrupt(None)
