@@ -247,3 +247,26 @@ async def test_an_engine_failure_mid_turn_keeps_what_was_heard(
         backend.fail_at_frame = None
         assert (await asyncio.wait_for(session.say("fine again"), 5)).heard_text == "fine again"
         assert session.history[-1]["content"] == "this fine again"
+
+
+async def test_a_turn_ends_with_its_speech_and_hears_only_what_was_spoken(clock: ScaledClock) -> None:
+    """At the frame cap the turn ends, the endless LLM stream is closed, and only the spoken text
+    (one character per frame here) joins the history."""
+    backend = FakeSpeechBackend(clock=clock, max_frames_per_turn=10)
+    closed = asyncio.Event()
+
+    async def endless() -> AsyncIterator[str]:
+        try:
+            while True:
+                yield "never ending text "
+        finally:
+            closed.set()
+
+    async with Session(backend, clock=clock) as session:
+        result = await asyncio.wait_for(session.respond(endless()), 5)
+        assert closed.is_set(), "the LLM stream was left open after the speech ended"
+        assert not result.interrupted and result.error is None
+        assert result.heard_text == "never endi" and result.heard_s == pytest.approx(0.8)
+        # backpressure: the text budget, what was spoken, the delta that waited and one more
+        assert len(result.text) <= backend.text_buffer_chars + 10 + 2 * len("never ending text ")
+        assert session.history[-1] == {"role": "assistant", "content": "never endi"}
