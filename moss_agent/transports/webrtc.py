@@ -186,9 +186,18 @@ class EventChannel:
 
     @property
     def pending(self) -> bool:
-        """Messages not yet handed to the network: waiting for the channel, or in its send buffer."""
+        """Messages the client has not acknowledged yet: waiting for the channel, in its send buffer or
+        in flight. A zero ``bufferedAmount`` only means aiortc's SCTP association took the data;
+        closing then would abort what it has not sent or not had acknowledged, so its queues (private,
+        hence read defensively) count too."""
         channel = self._channel
-        return bool(self._backlog) or (channel is not None and channel.bufferedAmount > 0)
+        if self._backlog:
+            return True
+        if channel is None:
+            return False
+        association = getattr(channel, "transport", None)
+        in_flight = getattr(association, "_outbound_queue", None) or getattr(association, "_sent_queue", None)
+        return channel.bufferedAmount > 0 or bool(in_flight)
 
     @property
     def congested(self) -> bool:
