@@ -80,7 +80,7 @@ async def _chat(args: argparse.Namespace) -> int:
         sample_rate=engine.sample_rate,
     ) as audio:  # fmt: skip
         print("listening; speak to the agent (Ctrl-C to stop)", file=sys.stderr)
-        stop = asyncio.create_task(common.wait_for_stop_signal(), name="chat-stop")
+        stop = asyncio.create_task(common.wait_for_stop_signal(engine), name="chat-stop")
         summary = await converse(
             engine, input=audio.input, output=audio.output, llm=llm, vad=common.silero_vad(),
             stt=stt, config=config, echo_canceller=canceller, voice_prompt=voice, greeting=args.greeting,
@@ -88,4 +88,4 @@ async def _chat(args: argparse.Namespace) -> int:
         )  # fmt: skip
     if args.verbose:
         print(summary.format(), file=sys.stderr)
-    return 0
+    return common.engine_failed(engine, "chat")

@@ -104,12 +104,15 @@ async def build_speech_stack(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     return engine, stt, load_voice(args)
 
 
-async def wait_for_stop_signal() -> None:
-    """Return on SIGINT or SIGTERM (so a server can shut down cleanly and exit 0)."""
+async def wait_for_stop_signal(engine: Any = None) -> None:
+    """Return on SIGINT or SIGTERM (so a server can shut down cleanly and exit 0), or when
+    ``engine`` fails for good (then ``engine_failed`` gives the exit status)."""
     import signal
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    if engine is not None:
+        engine.on_failure(lambda _error: stop.set())
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
@@ -117,3 +120,11 @@ async def wait_for_stop_signal() -> None:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+def engine_failed(engine: Any, command: str) -> int:
+    """0, or (the engine failed for good) say why and return 1, so a supervisor restarts the process."""
+    if engine.failure is None:
+        return 0
+    print(f"moss-agent {command}: {engine.failure}", file=sys.stderr, flush=True)
+    return 1

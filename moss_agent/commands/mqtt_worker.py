@@ -88,7 +88,7 @@ async def _work(args: argparse.Namespace) -> int:
         config=common.session_config(args, echo_mode="half_duplex" if args.half_duplex else "none"),
         voice_prompt=voice, greeting=args.greeting,
     )  # fmt: skip
-    stop = asyncio.create_task(common.wait_for_stop_signal(), name="mqtt-worker-stop")
+    stop = asyncio.create_task(common.wait_for_stop_signal(engine), name="mqtt-worker-stop")
     async with engine:
         backoff_s = 1.0
         while not stop.done():
@@ -103,7 +103,7 @@ async def _work(args: argparse.Namespace) -> int:
                 await asyncio.wait_for(asyncio.shield(stop), backoff_s)
             backoff_s = min(backoff_s * 2, 30.0)
     print("stopped", file=sys.stderr, flush=True)
-    return 0
+    return common.engine_failed(engine, "mqtt-worker")
 
 
 async def _serve_until_stopped(worker: Any, stop: asyncio.Task[None]) -> bool:

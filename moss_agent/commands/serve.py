@@ -71,8 +71,8 @@ async def _serve(args: argparse.Namespace) -> int:
             print(f"serving {args.slots} conversation slots; open {url}?token={token}", flush=True)
             if not args.token:
                 print(f"token: {token}", file=sys.stderr, flush=True)
-            await common.wait_for_stop_signal()
+            await common.wait_for_stop_signal(engine)
             print("stopping", file=sys.stderr, flush=True)
         finally:
             await server.stop()
-    return 0
+    return common.engine_failed(engine, "serve")

@@ -63,15 +63,20 @@ class _BatchJob:
 class DeviceThread:
     """Runs workers' ticks, commands between them, and batch jobs when no tick is due.
 
-    ``ticks_per_batch_step``: while a batch job runs, at most this many realtime ticks run before
-    the job takes its next step (realtime first, but a batch job is never starved).
+    ``ticks_per_batch_step``: while a batch job runs, at most this many realtime ticks and commands
+    run before the job takes its next step (realtime first, but a batch job is never starved).
+    ``realtime_grace_s``: after serving realtime work between two batch steps, how long to wait
+    for more before the next step: a turn's start is followed by its text, a tick by the next
+    once its chunk is read; without the wait each of them queued behind a whole batch step
+    (first audio +73% beside a batch job at 3 ms, +12% at 20 ms on a loaded 2-core CPU).
     """
 
-    def __init__(self, name: str, *, ticks_per_batch_step: int = 8) -> None:
+    def __init__(self, name: str, *, ticks_per_batch_step: int = 8, realtime_grace_s: float = 0.02) -> None:
         if ticks_per_batch_step < 1:
             raise ValueError(f"ticks_per_batch_step must be >= 1, got {ticks_per_batch_step}")
         self.name = name
         self.ticks_per_batch_step = ticks_per_batch_step
+        self.realtime_grace_s = realtime_grace_s
         self._workers: tuple[DeviceWorker, ...] = ()  # replaced, never mutated: read without the lock
         self._commands: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any] | None]] = deque()
         self._batch_jobs: deque[_BatchJob] = deque()
@@ -203,11 +208,16 @@ class DeviceThread:
 
     def _run(self) -> None:
         try:
+            served = 0  # realtime work since a batch job last had a turn: it starts even under full load
             while self._failure is None:
                 with self._wakeup:
                     while not (self._commands or self._stopping or self._batch_jobs or self._due()):
                         self._wakeup.wait()
-                if not self._serve(stop_when_idle=False) and self._batch_jobs and self._failure is None:
+                done = self._serve()
+                served += done
+                batch_turn = done == 0 or served >= self.ticks_per_batch_step
+                if batch_turn and self._batch_jobs and self._failure is None and not self._stopping:
+                    served = 0
                     self._run_batch_job()
                 if self._stopping:
                     self._drain_on_stop()
@@ -218,35 +228,25 @@ class DeviceThread:
     def _due(self) -> bool:
         return any(worker.has_work() for worker in self._workers)
 
-    def _serve(self, *, stop_when_idle: bool) -> int:
-        """Run queued commands and one tick of every worker that has work; return ticks run.
-
-        ``stop_when_idle`` (within a batch job): loop until nothing is due or the tick budget is spent.
-        """
+    def _serve(self) -> int:
+        """Run the queued commands, then one tick of every worker that has work; return ticks run."""
+        with self._wakeup:
+            commands, self._commands = list(self._commands), deque()
+        for call, future in commands:
+            if self._failure is None:
+                self._run_command(call, future)
+            elif future is not None and future.set_running_or_notify_cancel():
+                future.set_exception(self._failure)
         ticks = 0
-        while self._failure is None:
-            with self._wakeup:
-                commands, self._commands = list(self._commands), deque()
-            for call, future in commands:
-                if self._failure is None:
-                    self._run_command(call, future)
-                elif future is not None and future.set_running_or_notify_cancel():
-                    future.set_exception(self._failure)
-            if self._stopping:
-                return ticks
-            ran = 0
-            for worker in self._workers:
-                if self._failure is None and worker.has_work():
-                    ran += 1
-                    try:
-                        worker.tick()
-                    except Exception as exc:
-                        log.exception("engine tick failed", extra={"worker": worker.name})
-                        worker.tick_failed(exc)  # raising marks the device failed
-            ticks += ran
-            if not stop_when_idle or (ran == 0 and not commands) or ticks >= self.ticks_per_batch_step:
-                return ticks
-        return ticks
+        for worker in self._workers:
+            if self._failure is None and not self._stopping and worker.has_work():
+                ticks += 1
+                try:
+                    worker.tick()
+                except Exception as exc:
+                    log.exception("engine tick failed", extra={"worker": worker.name})
+                    worker.tick_failed(exc)  # raising marks the device failed
+        return ticks + len(commands)
 
     def _run_batch_job(self) -> None:
         with self._wakeup:
@@ -263,11 +263,24 @@ class DeviceThread:
             job.future.set_result(result)
 
     def _checkpoint(self) -> None:
-        """Between two steps of a batch job: serve the realtime work that came due."""
+        """Between two steps of a batch job: serve the realtime work that came due.
+
+        Realtime goes first, up to ``ticks_per_batch_step`` ticks. After serving, wait up to
+        ``realtime_grace_s`` for the event loop's follow-up (a turn's text right after its start)
+        so it does not queue behind a whole batch step.
+        """
         if not self.is_current():
             raise EngineError("a batch job's checkpoint was called off its device thread")
         try:
-            self._serve(stop_when_idle=True)
+            served = 0
+            while served < self.ticks_per_batch_step and self._failure is None and not self._stopping:
+                done = self._serve()
+                if done == 0:
+                    break
+                served += done
+                with self._wakeup:
+                    if not (self._commands or self._stopping or self._due()):
+                        self._wakeup.wait(self.realtime_grace_s)
         except Exception as exc:
             raise EngineError(f"batch job stopped: {self.fail(exc)}") from exc
         if self._failure is not None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from moss_agent.commands.common import engine_failed, wait_for_stop_signal
 from moss_agent.config import SessionConfig
 from moss_agent.engine.realtime import RealtimeEngine, RealtimeEngineConfig
 from moss_agent.errors import EngineError
@@ -169,6 +170,9 @@ async def test_a_fault_while_recovering_fails_the_engine_for_good(tiny_realtime_
         result = await asyncio.wait_for(opened[0].say("Anyone there?"), STALL_S + 1)
         assert result.error and "must be restarted" in result.error
         assert time.monotonic() - began < 1.0
+        # a CLI server waiting for its stop signal returns, and its command exits 1 saying why
+        await asyncio.wait_for(wait_for_stop_signal(engine), 1)
+        assert engine_failed(engine, "serve") == 1
         await close_all(engine, opened)
 
 
