@@ -7,6 +7,10 @@ audio transceiver; inbound Opus is decoded by aiortc and fed, resampled, to ``co
 audio is pulled from ``conn.output`` (a PlaybackBuffer at 48 kHz) by a track paced at 20 ms.
 Events and control travel as JSON over the RTCDataChannel the client opens (label ``events``).
 
+Everything from the network is untrusted: bodies and data-channel messages go through the guarded
+decoder (``moss_agent.wire``), the SDP is checked before aiortc parses it, the HTTP side is bounded
+by ``webrtc_http`` (deadlines, connections per address) and every refusal is a JSON error.
+
 Track pacing follows aiortc's own AudioStreamTrack (wall-clock schedule in ``recv()``).
 """
 
