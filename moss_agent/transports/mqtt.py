@@ -124,7 +124,10 @@ class MqttLimits:
     """Error events sent to one device; beyond them errors are only counted, so bad input cannot
     turn into an unbounded stream of replies."""
     max_queued_messages: int = 10_000
-    """Received messages not yet handled; the MQTT client drops new ones beyond this."""
+    """Requests and control messages received but not yet handled; new ones beyond this are dropped."""
+    max_queued_audio: int = 5_000
+    """Audio packets received but not yet handled (about 1.5 s of 64 sessions). Audio has a connection
+    of its own, so when a flood outruns the worker's CPU only audio is dropped, never control."""
 
 
 class MqttWorker:
@@ -157,6 +160,7 @@ class MqttWorker:
         self._error_budgets: dict[str, TokenBucket] = {}
         self.errors_suppressed = 0
         self._client: Any = None
+        self._audio_client: Any = None
         self._tasks: asyncio.TaskGroup | None = None
         self.ready = asyncio.Event()
 
@@ -174,27 +178,42 @@ class MqttWorker:
             will=(status, offline),
             max_queued=self.limits.max_queued_messages,
         )
-        try:
-            await client.__aenter__()
-        except mqtt_error as exc:
-            raise _connect_error(exc, self._settings) from exc
-        self._client = client
-        try:
-            await client.subscribe(self._topics.shared_requests(self._group), qos=1)
-            await client.publish(status, encode_json({"worker": self.worker_id, "online": True}), qos=1)
-            self.ready.set()
-            logger.info("mqtt worker ready", extra={"worker": self.worker_id})
-            async with asyncio.TaskGroup() as tasks:
-                self._tasks = tasks
-                async for message in client.messages:
-                    self._handle(str(message.topic), bytes(message.payload))
-        finally:
-            for session in list(self._sessions.values()):
-                session.hang_up()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.publish(status, offline, qos=1), 2)
-            with contextlib.suppress(Exception):
-                await client.__aexit__(None, None, None)
+        audio = self._settings.client(
+            f"moss-worker-{self.worker_id}-audio", max_queued=self.limits.max_queued_audio
+        )
+        async with contextlib.AsyncExitStack() as connections:
+            try:
+                await connections.enter_async_context(client)
+                await connections.enter_async_context(audio)
+            except mqtt_error as exc:
+                raise _connect_error(exc, self._settings) from exc
+            self._client, self._audio_client = client, audio
+            try:
+                await client.subscribe(self._topics.shared_requests(self._group), qos=1)
+                await client.publish(status, encode_json({"worker": self.worker_id, "online": True}), qos=1)
+                self.ready.set()
+                logger.info("mqtt worker ready", extra={"worker": self.worker_id})
+                async with asyncio.TaskGroup() as tasks:
+                    self._tasks = tasks
+                    tasks.create_task(
+                        self._read(audio, yield_every=64), name=f"mqtt-worker-audio-{self.worker_id}"
+                    )
+                    await self._read(client, yield_every=1)
+            finally:
+                for session in list(self._sessions.values()):
+                    session.hang_up()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(client.publish(status, offline, qos=1), 2)
+
+    async def _read(self, client: Any, *, yield_every: int) -> None:
+        """Handle one connection's messages. A backlog is drained in slices of ``yield_every``, so a flood
+        of audio on one connection never holds up control on the other."""
+        handled = 0
+        async for message in client.messages:
+            self._handle(str(message.topic), bytes(message.payload))
+            handled += 1
+            if handled % yield_every == 0:
+                await asyncio.sleep(0)
 
     def _handle(self, topic: str, payload: bytes) -> None:
         """One message. Whatever goes wrong with it is answered to its sender and logged, never raised:
@@ -398,11 +417,13 @@ class _WorkerSession:
         self.conn.mark_closed()
 
     async def run(self) -> None:
-        client = self._worker._client
-        up = self._topics.up_filter(self.client_id, self.session_id)
+        client, audio = self._worker._client, self._worker._audio_client
+        control = self._topics.up_control(self.client_id, self.session_id)
+        up_audio = self._topics.up_audio(self.client_id, self.session_id)
         status = self._topics.client_status(self.client_id)
         try:
-            await client.subscribe(up, qos=1)
+            await audio.subscribe(up_audio, qos=0)
+            await client.subscribe(control, qos=1)
             await client.subscribe(status, qos=1)
             await self._send_event(
                 {
@@ -434,7 +455,9 @@ class _WorkerSession:
             self.hang_up()
             self._worker._sessions.pop((self.client_id, self.session_id), None)
             with contextlib.suppress(Exception):
-                await client.unsubscribe(up)
+                await client.unsubscribe(control)
+            with contextlib.suppress(Exception):
+                await audio.unsubscribe(up_audio)
             if not any(c == self.client_id for c, _ in self._worker._sessions):
                 with contextlib.suppress(Exception):
                     await client.unsubscribe(status)
