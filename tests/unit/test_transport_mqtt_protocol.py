@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import struct
+
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from moss_agent.errors import TransportError
+from moss_agent.transports.connection import parse_control
 from moss_agent.transports.mqtt_protocol import (
     HEADER_BYTES,
     AudioDecoder,
@@ -15,8 +22,11 @@ from moss_agent.transports.mqtt_protocol import (
     Topics,
     decode_audio_packet,
     encode_audio_packet,
+    packet_seconds,
+    parse_client_status,
     parse_session_request,
 )
+from moss_agent.wire import decode_json_object
 
 
 def sine(hz: float, seconds: float, rate: int) -> np.ndarray:
@@ -80,3 +90,53 @@ def test_session_request_validation() -> None:
         parse_session_request({"type": "session.request", "session": "abc", "codec": "opus", "sample_rate": 22050})
     with pytest.raises(TransportError, match="session id"):
         parse_session_request({"type": "session.request", "session": "a/#"})
+
+
+# --- fuzz: every MQTT decoder turns anything into TransportError or a valid result, nothing else ---
+
+
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=30,
+)
+_messages = st.one_of(
+    st.binary(max_size=300),
+    _json.map(lambda v: json.dumps(v).encode()),
+    st.dictionaries(st.sampled_from(["type", "session", "codec", "sample_rate", "instance", "online", "text"]), _json)
+    .map(lambda d: json.dumps(d).encode()),
+    st.integers(1, 3000).map(lambda n: b"[" * n + b"]" * n),
+)
+
+
+@FUZZ
+@given(_messages)
+def test_fuzzed_json_messages_give_only_transport_errors(data: bytes) -> None:
+    for what, parse in (
+        ("session request", parse_session_request),
+        ("client status", parse_client_status),
+        ("control message", parse_control),
+    ):
+        with contextlib.suppress(TransportError):
+            parse(decode_json_object(data, what=what))
+
+
+@FUZZ
+@given(
+    st.sampled_from([b"MA", b"XX"]), st.integers(0, 3), st.integers(0, 3), st.integers(0, 2**32 - 1),
+    st.integers(0, 2**32 - 1), st.integers(-(2**31), 2**31 - 1), st.binary(max_size=400),
+)  # fmt: skip
+def test_fuzzed_audio_packets_give_only_transport_errors(
+    magic: bytes, version: int, codec: int, rate: int, seq: int, turn: int, payload: bytes
+) -> None:
+    packet = struct.pack("!2sBBIIi", magic, version, codec, rate, seq, turn) + payload
+    for decoder in (AudioDecoder("pcm16", 24_000), AudioDecoder("opus", 24_000)):
+        try:
+            header, body = decode_audio_packet(packet)
+            assert packet_seconds(header, body) >= 0
+            pcm = decoder.decode_payload(header, body)
+            assert pcm.dtype == np.float32 and np.all(np.isfinite(pcm))
+        except TransportError:
+            pass
