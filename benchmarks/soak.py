@@ -1,0 +1,260 @@
+"""Soak: N concurrent sessions x M turns on one realtime engine, then every conversation alone.
+
+Each session says distinct texts after distinct user messages; some turns are interrupted after a
+random number of frames, some LLM token sources raise midway. Sampling is greedy, so a
+conversation's audio is a function of its own turns only. Afterwards each conversation is replayed
+alone on the same engine (same texts, same end of input, settled at the same heard frames) and
+every turn's audio is compared with what the loaded run delivered.
+
+Prints: cross-talk (turns whose audio differs from the solo replay, exactly and beyond 1e-3;
+chunks tagged with another turn's id), RSS at start / middle / end, tasks and slots left after
+every session closed, p50/p95 first audio (first text -> first chunk out).
+
+    .venv/bin/python benchmarks/soak.py --sessions 8 --turns 50
+    .venv/bin/python benchmarks/soak.py --sessions 32 --turns 1000 --max-context 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import random
+import statistics
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moss_agent.config import SessionConfig
+from moss_agent.errors import LLMError
+from moss_agent.events import AudioChunk, TextDelta
+from moss_agent.streaming.session import Session
+from moss_agent.streaming.tts import UserTurn
+
+WORDS = ["amber", "bright", "calm", "delta", "echo", "fable", "garden", "harbor", "island", "jungle", "kettle", "lemon", "meadow", "north", "orbit", "pepper", "quiet", "river", "silver", "timber", "umber", "velvet", "willow", "yellow", "zephyr"]
+
+
+@dataclass
+class TurnRecord:
+    """What one turn of the loaded run sent and delivered."""
+
+    user_text: str
+    text: str = ""  # every delta sent to the speech stream
+    ended_input: bool = False  # the text pump reached end_input (not cut before)
+    heard_s: float = 0.0
+    audio: list[AudioChunk] = field(default_factory=list)
+    first_audio_s: float | None = None
+    wrong_turn_chunks: int = 0
+
+
+@dataclass
+class SoakReport:
+    sessions: int
+    turns: int
+    seconds: float
+    interrupted: int
+    llm_failures: int
+    cross_talk_exact: int
+    cross_talk_1e3: int
+    wrong_turn_chunks: int
+    rss_mb: tuple[float, float, float]
+    leaked_tasks: int
+    leaked_slots: int
+    first_audio_p50_ms: float
+    first_audio_p95_ms: float
+
+    def lines(self) -> list[str]:
+        start, middle, end = self.rss_mb
+        return [
+            f"sessions x turns   {self.sessions} x {self.turns} in {self.seconds:.1f} s "
+            f"({self.interrupted} interrupted, {self.llm_failures} LLM failures)",
+            f"cross-talk         {self.cross_talk_exact} turns differ from the solo replay "
+            f"({self.cross_talk_1e3} beyond 1e-3), {self.wrong_turn_chunks} chunks with another turn's id",
+            f"RSS MB             start {start:.0f}, middle {middle:.0f}, end {end:.0f} "
+            f"({100 * (end - start) / start:+.1f}%)",
+            f"leaked             {self.leaked_tasks} tasks, {self.leaked_slots} slots",
+            f"first audio ms     p50 {self.first_audio_p50_ms:.1f}, p95 {self.first_audio_p95_ms:.1f}",
+        ]
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def tokens(words: list[str], fail_after: int | None) -> AsyncIterator[str]:
+    """An LLM-like token source that raises LLMError after ``fail_after`` words."""
+    for index, word in enumerate(words):
+        if fail_after is not None and index == fail_after:
+            raise LLMError(f"injected LLM failure after {index} words")
+        await asyncio.sleep(0)
+        yield word + " "
+
+
+async def run_session(
+    engine: Any, index: int, turns: int, rng: random.Random, interrupt_p: float, fail_p: float,
+    counters: dict[str, int], on_turn: Any,
+) -> list[TurnRecord]:
+    records: list[TurnRecord] = []
+    config = SessionConfig(system_prompt=None, audio_stall_timeout_s=60.0)
+    async with Session(engine, config=config, name=f"soak{index}") as session:
+        for turn in range(turns):
+            words = [f"s{index}t{turn}", *rng.choices(WORDS, k=rng.randint(3, 14))]
+            fail_after = rng.randint(0, len(words) - 1) if rng.random() < fail_p else None
+            cut_after = rng.randint(1, 8) if rng.random() < interrupt_p else None
+            record = TurnRecord(user_text=f"user {index} asks question {turn}?")
+            handle = session.respond(tokens(words, fail_after), user_text=record.user_text)
+            async for event in handle:
+                if isinstance(event, AudioChunk):
+                    if event.turn_id != handle.id:
+                        record.wrong_turn_chunks += 1
+                        continue
+                    record.audio.append(event)
+                    if cut_after is not None and len(record.audio) == cut_after:
+                        await handle.interrupt()
+                elif isinstance(event, TextDelta) and event.final:
+                    record.ended_input = True
+            result = await handle
+            record.text, record.heard_s = result.text, result.heard_s
+            if result.metrics is not None:
+                record.first_audio_s = result.metrics.values.get("first_audio_out_s")  # type: ignore[assignment]
+            counters["interrupted"] += result.interrupted and result.error is None
+            counters["llm_failures"] += fail_after is not None
+            records.append(record)
+            on_turn()
+    return records
+
+
+async def replay_alone(engine: Any, records: list[TurnRecord]) -> list[list[AudioChunk]]:
+    """The same conversation alone on the engine: same turns, same end of input, same heard frames."""
+    conversation = await engine.open_conversation()
+    audio: list[list[AudioChunk]] = []
+    try:
+        for turn_id, record in enumerate(records, start=1):
+            stream = await conversation.start_turn(UserTurn(record.user_text), turn_id)
+            # a frame counted as heard may have been cut before it reached the collector
+            heard_frames = round(record.heard_s / engine.frame_s)
+            chunks: list[AudioChunk] = []
+
+            async def produce(stream: Any = stream, record: TurnRecord = record) -> None:
+                for word in record.text.split(" ")[:-1] if record.text else []:
+                    await stream.push_text(word + " ")
+                if record.ended_input:
+                    await stream.end_input()
+
+            async with asyncio.TaskGroup() as tg:
+                producer = tg.create_task(produce(), name=f"replay-text{turn_id}")
+                if heard_frames:
+                    async for chunk in stream:
+                        chunks.append(chunk)
+                        if len(chunks) >= heard_frames:
+                            break
+                await stream.interrupt(record.heard_s)
+                producer.cancel()
+            await stream.aclose()
+            audio.append(chunks[: len(record.audio)])
+    finally:
+        await conversation.aclose()
+    return audio
+
+
+def differs(loaded: list[AudioChunk], alone: list[AudioChunk], tolerance: float) -> bool:
+    if len(loaded) != len(alone):
+        return True
+    if not loaded:
+        return False
+    a = np.concatenate([c.pcm for c in loaded])
+    b = np.concatenate([c.pcm for c in alone])
+    return a.shape != b.shape or float(np.abs(a - b).max()) > tolerance
+
+
+async def run_soak(
+    model_dir: Path, codec_dir: Path, *, sessions: int, turns: int, seed: int = 0, interrupt_p: float = 0.3,
+    fail_p: float = 0.1, max_frames: int = 16, max_context: int = 1024,
+) -> SoakReport:
+    from moss_agent.engine.realtime import RealtimeEngine, RealtimeEngineConfig
+    from moss_agent.models.realtime import SamplingConfig
+
+    config = RealtimeEngineConfig(
+        num_slots=sessions, max_waiting=0, max_context=max_context, max_frames_per_turn=max_frames,
+        sampling=SamplingConfig(greedy=True), text_buffer_chars=64,
+    )
+    engine = await asyncio.to_thread(RealtimeEngine.load, model_dir, codec_dir, device="cpu", config=config)
+    counters = {"interrupted": 0, "llm_failures": 0}
+    total = sessions * turns
+    done = 0
+    rss = [0.0, 0.0, 0.0]
+
+    def on_turn() -> None:
+        nonlocal done
+        done += 1
+        if done == total // 2:
+            rss[1] = rss_mb()
+
+    async with engine:
+        rss[0] = rss_mb()
+        started = time.perf_counter()
+        async with asyncio.TaskGroup() as tg:
+            runs = [
+                tg.create_task(
+                    run_session(engine, i, turns, random.Random(seed * 1000 + i), interrupt_p, fail_p, counters, on_turn),
+                    name=f"soak-session{i}",
+                )
+                for i in range(sessions)
+            ]
+        seconds = time.perf_counter() - started
+        rss[2] = rss_mb()
+        leaked_tasks = len([t for t in asyncio.all_tasks() if t is not asyncio.current_task()])
+        leaked_slots = engine.config.num_slots - engine.free_slots
+        records = [run.result() for run in runs]
+        exact = loose = 0
+        for session_records in records:
+            alone = await replay_alone(engine, session_records)
+            for record, solo in zip(session_records, alone, strict=True):
+                exact += differs(record.audio, solo, 0.0)
+                loose += differs(record.audio, solo, 1e-3)
+    first = sorted(1000 * r.first_audio_s for rs in records for r in rs if r.first_audio_s is not None)
+    return SoakReport(
+        sessions=sessions, turns=turns, seconds=seconds, interrupted=counters["interrupted"],
+        llm_failures=counters["llm_failures"], cross_talk_exact=exact, cross_talk_1e3=loose,
+        wrong_turn_chunks=sum(r.wrong_turn_chunks for rs in records for r in rs),
+        rss_mb=(rss[0], rss[1], rss[2]), leaked_tasks=leaked_tasks, leaked_slots=leaked_slots,
+        first_audio_p50_ms=statistics.median(first) if first else float("nan"),
+        first_audio_p95_ms=first[min(len(first) - 1, int(0.95 * len(first)))] if first else float("nan"),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sessions", type=int, default=8)
+    parser.add_argument("--turns", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--interrupt", type=float, default=0.3, help="share of turns interrupted")
+    parser.add_argument("--fail", type=float, default=0.1, help="share of turns whose token source raises")
+    parser.add_argument("--max-frames", type=int, default=16, help="frame cap per turn (80 ms each)")
+    parser.add_argument("--max-context", type=int, default=1024, help="context rows per slot (old turns are trimmed)")
+    parser.add_argument("--model", type=Path, help="realtime checkpoint (default: the tiny random one)")
+    parser.add_argument("--codec", type=Path, help="codec checkpoint (default: the tiny random one)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)  # the injected LLM failures would log a warning each
+    if args.model is None or args.codec is None:
+        from moss_agent.options import ensure_tiny_checkpoints
+
+        args.model, args.codec = ensure_tiny_checkpoints()
+    report = asyncio.run(run_soak(
+        args.model, args.codec, sessions=args.sessions, turns=args.turns, seed=args.seed,
+        interrupt_p=args.interrupt, fail_p=args.fail, max_frames=args.max_frames, max_context=args.max_context,
+    ))
+    print("\n".join(report.lines()))
+    clean = report.cross_talk_1e3 == 0 and report.wrong_turn_chunks == 0 and not report.leaked_tasks
+    return 0 if clean and not report.leaked_slots else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
