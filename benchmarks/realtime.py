@@ -12,11 +12,14 @@ For 1, 4 and 16 concurrent slots of one ``RealtimeGenerator`` it reports
   best_ms: the fastest tick, what the machine can do when no other process takes the cores;
 - frames_s: aggregate frames per second; rtf: compute / audio time per stream (tick_ms / 80);
 - state_mib_slot: preallocated state per slot (KV caches, rows, sampling state).
+``--stagger ROWS`` makes slot s's context about s * ROWS rows longer (a longer system prompt), so
+the slots attend over different lengths, as in a real mix of conversations.
 Upstream's single-session loop runs about 155 ms/frame (tiny) and 280 ms/frame (small) on 2 cores.
 
     .venv/bin/python benchmarks/realtime.py                    # 2 threads, both configs, eager
     .venv/bin/python benchmarks/realtime.py --compile          # the tick through torch.compile
     .venv/bin/python benchmarks/realtime.py --threads 1 --configs tiny --slots 1 16
+    .venv/bin/python benchmarks/realtime.py --slots 16 --stagger 32    # mixed context lengths
 """
 
 from __future__ import annotations
@@ -50,12 +53,12 @@ FRAME_S = 0.08
 
 
 def run(
-    model, tokenizer, slots: int, ticks: int, warmup: int, max_context: int, compile: bool
+    model, tokenizer, slots: int, ticks: int, warmup: int, max_context: int, compile: bool, stagger: int = 0
 ) -> dict[str, float]:
     gen = RealtimeGenerator(model, tokenizer, num_slots=slots, max_context=max_context, compile=compile)
     sampling = SamplingConfig()
     for slot in range(slots):  # warm-up turn (allocator, thread pools), not measured
-        gen.start_conversation(slot)
+        gen.start_conversation(slot, "Speak." + " word" * (stagger * slot) if stagger else None)
         gen.start_turn(slot, "Hi", None, sampling=sampling, seed=slot, max_frames=3)
         gen.push_text(slot, TEXT)
         gen.end_text(slot)
@@ -126,6 +129,7 @@ def main() -> None:
     parser.add_argument("--ticks", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--max-context", type=int, default=1024)
+    parser.add_argument("--stagger", type=int, default=0, help="slot s starts s * STAGGER rows longer")
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile the tick (first tick of each size compiles)"
     )
@@ -134,6 +138,7 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {args.threads} CPU threads, max_context {args.max_context}, "
         f"{'compiled' if args.compile else 'eager'}, median of {args.ticks} ticks"
+        + (f", slot s {args.stagger} * s rows longer" if args.stagger else "")
     )
     header = (
         f"{'config':<7}{'device':>7}{'slots':>6}{'ttff_ms':>9}{'tick_ms':>9}{'best_ms':>9}{'frames/s':>10}"
@@ -150,7 +155,9 @@ def main() -> None:
             single = None
             slot_counts = args.slots or ([1, 4, 16, 64] if device.startswith("cuda") else [1, 4, 16])
             for slots in slot_counts:
-                result = run(model, tokenizer, slots, args.ticks, args.warmup, args.max_context, args.compile)
+                result = run(
+                    model, tokenizer, slots, args.ticks, args.warmup, args.max_context, args.compile, args.stagger
+                )
                 single = single or (result["frames_s"] if slots == 1 else None)
                 scale = f"{result['frames_s'] / single:.1f}" if single else "-"
                 print(
