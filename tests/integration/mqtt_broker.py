@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from system_requirements import MOSQUITTO, require
 
+from moss_agent.transports.mqtt import MqttClientSession, MqttSettings
 from moss_agent.transports.mqtt_acl import dynsec_config
 
 SHIPPED_CONFIG = Path(__file__).resolve().parents[2] / "docs" / "mosquitto" / "mosquitto.conf"
@@ -107,3 +108,16 @@ def run_broker(tmp: Path, users: dict[str, str], workers: tuple[str, ...] = ("wo
             proc.kill()
             proc.wait()
         log.close()
+
+
+def settings_for(broker: Broker, user: str) -> MqttSettings:
+    """Client settings of one of the broker's users."""
+    return MqttSettings(host=broker.host, port=broker.port, username=user, password=broker.passwords[user])
+
+
+async def next_event(session: MqttClientSession, kind: str) -> dict:
+    """The session's next event of one type (earlier events of other types are skipped)."""
+    async for event in session.events():
+        if event["type"] == kind:
+            return event
+    raise AssertionError(f"session ended before a {kind!r} event")

@@ -23,11 +23,11 @@ pytest.importorskip("aiomqtt")
 
 import aiomqtt
 import paho.mqtt.client as paho
-from mqtt_broker import Broker, run_broker
+from mqtt_broker import Broker, next_event, run_broker, settings_for
 from transport_signals import RATE, tone, tone_agent
 
 from moss_agent.errors import TransportError
-from moss_agent.transports.mqtt import MqttClient, MqttClientSession, MqttLimits, MqttSettings, MqttWorker
+from moss_agent.transports.mqtt import MqttClient, MqttClientSession, MqttLimits, MqttWorker
 from moss_agent.transports.mqtt_protocol import Topics, encode_json
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,10 +43,6 @@ def broker(tmp_path_factory: pytest.TempPathFactory):
     users = {"worker": "worker-secret", **{d: f"pw-{d}" for d in DEVICES}}
     with run_broker(tmp_path_factory.mktemp("mosquitto"), users) as running:
         yield running
-
-
-def settings_for(broker: Broker, user: str) -> MqttSettings:
-    return MqttSettings(host=broker.host, port=broker.port, username=user, password=broker.passwords[user])
 
 
 def raw_client(broker: Broker, user: str) -> aiomqtt.Client:
@@ -71,13 +67,6 @@ async def serving(broker: Broker, **options: object) -> AsyncIterator[MqttWorker
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-
-
-async def next_event(session: MqttClientSession, kind: str) -> dict:
-    async for event in session.events():
-        if event["type"] == kind:
-            return event
-    raise AssertionError(f"session ended before a {kind!r} event")
 
 
 async def next_client_event(client: MqttClient) -> dict:

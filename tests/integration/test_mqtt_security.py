@@ -10,11 +10,11 @@ import pytest
 pytest.importorskip("aiomqtt")
 
 import aiomqtt
-from mqtt_broker import Broker, run_broker
+from mqtt_broker import Broker, next_event, run_broker
 from transport_signals import RATE, tone, tone_agent
 
 from moss_agent.errors import TransportError
-from moss_agent.transports.mqtt import MqttClient, MqttClientSession, MqttSettings, MqttWorker
+from moss_agent.transports.mqtt import MqttClient, MqttSettings, MqttWorker
 from moss_agent.transports.mqtt_protocol import AudioHeader, Topics, encode_audio_packet
 
 TIMEOUT_S = 30
@@ -43,13 +43,6 @@ async def worker(broker: Broker):
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-
-
-async def next_event(session: MqttClientSession, kind: str) -> dict:
-    async for event in session.events():
-        if event["type"] == kind:
-            return event
-    raise AssertionError(f"session ended before a {kind!r} event")
 
 
 @pytest.mark.parametrize(("user", "password"), [("dev1", "wrong"), ("mallory", "anything")])

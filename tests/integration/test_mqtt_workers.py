@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("aiomqtt")
 
-from mqtt_broker import Broker, run_broker
+from mqtt_broker import Broker, next_event, run_broker, settings_for
 from transport_signals import (
     RATE,
     agent_tone_hz,
@@ -23,7 +23,7 @@ from transport_signals import (
     windows_dominated_by,
 )
 
-from moss_agent.transports.mqtt import MqttClient, MqttClientSession, MqttSettings
+from moss_agent.transports.mqtt import MqttClient, MqttClientSession
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENTS = [f"dev{i}" for i in range(6)]
@@ -35,10 +35,6 @@ def broker(tmp_path_factory: pytest.TempPathFactory):
     users = {"worker": "worker-secret", **{c: f"pw-{c}" for c in CLIENTS}}
     with run_broker(tmp_path_factory.mktemp("mosquitto"), users) as running:
         yield running
-
-
-def settings_for(broker: Broker, user: str) -> MqttSettings:
-    return MqttSettings(host=broker.host, port=broker.port, username=user, password=broker.passwords[user])
 
 
 def start_worker(broker: Broker, worker_id: str) -> subprocess.Popen[str]:
@@ -59,13 +55,6 @@ async def wait_ready(proc: subprocess.Popen[str], worker_id: str) -> None:
     assert proc.stdout is not None
     line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 20)
     assert line.strip() == f"ready {worker_id}", f"worker did not start: {line!r}"
-
-
-async def next_event(session: MqttClientSession, kind: str) -> dict:
-    async for event in session.events():
-        if event["type"] == kind:
-            return event
-    raise AssertionError(f"session ended before a {kind!r} event")
 
 
 async def converse(session: MqttClientSession, client_id: str) -> dict:
