@@ -26,7 +26,7 @@ import concurrent.futures
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -191,12 +191,7 @@ class DeviceThread:
             jobs, self._batch_jobs = list(self._batch_jobs), deque()
             workers = self._workers
             self._wakeup.notify_all()
-        for _, future in commands:
-            if future is not None and future.set_running_or_notify_cancel():
-                future.set_exception(error)
-        for job in jobs:
-            if job.future.set_running_or_notify_cancel():
-                job.future.set_exception(error)
+        _fail_waiting(commands, jobs, error)
         for worker in workers:
             try:
                 worker.device_failed(error)
@@ -292,13 +287,7 @@ class DeviceThread:
         with self._wakeup:
             commands, self._commands = list(self._commands), deque()
             jobs, self._batch_jobs = list(self._batch_jobs), deque()
-        closed = EngineError("the engine was closed before this request ran")
-        for _, future in commands:
-            if future is not None and future.set_running_or_notify_cancel():
-                future.set_exception(closed)
-        for job in jobs:
-            if job.future.set_running_or_notify_cancel():
-                job.future.set_exception(closed)
+        _fail_waiting(commands, jobs, EngineError("the engine was closed before this request ran"))
 
     @staticmethod
     def _run_command(call: Callable[[], Any], future: concurrent.futures.Future[Any] | None) -> None:
@@ -314,3 +303,14 @@ class DeviceThread:
             return
         if future is not None:
             future.set_result(result)
+
+
+def _fail_waiting(commands: Iterable[tuple[Any, concurrent.futures.Future[Any] | None]], jobs: Iterable[_BatchJob],
+                  error: BaseException) -> None:
+    """Fail the futures of commands and batch jobs that will never run."""
+    for _, future in commands:
+        if future is not None and future.set_running_or_notify_cancel():
+            future.set_exception(error)
+    for job in jobs:
+        if job.future.set_running_or_notify_cancel():
+            job.future.set_exception(error)
