@@ -50,7 +50,8 @@ class TurnRecord:
     text: str = ""  # every delta sent to the speech stream
     ended_input: bool = False  # the text pump reached end_input (not cut before)
     heard_s: float = 0.0
-    audio: list[AudioChunk] = field(default_factory=list)
+    chunks: int = 0
+    audio: list[AudioChunk] = field(default_factory=list)  # kept only for conversations replayed later
     first_audio_s: float | None = None
     wrong_turn_chunks: int = 0
 
@@ -104,7 +105,7 @@ async def tokens(words: list[str], fail_after: int | None) -> AsyncIterator[str]
 
 async def run_session(
     engine: Any, index: int, turns: int, rng: random.Random, interrupt_p: float, fail_p: float,
-    counters: dict[str, int], on_turn: Any,
+    counters: dict[str, int], on_turn: Any, keep_audio: bool = True,
 ) -> list[TurnRecord]:
     records: list[TurnRecord] = []
     config = SessionConfig(system_prompt=None, audio_stall_timeout_s=60.0)
@@ -120,8 +121,10 @@ async def run_session(
                     if event.turn_id != handle.id:
                         record.wrong_turn_chunks += 1
                         continue
-                    record.audio.append(event)
-                    if cut_after is not None and len(record.audio) == cut_after:
+                    record.chunks += 1
+                    if keep_audio:
+                        record.audio.append(event)
+                    if cut_after is not None and record.chunks == cut_after:
                         await handle.interrupt()
                 elif isinstance(event, TextDelta) and event.final:
                     record.ended_input = True
@@ -202,13 +205,18 @@ async def run_soak(
         if done == total // 2:
             rss[1] = rss_mb()
 
+    # Chosen up front: only these keep their audio, so RSS measures the engine, not the records.
+    replayed = sorted(random.Random(seed).sample(range(sessions), min(sessions, replay_sessions or sessions)))
     async with engine:
         rss[0] = rss_mb()
         started = time.perf_counter()
         async with asyncio.TaskGroup() as tg:
             runs = [
                 tg.create_task(
-                    run_session(engine, i, turns, random.Random(seed * 1000 + i), interrupt_p, fail_p, counters, on_turn),
+                    run_session(
+                        engine, i, turns, random.Random(seed * 1000 + i), interrupt_p, fail_p, counters, on_turn,
+                        keep_audio=i in replayed,
+                    ),
                     name=f"soak-session{i}",
                 )
                 for i in range(sessions)
@@ -219,8 +227,7 @@ async def run_soak(
         leaked_slots = engine.config.num_slots - engine.free_slots
         records = [run.result() for run in runs]
         exact = loose = 0
-        replayed = random.Random(seed).sample(range(sessions), min(sessions, replay_sessions or sessions))
-        for session_records in (records[i] for i in sorted(replayed)):
+        for session_records in (records[i] for i in replayed):
             alone = await replay_alone(engine, session_records)
             for record, solo in zip(session_records, alone, strict=True):
                 exact += differs(record.audio, solo, 0.0)
