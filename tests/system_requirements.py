@@ -12,6 +12,7 @@ import ctypes.util
 import functools
 import os
 import shutil
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,3 +108,13 @@ def require(*requirements: SystemRequirement) -> None:
     reason = _missing(requirements)
     if reason is not None:
         pytest.skip(reason)
+
+
+def stop_process(proc: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
+    """Stop a server a test started: SIGTERM, then SIGKILL if it has not exited within 5 s."""
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from system_requirements import JACK, PORTAUDIO, require
+from system_requirements import JACK, PORTAUDIO, require, stop_process
 
 _JACK_VARIABLES = ("JACK_DEFAULT_SERVER", "JACK_NO_START_SERVER")
 
@@ -73,12 +73,7 @@ def jack_server(tmp_path: Path) -> Iterator[str]:
         with jack_environment(name):
             yield name
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def jack_connect(server: str, source: str, destination: str) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from system_requirements import MOSQUITTO, require
+from system_requirements import MOSQUITTO, require, stop_process
 
 from moss_agent.transports.mqtt import MqttClientSession, MqttSettings
 from moss_agent.transports.mqtt_acl import dynsec_config
@@ -101,12 +101,7 @@ def run_broker(tmp: Path, users: dict[str, str], workers: tuple[str, ...] = ("wo
             time.sleep(0.05)
         yield Broker("127.0.0.1", port, dict(users), log_path)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
 
 
