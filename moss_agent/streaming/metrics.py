@@ -7,6 +7,8 @@ faster than real time). When a paced sink holds the engine back, it is an upper 
 from __future__ import annotations
 
 import statistics
+from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from moss_agent.events import Metrics
@@ -83,7 +85,7 @@ class Stat:
     max: float
 
 
-def _stat(samples: list[float]) -> Stat:
+def _stat(samples: Iterable[float]) -> Stat:
     ordered = sorted(samples)
     p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
     return Stat(len(ordered), statistics.fmean(ordered), statistics.median(ordered), p95, ordered[-1])
@@ -91,19 +93,24 @@ def _stat(samples: list[float]) -> Stat:
 
 @dataclass(slots=True)
 class SessionSummary:
-    """Aggregates of every finished turn's metrics."""
+    """Counts of every finished turn, and statistics over the most recent ``window`` turns.
+
+    The window bounds memory for a session that runs for days (it would otherwise keep one float
+    per figure per turn forever).
+    """
 
     turns: int = 0
     interruptions: int = 0
     errors: int = 0
-    samples: dict[str, list[float]] = field(default_factory=dict)
+    window: int = 1000
+    samples: dict[str, deque[float]] = field(default_factory=dict)
 
     def add(self, metrics: Metrics) -> None:
         self.turns += 1
         self.interruptions += int(metrics.values.get("interrupted") or 0)
         for key, value in metrics.values.items():
             if value is not None and key != "interrupted":
-                self.samples.setdefault(key, []).append(float(value))
+                self.samples.setdefault(key, deque(maxlen=self.window)).append(float(value))
 
     def stats(self) -> dict[str, Stat]:
         return {key: _stat(values) for key, values in self.samples.items() if values}

@@ -111,6 +111,15 @@ def test_summary_aggregates_turns_and_interruptions() -> None:
     assert "4 turns, 2 interrupted" in summary.format()
 
 
+
+def test_summary_statistics_cover_a_bounded_recent_window() -> None:
+    summary = SessionSummary(window=3)
+    for i in range(10):
+        summary.add(Metrics(i, {"e2e_s": float(i)}))
+    stats = summary.stats()["e2e_s"]
+    assert summary.turns == 10 and len(summary.samples["e2e_s"]) == 3
+    assert (stats.count, stats.mean, stats.max) == (3, 8.0, 9.0)
+
 def test_llm_config_rejects_bad_values() -> None:
     with pytest.raises(ConfigError, match="idle_timeout_s"):
         LLMConfig(idle_timeout_s=0)
