@@ -151,6 +151,13 @@ class OpenAITranscriber:
 # the feature normalisation off: long zero padding makes grammar search miss its final state. A
 # quiet room's noise floor (about -60 dBFS), seeded so results repeat, avoids that.
 _NOISE_FLOOR = 1e-3
+# PocketSphinx holds the GIL for the whole of one process_raw call. Free dictation (the language
+# model search) takes 1-3 s on a 4 s utterance, and in one call that froze the event loop, and with it
+# every WebRTC peer's outbound audio, for as long. Fed in 50 ms blocks each call holds the GIL for
+# tens of ms (end_utt's second pass still for up to ~0.3 s); the hypotheses stay the same on clear
+# speech. Grammar and keyphrase searches take tens of ms in all and keep the single whole-utterance
+# call, whose cepstral normalisation over the whole utterance keyphrase spotting needs.
+_DECODE_BLOCK_SAMPLES = RECOGNIZER_RATE // 20
 _DEFAULT_KEYPHRASE_THRESHOLD = 1e-20
 _WORD = re.compile(r"[a-z']+")
 
@@ -189,6 +196,7 @@ class PocketSphinxRecognizer:
         except (RuntimeError, ValueError) as exc:
             raise STTError(f"could not load the PocketSphinx English model: {exc}") from exc
         self._lock = threading.Lock()
+        self._in_blocks = jsgf is None and spotting is None
         if jsgf is not None:
             self._use_grammar(jsgf)
         elif spotting is not None:
@@ -206,7 +214,12 @@ class PocketSphinxRecognizer:
         with self._lock:
             try:
                 self._decoder.start_utt()
-                self._decoder.process_raw(raw, full_utt=True)
+                if self._in_blocks:
+                    step = 2 * _DECODE_BLOCK_SAMPLES  # bytes of s16 audio
+                    for start in range(0, len(raw), step):
+                        self._decoder.process_raw(raw[start : start + step])
+                else:
+                    self._decoder.process_raw(raw, full_utt=True)
                 self._decoder.end_utt()
                 hypothesis = self._decoder.hyp()
             except RuntimeError as exc:
