@@ -23,6 +23,8 @@ import soundfile as sf
 import soxr
 
 from moss_agent.errors import AudioError
+from moss_agent.limiter import limit as limit_peaks
+from moss_agent.limiter import log_limited
 
 logger = logging.getLogger(__name__)
 
@@ -437,12 +439,22 @@ def _finish(samples: np.ndarray, native_rate: int, sample_rate: int, label: str)
 
 
 def write_wav(
-    path: PathLike | IO[bytes], x: np.ndarray, sample_rate: int, *, sample_format: SampleFormat = "pcm16"
+    path: PathLike | IO[bytes],
+    x: np.ndarray,
+    sample_rate: int,
+    *,
+    sample_format: SampleFormat = "pcm16",
+    limit: bool = True,
 ) -> None:
     """Write audio x: [T] (mono) or [T, C] to a wav file or binary file object.
 
+    Float audio first goes through the output safety limiter (:mod:`moss_agent.limiter`): peaks are
+    turned down to the -1 dBFS ceiling (1 dB of headroom) instead of clipping, NaN/inf samples become
+    0, and what it changed is logged (``-v``). Audio already within the ceiling is written unchanged.
+    ``limit=False`` writes the samples as given (NaN/inf then raise AudioError); int16 is never changed.
+
     "pcm16" rounds with :func:`float_to_pcm16`, so loading it back gives exactly
-    ``pcm16_to_float(float_to_pcm16(x))``; "float32" stores the samples unchanged.
+    ``pcm16_to_float(float_to_pcm16(y))`` for the limited samples y; "float32" stores y unchanged.
     """
     _check_rate(sample_rate, "sample_rate")
     label = str(path) if isinstance(path, str | os.PathLike) else "wav output"
@@ -451,6 +463,9 @@ def write_wav(
         raise AudioError(f"{label}: expected non-empty audio of shape [T] or [T, C], got {samples.shape}")
     if samples.dtype.kind != "f" and samples.dtype != np.int16:
         raise AudioError(f"{label}: audio must be float in [-1, 1] or int16, got dtype {samples.dtype}")
+    if limit and samples.dtype.kind == "f":
+        samples, stats = limit_peaks(samples, sample_rate)
+        log_limited(logger, stats, label, logging.WARNING if stats.nonfinite else logging.INFO)
     _check_finite(samples, f"audio written to {label}")
     if sample_format == "pcm16":
         data, subtype = (samples if samples.dtype == np.int16 else float_to_pcm16(samples)), "PCM_16"
@@ -466,10 +481,12 @@ def write_wav(
         raise AudioError(f"cannot write wav to {label}: {exc}") from exc
 
 
-def wav_bytes(x: np.ndarray, sample_rate: int, *, sample_format: SampleFormat = "pcm16") -> bytes:
-    """The bytes of a wav file holding x: [T] (for uploads and HTTP responses)."""
+def wav_bytes(
+    x: np.ndarray, sample_rate: int, *, sample_format: SampleFormat = "pcm16", limit: bool = True
+) -> bytes:
+    """The bytes of a wav file holding x: [T] (for uploads and HTTP responses); see :func:`write_wav`."""
     buffer = io.BytesIO()
-    write_wav(buffer, x, sample_rate, sample_format=sample_format)
+    write_wav(buffer, x, sample_rate, sample_format=sample_format, limit=limit)
     return buffer.getvalue()
 
 

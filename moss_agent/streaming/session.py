@@ -36,6 +36,7 @@ from moss_agent.events import (
     UserStartedSpeaking,
     UserStoppedSpeaking,
 )
+from moss_agent.limiter import LimiterStats
 from moss_agent.streaming.channels import Channel
 from moss_agent.streaming.clock import Clock, MonotonicClock
 from moss_agent.streaming.fanout import EventHub, EventStream
@@ -269,6 +270,11 @@ class Session:
     def stale_chunks_dropped(self) -> int:
         """Audio chunks that arrived after their turn was cut (never played)."""
         return 0 if self._runner is None else self._runner.stale_chunks_dropped
+
+    @property
+    def limiter_stats(self) -> LimiterStats:
+        """What the output limiter changed so far (samples turned down to the -1 dBFS ceiling)."""
+        return LimiterStats() if self._runner is None else self._runner.limiter_stats
 
     # ------------------------------------------------------------------ public API
 

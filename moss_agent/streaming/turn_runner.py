@@ -21,13 +21,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Coroutine, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
 from moss_agent.config import SessionConfig
 from moss_agent.errors import EngineError, MossError, TransportError
 from moss_agent.events import AudioChunk, ErrorEvent, Interrupted, Metrics, TextDelta, TurnEnded, TurnStarted
+from moss_agent.limiter import LimiterStats, PeakLimiter, log_limited
 from moss_agent.streaming.clock import Clock
 from moss_agent.streaming.fanout import EventHub, EventStream
 from moss_agent.streaming.history import History
@@ -138,6 +139,7 @@ class TurnRunner:
         self.far_end = far_end
         self.name = name
         self.stale_chunks_dropped = 0
+        self.limiter_stats = LimiterStats()  # the output limiter's work over every turn
 
     # ------------------------------------------------------------------ queries
 
@@ -332,30 +334,60 @@ class TurnRunner:
     async def _play(self, turn: Turn, stream: SpeechStream) -> None:
         tl = turn.timeline
         previous_frame, frame_span = -1, 1
-        async for chunk in self._watched(stream):
-            if chunk.turn_id != turn.id or turn.phase is not TurnPhase.SPEAKING:
-                self.stale_chunks_dropped += 1
-                continue
-            now = self.clock.now()
-            if tl.first_audio is None:
-                tl.first_audio = now
-            tl.last_audio = now
-            tl.audio_s += chunk.duration_s
-            if chunk.frame_index >= 0:
-                if previous_frame >= 0:
-                    frame_span = max(1, chunk.frame_index - previous_frame)
-                previous_frame = chunk.frame_index
-                tl.frames = chunk.frame_index + frame_span
-            if self.far_end is not None:
-                self.far_end(chunk)
-            if self.output is not None:
-                await self._output_step(self.output.write(chunk), "write")
-            else:
-                await self.hub.emit_audio(chunk)
-            if tl.first_output is None:
-                tl.first_output = self.clock.now()
+        # Every output (speaker, WebRTC, MQTT, event subscribers, the echo reference) gets the turn's
+        # audio through this one limiter; it holds back its 2 ms look-ahead until the speech ends.
+        limiter: PeakLimiter | None = None
+        try:
+            try:
+                async for chunk in self._watched(stream):
+                    if chunk.turn_id != turn.id or turn.phase is not TurnPhase.SPEAKING:
+                        self.stale_chunks_dropped += 1
+                        continue
+                    now = self.clock.now()
+                    if tl.first_audio is None:
+                        tl.first_audio = now
+                    tl.last_audio = now
+                    tl.audio_s += chunk.duration_s
+                    if chunk.frame_index >= 0:
+                        if previous_frame >= 0:
+                            frame_span = max(1, chunk.frame_index - previous_frame)
+                        previous_frame = chunk.frame_index
+                        tl.frames = chunk.frame_index + frame_span
+                    if limiter is None:
+                        limiter = PeakLimiter(chunk.sample_rate)
+                    await self._send(turn, replace(chunk, pcm=limiter.process(chunk.pcm)))
+            except _StreamFailed:  # the audio made before the failure is played to its end
+                await self._send_tail(turn, limiter)
+                raise
+            await self._send_tail(turn, limiter)
+        finally:
+            if limiter is not None:
+                self.limiter_stats.add(limiter.stats)
+                log_limited(log, limiter.stats, f"turn {turn.id}")
         if self.output is not None:
             await self._output_step(self.output.flush(), "flush")
+
+    async def _send(self, turn: Turn, chunk: AudioChunk) -> None:
+        """One limited chunk to the echo reference and the output (or, without one, the subscribers)."""
+        if not len(chunk.pcm):
+            return
+        if self.far_end is not None:
+            self.far_end(chunk)
+        if self.output is not None:
+            await self._output_step(self.output.write(chunk), "write")
+        else:
+            await self.hub.emit_audio(chunk)
+        if turn.timeline.first_output is None:
+            turn.timeline.first_output = self.clock.now()
+
+    async def _send_tail(self, turn: Turn, limiter: PeakLimiter | None) -> None:
+        """The limiter's held look-ahead, once the turn's speech has ended (not after a cut)."""
+        if limiter is None:
+            return
+        tail = limiter.flush()
+        if turn.phase is TurnPhase.SPEAKING:
+            last_frame = turn.timeline.frames - 1 if turn.timeline.frames > 0 else -1
+            await self._send(turn, AudioChunk(tail, round(limiter.sample_rate), turn.id, last_frame))
 
     async def _watched(self, stream: SpeechStream) -> AsyncIterator[AudioChunk]:
         """The stream's chunks; raises _StreamFailed when the next one does not come in time.

@@ -166,7 +166,7 @@ def test_mp3_float_wav_and_ogg_decode(tmp_path: Path) -> None:
 def test_pcm16_wav_round_trip_is_exact_after_quantisation(tmp_path: Path) -> None:
     x = np.random.default_rng(0).uniform(-1.2, 1.2, 4000).astype(np.float32)
     path = tmp_path / "out.wav"
-    write_wav(path, x, 16000)
+    write_wav(path, x, 16000, limit=False)
     assert sf.info(str(path)).subtype == "PCM_16"
     np.testing.assert_array_equal(load_audio(path, 16000), pcm16_to_float(float_to_pcm16(x)))
 
@@ -174,9 +174,50 @@ def test_pcm16_wav_round_trip_is_exact_after_quantisation(tmp_path: Path) -> Non
 def test_float_wav_round_trip_is_lossless(tmp_path: Path) -> None:
     x = np.random.default_rng(1).uniform(-1, 1, 4000).astype(np.float32)
     path = tmp_path / "out.wav"
-    write_wav(path, x, 24000, sample_format="float32")
+    write_wav(path, x, 24000, sample_format="float32", limit=False)
     assert sf.info(str(path)).subtype == "FLOAT"
     np.testing.assert_array_equal(load_audio(path, 24000), x)
+
+
+def test_written_wavs_go_through_the_limiter(audio_dir: Path, tmp_path: Path) -> None:
+    """A real recording 20x too loud is turned down to the -1 dBFS ceiling, not clipped; the same
+    recording at its own level is written exactly as without the limiter."""
+    ceiling = 10 ** (-1 / 20)
+    speech = load_audio(audio_dir / "user1.wav", 24000)
+    loud = speech * 20
+    assert np.abs(loud).max() > 5 and np.mean(np.abs(loud) >= 1.0) > 0.05  # would clip without it
+    for sample_format in ("pcm16", "float32"):
+        path = tmp_path / f"loud_{sample_format}.wav"
+        write_wav(path, loud, 24000, sample_format=sample_format)
+        written = load_audio(path, 24000)
+        assert len(written) == len(loud)
+        assert np.abs(written).max() <= ceiling + 1 / 32768, sample_format
+        # turned down, not flattened: the written speech follows the original's shape
+        assert np.corrcoef(written, loud)[0, 1] > 0.9
+    assert np.abs(speech).max() < ceiling
+    write_wav(tmp_path / "speech.wav", speech, 24000)
+    write_wav(tmp_path / "speech_raw.wav", speech, 24000, limit=False)
+    assert (tmp_path / "speech.wav").read_bytes() == (tmp_path / "speech_raw.wav").read_bytes()
+
+
+def test_nan_samples_are_written_as_silence_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    x = _sine(440, 0.1, 16000)
+    x[[3, 50]] = [np.nan, -np.inf]
+    path = tmp_path / "out.wav"
+    with caplog.at_level("INFO", logger="moss_agent.audio"):
+        write_wav(path, x, 16000)
+    y = load_audio(path, 16000)
+    assert y[3] == 0 and y[50] == 0
+    clean = np.delete(np.arange(len(x)), [3, 50])
+    np.testing.assert_array_equal(y[clean], pcm16_to_float(float_to_pcm16(x[clean])))
+    assert any(r.levelname == "WARNING" and "2 NaN/inf samples set to 0" in r.getMessage() for r in caplog.records)
+
+
+def test_int16_audio_is_written_unchanged(tmp_path: Path) -> None:
+    x = np.array([-32768, -1, 0, 1, 32767] * 100, dtype=np.int16)
+    path = tmp_path / "out.wav"
+    write_wav(path, x, 16000)
+    np.testing.assert_array_equal(load_audio(path, 16000), pcm16_to_float(x))
 
 
 def test_wav_bytes_decode_back() -> None:
@@ -364,7 +405,7 @@ def test_non_finite_or_misshaped_samples_are_rejected(tmp_path: Path) -> None:
     with pytest.raises(AudioError, match="NaN or infinite"):
         StreamResampler(16000, 24000).process(x)
     with pytest.raises(AudioError, match="NaN or infinite"):
-        write_wav(tmp_path / "bad.wav", x, 16000)
+        write_wav(tmp_path / "bad.wav", x, 16000, limit=False)
     with pytest.raises(AudioError, match="shape"):
         resample(np.zeros((2, 100), dtype=np.float32), 16000, 24000)
     with pytest.raises(AudioError, match="pcm16_to_float"):

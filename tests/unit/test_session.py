@@ -106,9 +106,19 @@ async def test_without_output_audio_arrives_as_events(backend: FakeSpeechBackend
         events = session.events()
         result = await session.say("hi there")
         chunks = [e for e in events.drain() if isinstance(e, AudioChunk)]
-        assert [c.turn_id for c in chunks] == [result.turn_id] * len("hi there")
-        assert [c.frame_index for c in chunks] == list(range(len("hi there")))
+        # one chunk per frame, then the output limiter's held look-ahead (2 ms of the last frame)
+        assert [c.turn_id for c in chunks] == [result.turn_id] * (len("hi there") + 1)
+        assert [c.frame_index for c in chunks] == [*range(len("hi there")), len("hi there") - 1]
+        assert chunks[-1].duration_s == pytest.approx(0.002)
         assert sum(c.duration_s for c in chunks) == pytest.approx(result.audio_s)
+    # the fake's tone is within the limiter's ceiling: it arrives bit-exact, as the engine made it
+    conversation = await FakeSpeechBackend(clock=clock).open_conversation()
+    stream = await conversation.start_turn(None, 1)
+    await stream.push_text("hi there")
+    await stream.end_input()
+    made = np.concatenate([chunk.pcm async for chunk in stream])
+    await conversation.aclose()
+    np.testing.assert_array_equal(np.concatenate([c.pcm for c in chunks]), made)
 
 
 async def test_closing_frees_the_slot_ends_events_and_refuses_new_turns(
