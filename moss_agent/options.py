@@ -26,7 +26,8 @@ from moss_agent.config import LLMConfig, SessionConfig
 from moss_agent.model_ids import CODEC_MODEL_ID, REALTIME_MODEL_ID
 
 UNTRAINED_NOTICE = (
-    "NOTE: --tiny uses a tiny RANDOM, UNTRAINED model: the reply audio is not speech. "
+    "NOTE: --tiny uses a tiny RANDOM, UNTRAINED model: the audio is loud noise, not speech; "
+    "lower the volume before you play it. "
     "Drop --tiny (and pass --llm-url) for the real models."
 )
 

@@ -25,7 +25,8 @@ DEFAULT_MODELS = {
     "sfx": model_ids.SOUND_EFFECT_MODEL_ID,
 }
 UNTRAINED_NOTICE = (
-    "NOTE: --tiny uses tiny RANDOM, UNTRAINED models: the audio is noise, not speech. "
+    "NOTE: --tiny uses tiny RANDOM, UNTRAINED models: the audio is loud noise, not speech; "
+    "lower the volume before you play it. "
     "Drop --tiny for the real models."
 )
 # JSONL keys that are not request fields.
