@@ -21,6 +21,7 @@ import numpy as np
 from moss_agent._optional import require
 from moss_agent.audio import as_mono_float, float_to_pcm16, resample, wav_bytes
 from moss_agent.errors import AudioError, STTError
+from moss_agent.speech.sphinx_worker import DecoderProcess
 
 logger = logging.getLogger(__name__)
 
@@ -151,13 +152,6 @@ class OpenAITranscriber:
 # the feature normalisation off: long zero padding makes grammar search miss its final state. A
 # quiet room's noise floor (about -60 dBFS), seeded so results repeat, avoids that.
 _NOISE_FLOOR = 1e-3
-# PocketSphinx holds the GIL for the whole of one process_raw call. Free dictation (the language
-# model search) takes 1-3 s on a 4 s utterance, and in one call that froze the event loop, and with it
-# every WebRTC peer's outbound audio, for as long. Fed in 50 ms blocks each call holds the GIL for
-# tens of ms (end_utt's second pass still for up to ~0.3 s); the hypotheses stay the same on clear
-# speech. Grammar and keyphrase searches take tens of ms in all and keep the single whole-utterance
-# call, whose cepstral normalisation over the whole utterance keyphrase spotting needs.
-_DECODE_BLOCK_SAMPLES = RECOGNIZER_RATE // 20
 _DEFAULT_KEYPHRASE_THRESHOLD = 1e-20
 _WORD = re.compile(r"[a-z']+")
 
@@ -173,8 +167,10 @@ class PocketSphinxRecognizer:
       something").
 
     Loading the model takes about a second, so construct it off the event loop. Decoding runs in a
-    worker thread; one decoder serves calls one at a time. Utterances longer than ``max_seconds``
-    (None: any) are refused.
+    worker thread; one decoder serves calls one at a time. Free dictation decodes in a child process
+    (``sphinx_worker``): its search holds the GIL for seconds, which would stall the event loop and
+    every transport's audio clock; ``close()`` ends the child (garbage collection and exit do too).
+    Utterances longer than ``max_seconds`` (None: any) are refused.
     """
 
     def __init__(
@@ -191,12 +187,18 @@ class PocketSphinxRecognizer:
         jsgf = _grammar_source(grammar) if grammar is not None else None
         spotting = _keyphrase_thresholds(keyphrases) if keyphrases is not None else None
         pocketsphinx = require("pocketsphinx", "stt")
+        self._lock = threading.Lock()
+        self._process: DecoderProcess | None = None
+        if jsgf is None and spotting is None:
+            try:
+                self._process = DecoderProcess()
+            except (OSError, RuntimeError) as exc:
+                raise STTError(f"could not start PocketSphinx: {exc}") from exc
+            return
         try:
             self._decoder = pocketsphinx.Decoder(samprate=RECOGNIZER_RATE, loglevel="FATAL")
         except (RuntimeError, ValueError) as exc:
             raise STTError(f"could not load the PocketSphinx English model: {exc}") from exc
-        self._lock = threading.Lock()
-        self._in_blocks = jsgf is None and spotting is None
         if jsgf is not None:
             self._use_grammar(jsgf)
         elif spotting is not None:
@@ -212,14 +214,14 @@ class PocketSphinxRecognizer:
         floor = np.random.default_rng(0).standard_normal(audio.shape[0], dtype=np.float32)
         raw = float_to_pcm16(audio + _NOISE_FLOOR * floor).tobytes()
         with self._lock:
+            if self._process is not None:
+                try:
+                    return " ".join(self._process.decode(raw).split())
+                except RuntimeError as exc:
+                    raise STTError(str(exc)) from exc
             try:
                 self._decoder.start_utt()
-                if self._in_blocks:
-                    step = 2 * _DECODE_BLOCK_SAMPLES  # bytes of s16 audio
-                    for start in range(0, len(raw), step):
-                        self._decoder.process_raw(raw[start : start + step])
-                else:
-                    self._decoder.process_raw(raw, full_utt=True)
+                self._decoder.process_raw(raw, full_utt=True)
                 self._decoder.end_utt()
                 hypothesis = self._decoder.hyp()
             except RuntimeError as exc:
@@ -227,6 +229,11 @@ class PocketSphinxRecognizer:
         if hypothesis is None:
             return ""
         return " ".join(hypothesis.hypstr.split())
+
+    def close(self) -> None:
+        """End the free-dictation child process, if any (a later utterance starts a new one)."""
+        if self._process is not None:
+            self._process.close()
 
     def _use_grammar(self, jsgf: str | list[list[str]]) -> None:
         if isinstance(jsgf, list):

@@ -184,3 +184,18 @@ async def test_openai_transcriber_timeout_raises_stt_error() -> None:
         with pytest.raises(STTError, match="timed out"):
             await transcriber.transcribe(np.zeros(1600, dtype=np.float32), 16000)
         await transcriber.aclose()
+
+
+@needs_espeak
+async def test_free_recognition_runs_in_a_child_process_that_is_replaced_when_it_dies() -> None:
+    # Free dictation holds the GIL for seconds per utterance; in a child it cannot stall the event loop.
+    recognizer = await asyncio.to_thread(PocketSphinxRecognizer)
+    child = recognizer._process._process  # type: ignore[union-attr]
+    assert child is not None and child.poll() is None
+    child.kill()
+    await asyncio.to_thread(child.wait)
+    assert (await recognizer.transcribe(_utterance("hello world", pad_s=0.2), 24000)).strip()
+    replacement = recognizer._process._process  # type: ignore[union-attr]
+    assert replacement is not None and replacement.pid != child.pid
+    recognizer.close()
+    assert replacement.poll() is not None
