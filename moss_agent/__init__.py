@@ -82,6 +82,8 @@ _LAZY_EXPORTS = {
     "PocketSphinxRecognizer": "moss_agent.speech.stt",
     "OpenAITranscriber": "moss_agent.speech.stt",
     "WebRtcEchoCanceller": "moss_agent.streaming.echo",
+    # a speech server's engine over the network (torch-free; aiohttp)
+    "RemoteSpeechBackend": "moss_agent.client",
     # engines and models (torch)
     "RealtimeEngine": "moss_agent.engine.realtime",
     "RealtimeEngineConfig": "moss_agent.engine.realtime",
@@ -140,6 +142,7 @@ __all__ = [
     "PocketSphinxRecognizer",
     "RealtimeEngine",
     "RealtimeEngineConfig",
+    "RemoteSpeechBackend",
     "STTError",
     "SamplingConfig",
     "Session",

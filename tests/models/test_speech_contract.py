@@ -1,5 +1,6 @@
-"""The speech contract of ``moss_agent.streaming.tts``, run unchanged against the fake backend and
-the real engine (a tiny random checkpoint whose turns run to their frame cap)."""
+"""The speech contract of ``moss_agent.streaming.tts``, run unchanged against the fake backend, the
+real engine (a tiny random checkpoint whose turns run to their frame cap) and that engine behind the
+speech server, through ``RemoteSpeechBackend`` over a real socket."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def codec(tiny_codec_dir: Path) -> Any:
     return load_codec(tiny_codec_dir, device="cpu")
 
 
-@pytest.fixture(params=["fake", "engine"])
+@pytest.fixture(params=["fake", "engine", "remote"])
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[SpeechBackend]:
     if request.param == "fake":
         from moss_agent.testing import FakeSpeechBackend
@@ -46,7 +47,15 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[SpeechBackend
     checkpoint = request.getfixturevalue("tiny_realtime_endless_dir")
     engine = RealtimeEngine.load(checkpoint, request.getfixturevalue("codec"), device="cpu", config=config)
     async with engine:
-        yield engine
+        if request.param == "engine":
+            yield engine
+            return
+        from moss_agent.client import RemoteSpeechBackend
+        from moss_agent.service.sessions import session_server
+
+        # the client's audio window adds to the engine's look-ahead: keep both small
+        async with session_server(engine) as url, RemoteSpeechBackend(url, audio_window=3) as remote:
+            yield remote
 
 
 async def push_all(stream: SpeechStream, deltas: list[str], pushed: list[str]) -> None:
