@@ -3,7 +3,7 @@
 The ``moss-agent`` command and the examples use them; so can your own scripts::
 
     parser = argparse.ArgumentParser()
-    options.add_engine_options(parser)      # --model, --codec, --tiny, --device, --slots, ...
+    options.add_engine_options(parser)      # --model, --codec, --tiny, --device, --slots, --engine-url, ...
     options.add_llm_options(parser)         # --llm-url, --llm-model, --api-key, --system-prompt
     args = parser.parse_args()
     engine = options.build_engine(args)     # loads weights: call it off the event loop
@@ -11,7 +11,7 @@ The ``moss-agent`` command and the examples use them; so can your own scripts::
     config = options.session_config(args)   # the system prompt and any other SessionConfig fields
 
 This module and the CLI are the only places that read the environment (``OPENAI_API_KEY``,
-``MOSS_AGENT_CACHE``, ``XDG_CACHE_HOME``); the library below takes everything as arguments.
+``MOSS_ENGINE_TOKEN``, ``MOSS_AGENT_CACHE``, ``XDG_CACHE_HOME``); the library below takes everything as arguments.
 """
 
 from __future__ import annotations
@@ -58,6 +58,27 @@ def add_engine_options(parser: argparse.ArgumentParser, *, slots: int = 4) -> No
         "--compile", action="store_true",
         help="torch.compile the model step: about 2x faster on CPU after a one-off compile (20-60 s, cached on disk)",
     )
+    _add_remote_engine_options(group)
+
+
+def _add_remote_engine_options(group: Any) -> None:
+    """--engine-url: the engine of a speech server instead of models loaded here (moss_agent.client)."""
+    group.add_argument(
+        "--engine-url", default=None, metavar="URL",
+        help="use the engine of a moss-agent speech server (ws://host:port) instead of loading models here; "
+             "the model options above are then the server's business",
+    )
+    group.add_argument("--engine-token", default=None, help="the speech server's token (default: $MOSS_ENGINE_TOKEN)")
+    group.add_argument("--engine-voice", default=None, metavar="NAME",
+                       help="a voice registered on the speech server (with --engine-url; --voice uploads a file)")
+
+
+def build_remote_engine(args: argparse.Namespace) -> Any:
+    """A RemoteSpeechBackend for ``--engine-url`` (connects on ``start()`` / ``async with``)."""
+    from moss_agent.client import RemoteSpeechBackend
+
+    token = args.engine_token or os.environ.get("MOSS_ENGINE_TOKEN")
+    return RemoteSpeechBackend(args.engine_url, token=token, voice=args.engine_voice)
 
 
 def add_llm_options(parser: argparse.ArgumentParser) -> None:
@@ -114,7 +135,10 @@ def ensure_tiny_batch_checkpoint(folder: Path | None = None) -> Path:
 
 
 def build_engine(args: argparse.Namespace) -> Any:
-    """A RealtimeEngine from the engine options (loads weights: call off the event loop)."""
+    """A RealtimeEngine from the engine options (loads weights: call off the event loop), or with
+    ``--engine-url`` a RemoteSpeechBackend on a speech server's engine."""
+    if getattr(args, "engine_url", None):
+        return build_remote_engine(args)
     from moss_agent.engine.realtime import RealtimeEngine, RealtimeEngineConfig
     from moss_agent.models.realtime import SamplingConfig
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from subprocess import PIPE
 from typing import Any
 
 import aiohttp
@@ -384,3 +386,19 @@ def test_the_client_imports_no_torch() -> None:
     code = "import sys, moss_agent.client, moss_agent.speech_protocol; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+async def test_the_cli_speaks_through_engine_url_without_loading_a_model(url: str, tmp_path: Path) -> None:
+    import soundfile as sf
+
+    text = "Spoken by the server's engine."
+    wav = tmp_path / "say.wav"
+    command = [sys.executable, "-m", "moss_agent.cli", "say", text, "-o", str(wav), "--engine-url", url]
+    env = {**os.environ, "MOSS_ENGINE_TOKEN": TOKEN}
+    proc = await asyncio.create_subprocess_exec(*command, env=env, stdout=PIPE, stderr=PIPE)
+    _out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    written, rate = sf.read(wav, dtype="float32")
+    assert rate == 24000 and len(written) == CAP * 1920 and np.abs(written).max() > 0.01
+    # (pcm_s16le clips the tiny model's loud noise before the output limiter: bit-equality with the
+    # in-process run holds for pcm_f32le, tested above)
