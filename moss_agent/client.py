@@ -414,6 +414,9 @@ class _Connection:
         conversation = self.conversations.get(frame.a)
         if conversation is not None:
             conversation._audio(frame.b, frame.c, sp.decode_pcm(frame.payload, frame.encoding))
+            stream = conversation._stream
+            if stream is not None and len(stream._queue) > stream._window + 1:  # +1: the end marker
+                raise TransportError("the speech server sent more audio than this client gave it credit for")
 
     def _lost(self, error: MossError) -> None:
         if self.error is not None:

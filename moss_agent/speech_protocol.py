@@ -56,8 +56,7 @@ _ERRORS: dict[str, type[MossError]] = {
     "bad_message": TransportError,  # not valid JSON, a missing or wrong field, an unknown type
     "busy": OverloadError,  # no engine slot free (retry_after_s says when to retry)
     "too_many": OverloadError,  # a per-socket limit: conversations, uploads, queued text
-    "too_large": ConfigError,  # an upload or a text delta over its limit
-    "invalid": ConfigError,  # a value the engine refused (unknown voice, bad rate...)
+    "invalid": ConfigError,  # a value over its limit or refused (unknown voice, upload too long...)
     "invalid_audio": AudioError,
     "closed": SessionClosedError,  # the conversation or the turn was already closed
     "engine": EngineError,  # the engine failed or refused (see the message)
@@ -66,7 +65,10 @@ _ERRORS: dict[str, type[MossError]] = {
 
 
 def error_code(exc: BaseException) -> str:
-    """The protocol's error code for an exception raised on the server."""
+    """The protocol's error code for an exception raised on the server (``protocol_code`` if it has one)."""
+    code = getattr(exc, "protocol_code", None)
+    if isinstance(code, str) and code in _ERRORS:
+        return code
     if isinstance(exc, OverloadError):
         return "busy"
     if isinstance(exc, SessionClosedError):

@@ -51,8 +51,11 @@ class SessionLimits:
     max_message_bytes: int = 1 << 20  # any one message, text or binary (aiohttp closes with 1009)
     max_json_bytes: int = 64 * 1024
     max_text_chars: int = 16384  # one text delta, a system prompt, a user transcript
-    messages_per_s: float = 400.0  # sustained rate per socket (token bucket); beyond it: close 1008
-    message_burst: int = 800
+    # Sustained message rate (token bucket) per open conversation, at least one's worth per socket:
+    # an LLM streams up to ~100 tokens/s, so one socket of 16 calls may send 16 times as much.
+    # Beyond it the socket is closed with 1008.
+    messages_per_s: float = 200.0
+    message_burst: int = 400
     max_upload_s: float = 120.0  # one upload of audio (a user turn or a voice prompt)
     max_uploads: int = 4  # uploads in progress per socket
     max_queued_chars: int = 65536  # text received for a conversation that its engine stream has not taken
@@ -113,7 +116,9 @@ class SessionServer:
                 code=sp.CLOSE_BUSY, message=f"busy: {limits.max_sockets} sockets are open".encode()
             )
             return ws
-        ws = web.WebSocketResponse(heartbeat=limits.heartbeat_s, max_msg_size=limits.max_message_bytes)
+        ws = web.WebSocketResponse(
+            heartbeat=limits.heartbeat_s, max_msg_size=limits.max_message_bytes, compress=False
+        )
         await ws.prepare(request)
         sock = _Socket(self, ws, str(request.get("request_id", "")))
         self.sockets.add(sock)
@@ -165,6 +170,13 @@ def add_session_routes(
     return server
 
 
+def _too_many(message: str) -> OverloadError:
+    """A per-socket limit was reached (error code "too_many", not the engine's "busy")."""
+    error = OverloadError(message)
+    error.protocol_code = "too_many"  # type: ignore[attr-defined]
+    return error
+
+
 def _at_rate(pcm: FloatArray, rate: int, target: int) -> FloatArray:
     if rate == target:
         return pcm
@@ -174,16 +186,17 @@ def _at_rate(pcm: FloatArray, rate: int, target: int) -> FloatArray:
 
 
 class _Bucket:
-    """A token bucket: ``take()`` is False once the sender is over its sustained rate and burst."""
+    """A token bucket: ``take(scale)`` is False once the sender is over ``scale`` times the sustained
+    rate and burst."""
 
     def __init__(self, rate: float, burst: int) -> None:
         self.rate, self.burst = rate, float(burst)
         self.tokens = float(burst)
         self.at = time.monotonic()
 
-    def take(self) -> bool:
+    def take(self, scale: int = 1) -> bool:
         now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.tokens = min(self.burst * scale, self.tokens + (now - self.at) * self.rate * scale)
         self.at = now
         if self.tokens < 1.0:
             return False
@@ -323,9 +336,10 @@ class _Socket:
 
     async def _read(self) -> None:
         async for msg in self.ws:
-            if not self.bucket.take():
+            scale = max(1, len(self.conversations))
+            if not self.bucket.take(scale):
                 self.server.metrics.rejected("rate")
-                limit = f"over {self.limits.messages_per_s:g} messages/s"
+                limit = f"over {self.limits.messages_per_s * scale:g} messages/s"
                 await self.ws.close(code=sp.CLOSE_POLICY, message=limit.encode())
                 return
             if msg.type == WSMsgType.TEXT:
@@ -401,7 +415,7 @@ class _Socket:
         if rid in self.uploads:
             raise TransportError(f"request id {rid} already has an upload in progress")
         if len(self.uploads) >= self.limits.max_uploads:
-            raise OverloadError(f"at most {self.limits.max_uploads} uploads may be in progress on one socket")
+            raise _too_many(f"at most {self.limits.max_uploads} uploads may be in progress on one socket")
         self.uploads[rid] = _Upload(rid, samples, rate, encoding, then, failed)
 
     # -- requests --------------------------------------------------------------------------------
@@ -409,7 +423,7 @@ class _Socket:
     async def _open(self, rid: int, message: dict[str, Any]) -> None:
         lim = self.limits
         if len(self.conversations) + self.opening >= lim.max_conversations_per_socket:
-            raise OverloadError(
+            raise _too_many(
                 f"this socket already has {lim.max_conversations_per_socket} conversations; close one or open another socket"
             )
         system_prompt = sp.field_str(message, "system_prompt", optional=True, max_chars=lim.max_text_chars)
@@ -479,7 +493,7 @@ class _Socket:
             conv.queued_chars + chars > self.limits.max_queued_chars
             or len(conv.ops) >= self.limits.max_queued_chars
         ):
-            raise OverloadError(
+            raise _too_many(
                 f"conversation {conv.cid} holds {conv.queued_chars} characters of text its turn has not taken; "
                 "wait for the acknowledgements before sending more"
             )
@@ -501,7 +515,7 @@ class _Socket:
             text = sp.field_str(user, "text", max_chars=self.limits.max_text_chars)
             spec = sp.field_object(user, "audio")
         if conv.queued_chars + len(text) > self.limits.max_queued_chars:
-            raise OverloadError(f"conversation {conv.cid} holds too much text its turns have not taken")
+            raise _too_many(f"conversation {conv.cid} holds too much text its turns have not taken")
         conv.last_serial = serial
         received_at = time.perf_counter()
 

@@ -323,8 +323,9 @@ async def test_limits_of_a_strict_server(engine: RealtimeEngine) -> None:
             await RemoteSpeechBackend(strict_url).start()  # close code 1013
         conversation = await first.open_conversation()
         conn = first._connections[0]
-        with pytest.raises(OverloadError, match="already has 1 conversations"):
+        with pytest.raises(OverloadError, match="already has 1 conversations") as caught:
             await conn.request({"type": "open"})
+        assert caught.value.code == "too_many"  # type: ignore[attr-defined]
         for _ in range(30):  # a flood of pings: over the rate, the server closes with 1008
             conn.post({"type": "ping"})
         with pytest.raises(TransportError, match="broke a limit"):
