@@ -28,6 +28,9 @@ class SamplingConfig:
     current turn; the penalty applies per codebook to every distinct code in the window.
     ``mask_special_codes`` forbids ids the model must not emit (pad and BOS in codebook 0, pad, BOS
     and EOS in codebooks 1..15); upstream does not mask them (set False to reproduce it).
+    ``min_frames`` is a minimum length: the audio-EOS code is forbidden on a turn's first
+    ``min_frames`` frames, so a turn that starts speaking says at least that much (a frame cap or
+    the context limit still ends it sooner). 0, the default, leaves the model free to stop at once.
     """
 
     temperature: float = 0.8
@@ -37,6 +40,7 @@ class SamplingConfig:
     repetition_window: int = 50
     greedy: bool = False
     mask_special_codes: bool = True
+    min_frames: int = 0
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -57,6 +61,8 @@ class SamplingConfig:
             )
         if self.repetition_window < 0:
             raise ConfigError(f"repetition_window must be >= 0, got {self.repetition_window}")
+        if self.min_frames < 0:
+            raise ConfigError(f"min_frames must be >= 0 (0: no minimum), got {self.min_frames}")
 
     @property
     def is_greedy(self) -> bool:

@@ -15,11 +15,14 @@ pytestmark = [
 ]
 
 
-def greedy_frames(tokenizer, **options) -> tuple[RealtimeGenerator, list[torch.Tensor]]:  # noqa: F811
-    """Three greedy slots on the GPU through ``run_schedule`` -> (generator, frames per tick)."""
+def greedy_frames(
+    tokenizer, sampling: list[SamplingConfig] | None = None, **options  # noqa: F811
+) -> tuple[RealtimeGenerator, list[torch.Tensor]]:
+    """Three slots (greedy unless ``sampling`` says) on the GPU through ``run_schedule``
+    -> (generator, frames per tick)."""
     model = tiny_model(torch.device("cuda"))
     gen = RealtimeGenerator(model, tokenizer, num_slots=3, max_context=256, attention_bucket=None, **options)
-    return gen, run_schedule(gen, [SamplingConfig(greedy=True)] * 3, ticks=80)
+    return gen, run_schedule(gen, sampling or [SamplingConfig(greedy=True)] * 3, ticks=80)
 
 
 def test_graph_frames_equal_eager_frames_greedy(tokenizer) -> None:  # noqa: F811
@@ -44,3 +47,17 @@ def test_compiled_tick_inside_the_graph_gives_the_eager_frames(tokenizer) -> Non
     compiled_gen, compiled = greedy_frames(tokenizer, compile=True)
     assert compiled_gen.uses_cuda_graph and compiled_gen.state.graph is not None
     assert all(torch.equal(a, b) for a, b in zip(plain, compiled, strict=True))
+
+
+def test_graph_bans_eos_below_min_frames_per_slot(tokenizer) -> None:  # noqa: F811
+    """min_frames lives in the graph's fixed buffers: a replayed tick holds EOS back in the slot
+    that asks, exactly as the eager tick does, and the other slots are unchanged."""
+    plain = [SamplingConfig(greedy=True)] * 3
+    minimum = [plain[0], SamplingConfig(greedy=True, min_frames=20), plain[2]]
+    _, eager = greedy_frames(tokenizer, minimum, cuda_graph=False)
+    _, replayed = greedy_frames(tokenizer, minimum, cuda_graph=True)
+    assert all(torch.equal(a, b) for a, b in zip(eager, replayed, strict=True))
+    _, without = greedy_frames(tokenizer, plain, cuda_graph=True)
+    for slot in (0, 2):
+        assert all(torch.equal(a[slot], b[slot]) for a, b in zip(without, replayed, strict=True))
+    assert any(not torch.equal(a[1], b[1]) for a, b in zip(without, replayed, strict=True))  # it spoke longer

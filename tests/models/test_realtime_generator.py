@@ -411,3 +411,51 @@ def test_bucketed_attention_gives_the_same_greedy_frames(model, tokenizer) -> No
         frames = [_turn(gen, 0, max_frames=10), _turn(gen, 1, text=TEXT[:40], max_frames=10)]
         results.append(torch.stack([torch.stack(f) for f in frames]))
     assert torch.equal(results[0], results[1])
+
+
+def test_min_frames_holds_eos_back_per_slot(tokenizer) -> None:
+    """A model that picks EOS on every frame still speaks min_frames frames where a slot asks for
+    them; a slot beside it without a minimum ends at once, exactly as it does alone."""
+    model = _model(seed=0, eos_gain=1.0, eos=60.0)
+    eos = model.config.audio_eos
+    settings = {
+        0: GREEDY,
+        1: SamplingConfig(greedy=True, min_frames=7),
+        2: SamplingConfig(temperature=0.9, top_k=20, top_p=0.8, min_frames=3, mask_special_codes=False),
+    }
+
+    def run(slots: list[int]) -> dict[int, list[torch.Tensor]]:
+        gen = RealtimeGenerator(model, tokenizer, num_slots=3, max_context=256)
+        for slot in slots:
+            gen.start_conversation(slot)
+            gen.start_turn(slot, "How are you?", None, sampling=settings[slot], seed=slot, max_frames=30)
+            gen.push_text(slot, TEXT)
+            gen.end_text(slot)
+        made: dict[int, list[torch.Tensor]] = {slot: [] for slot in slots}
+        while gen.has_work():
+            out = gen.step()
+            for slot in slots:
+                if out.produced[slot]:
+                    made[slot].append(out.frames[slot])
+                    assert bool(out.eos[slot]) == (int(out.frames[slot, 0]) == eos)
+        return made
+
+    together = run([0, 1, 2])
+    ends = {}
+    for slot, made in together.items():
+        codes = [int(frame[0]) for frame in made]
+        assert codes[-1] == eos and eos not in codes[:-1]
+        ends[slot] = len(codes) - 1  # the EOS frame's index: real frames before it
+    assert ends[0] <= 1  # without a minimum this model stops at once
+    assert ends[1] >= 7 and ends[2] >= 3  # never before the minimum, then ended by EOS
+    alone = run([0]) | run([1])
+    for slot in (0, 1):
+        assert len(alone[slot]) == len(together[slot])
+        assert all(torch.equal(a, b) for a, b in zip(alone[slot], together[slot], strict=True))
+
+
+def test_frame_cap_wins_over_min_frames(model, tokenizer) -> None:
+    gen = RealtimeGenerator(model, tokenizer, num_slots=1, max_context=256)
+    gen.start_conversation(0)
+    frames = _turn(gen, 0, sampling=SamplingConfig(greedy=True, min_frames=50), max_frames=5)
+    assert len(frames) == 5 and not gen.turn_running(0)

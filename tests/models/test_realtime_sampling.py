@@ -127,6 +127,7 @@ def test_config_validation() -> None:
         {"top_k": 0},
         {"repetition_penalty": 0},
         {"repetition_window": -1},
+        {"min_frames": -1},
     ):
         with pytest.raises(ConfigError):
             SamplingConfig(**bad)  # type: ignore[arg-type]

@@ -16,6 +16,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TEXT = "Hello there, this is a streaming test of the realtime voice. It keeps going for a while."
 GREEDY = SamplingConfig(greedy=True)
 SAMPLED = SamplingConfig(temperature=0.9, top_k=20, top_p=0.8, repetition_penalty=1.2, repetition_window=8)
+# Greedy, no special-code mask or penalty, but EOS banned on a turn's first 6 frames.
+PLAIN_WITH_MINIMUM = SamplingConfig(greedy=True, repetition_penalty=1.0, mask_special_codes=False, min_frames=6)
 
 
 def tiny_model(device: torch.device) -> MossTTSRealtime:
@@ -52,8 +54,9 @@ def run_schedule(gen: RealtimeGenerator, sampling: list[SamplingConfig], ticks: 
 
 def test_full_tick_equals_the_shortcut_tick(tokenizer) -> None:
     model = tiny_model(torch.device("cpu"))
-    # Slot 0 greedy with penalty, slot 1 sampled with penalty, slot 2 greedy without mask/penalty.
-    sampling = [GREEDY, SAMPLED, SamplingConfig(greedy=True, repetition_penalty=1.0, mask_special_codes=False)]
+    # Slot 0 greedy with penalty, slot 1 sampled with penalty, slot 2 greedy without mask/penalty
+    # but with a minimum length (EOS banned on its first frames).
+    sampling = [GREEDY, SAMPLED, PLAIN_WITH_MINIMUM]
     results = []
     for full in (False, True):
         gen = RealtimeGenerator(model, tokenizer, num_slots=3, max_context=256)
@@ -88,7 +91,7 @@ def test_compiled_tick_gives_the_eager_frames(tokenizer, backend: str) -> None:
     same frames as the eager tick for a mix of greedy and sampled slots joining and leaving.
     ``eager`` only traces (checks the graph form); ``inductor`` runs the generated C++ kernels."""
     model = tiny_model(torch.device("cpu"))
-    sampling = [GREEDY, SAMPLED, SamplingConfig(greedy=True, repetition_penalty=1.0, mask_special_codes=False)]
+    sampling = [GREEDY, SAMPLED, PLAIN_WITH_MINIMUM]
     results = []
     for compile in (False, backend):
         gen = RealtimeGenerator(model, tokenizer, num_slots=3, max_context=256, compile=compile)

@@ -73,6 +73,7 @@ class CompiledTick:
         repetition = state.repetition
         penalty = repetition.frame_penalty(frame_index)
         uniforms = counter_uniforms(state.seeds, frame_index, self._rvq)
+        first_ban = state.first_codebook_ban()  # codebook 0 also bans EOS below min_frames
         x, codes = hidden, []
         for index, (rotation, write, bias, head, table) in enumerate(self._positions):
             code, x = self._position(
@@ -84,7 +85,7 @@ class CompiledTick:
                 table,
                 repetition.history(index),
                 penalty,
-                state.banned[:, index],
+                first_ban if index == 0 else state.banned[:, index],
                 uniforms[:, index],
             )
             codes.append(code)

@@ -54,7 +54,8 @@ by ``upstream_compat=True`` (used for the parity goldens):
   fed, nothing more);
 Always on: a frame cap per turn (``max_frames``) and a context guard, so a missing EOS cannot run
 forever. ``SamplingConfig.mask_special_codes`` (default on) forbids pad/BOS codes that upstream
-could sample. Voice and user codes are always [frames, codebooks]; no layout guessing.
+could sample; ``SamplingConfig.min_frames`` (default 0, off) forbids audio EOS on a turn's first
+frames, per slot. Voice and user codes are always [frames, codebooks]; no layout guessing.
 """
 
 from __future__ import annotations
@@ -352,11 +353,12 @@ class RealtimeGenerator:
         state.repetition.start(slot, window, sampling.repetition_penalty)
         state.seeds[slot] = self._seed_source.getrandbits(62) if seed is None else seed
         state.banned[slot] = self._special if sampling.mask_special_codes else False
+        state.min_frames[slot] = sampling.min_frames
         running = [r.turn.sampling for r in state.slots if r.turn is not None and not r.turn.closed]
         self._any_sampling = any(not s.is_greedy for s in running)
         self._any_greedy = any(s.is_greedy for s in running)
         self._any_penalty = any(s.repetition_penalty != 1.0 and s.repetition_window > 0 for s in running)
-        self._any_banned = any(s.mask_special_codes for s in running)
+        self._any_banned = any(s.mask_special_codes or s.min_frames > 0 for s in running)
 
     def push_text(self, slot: int, delta: str) -> None:
         """Add assistant text; ignored once the turn has ended (EOS or cap)."""
@@ -596,15 +598,17 @@ class RealtimeGenerator:
         penalty = repetition.frame_penalty(frame_index) if repetition is not None else None
         uniforms = counter_uniforms(state.seeds, frame_index, self.config.rvq) if any_sampling else None
         banned = state.banned if any_banned else None
+        first_ban = state.first_codebook_ban() if any_banned else None  # + EOS below min_frames
         sampler = state.sampler
 
         def pick(index: int, logits: torch.Tensor) -> torch.Tensor:
+            ban = first_ban if index == 0 or banned is None else banned[:, index]
             return pick_codes(
                 logits,
                 sampler,
                 history=None if repetition is None else repetition.history(index),
                 penalty=penalty,
-                banned=None if banned is None else banned[:, index],
+                banned=ban,
                 uniform=None if uniforms is None else uniforms[:, index],
                 any_greedy=any_greedy,
             )

@@ -84,6 +84,8 @@ class GenerationState:
     rows: [S, max_context + 1, 1 + rvq] ids fed at each cache row; prev_frame: [S, rvq] last frame;
     pending_hidden: [S, hidden] backbone state of a prefill's last row (makes a turn's frame 0);
     repetition, sampler, banned [S, rvq, vocab], seeds [S]: sampling state;
+    min_frames [S] with eos_code [vocab] (the audio-EOS id of codebook 0): EOS is banned while a
+    slot's frame index is below its min_frames (``first_codebook_ban``);
     in_token, in_positions, in_fresh, in_generating, in_frame_index: [S] the tick's inputs, fixed
     buffers so a captured graph replays on the same memory.
     Host mirror (CPU, so no tick asks the device): text [S, max_context] and n_text / text_ptr,
@@ -99,6 +101,8 @@ class GenerationState:
     repetition: RepetitionWindow
     sampler: RowSampler
     banned: torch.Tensor
+    min_frames: torch.Tensor
+    eos_code: torch.Tensor
     seeds: torch.Tensor
     slot_index: torch.Tensor
     in_token: torch.Tensor
@@ -136,6 +140,9 @@ class GenerationState:
         def inputs(dtype: torch.dtype) -> torch.Tensor:
             return torch.zeros(num_slots, dtype=dtype, device=device)
 
+        eos_code = torch.zeros(vocab, dtype=torch.bool, device=device)
+        eos_code[config.audio_eos] = True
+
         return cls(
             cache=model.new_backbone_cache(num_slots, cache_rows - 1),
             local_cache=model.local_transformer.new_cache(num_slots),
@@ -145,6 +152,8 @@ class GenerationState:
             repetition=RepetitionWindow(num_slots, rvq, max_window, device),
             sampler=RowSampler(num_slots, top_k_cap, device),
             banned=torch.zeros(num_slots, rvq, vocab, dtype=torch.bool, device=device),
+            min_frames=inputs(torch.long),
+            eos_code=eos_code,
             seeds=inputs(torch.long),
             slot_index=torch.arange(num_slots, device=device),
             in_token=inputs(torch.long),
@@ -187,8 +196,16 @@ class GenerationState:
         for flags in (self.text_ended, self.running, self.prefilled, self.fresh, self.ended_eos):
             flags.masked_fill_(mask, False)
         self.prev_frame.masked_fill_(mask.to(self.prev_frame.device)[:, None], self.pad)
+        self.min_frames.masked_fill_(mask.to(self.min_frames.device), 0)
         for slot in mask.nonzero().flatten().tolist():
             self.slots[slot] = SlotRecord()
+
+    def first_codebook_ban(self) -> torch.Tensor:
+        """[S, vocab] bool: the ids codebook 0 may not take this tick, i.e. the slot's banned ids plus
+        audio EOS while the frame being made (``in_frame_index``) is below the slot's min_frames.
+        Tensor ops on fixed buffers only, so the eager, compiled and graphed ticks share it."""
+        early = self.in_frame_index < self.min_frames
+        return self.banned[:, 0] | (early[:, None] & self.eos_code)
 
     def set_idle_inputs(self) -> None:
         """Inputs of a tick in which no slot generates: every slot writes its row at its current
