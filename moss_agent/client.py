@@ -328,7 +328,7 @@ class _Connection:
             else:
                 future.add_done_callback(_consume)
             if isinstance(exc, TimeoutError):
-                raise EngineError(
+                raise _NoAnswer(
                     f"the speech server did not answer {message['type']!r} within {limit:g} s"
                 ) from None
             raise
@@ -442,6 +442,10 @@ class _Connection:
                 await task
 
 
+class _NoAnswer(EngineError):
+    """The server did not answer a request in time (it may still carry it out)."""
+
+
 def _consume(future: asyncio.Future[Any]) -> None:
     """Retrieve a future's exception nobody waits for (a reply a caller gave up on)."""
     if not future.cancelled():
@@ -482,17 +486,17 @@ class RemoteConversation:
                 upload = sp.encode_pcm(user.audio, backend.encoding)
                 message["user"]["audio"] = {"samples": len(user.audio), "sample_rate": user.sample_rate}
         self._stream = stream  # audio may arrive right behind the reply
-
-        def abandoned(reply: dict[str, Any]) -> None:  # started for a caller that gave up: settle it
+        try:
+            await self.conn.request(message, upload)
+        except (asyncio.CancelledError, _NoAnswer):
+            # The caller gave up; the turn may start anyway: settle it at nothing heard. The server
+            # applies this before anything this conversation sends later (such as the next turn.start).
             with contextlib.suppress(MossError):
-                future = self.conn.post(
-                    {"type": "interrupt", "conversation": self.cid, "turn": stream.serial}
-                )
+                future = self.conn.post(stream._message("interrupt", heard_s=0.0))
                 if future is not None:
                     future.add_done_callback(_consume)
-
-        try:
-            await self.conn.request(message, upload, on_abandoned=abandoned)
+            stream._finish(None)
+            raise
         except BaseException:
             stream._finish(None)
             raise

@@ -238,7 +238,11 @@ class _Conversation:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     queued_chars: int = 0
     turns: dict[int, _Turn] = field(default_factory=dict)  # the current turn and the one before it
-    last_serial: int = 0
+    last_serial: int = 0  # the latest turn.start received
+    worker_serial: int = 0  # the latest turn.start the worker began
+    cancelled: dict[int, tuple[int, float | None]] = field(
+        default_factory=dict
+    )  # interrupts of unstarted turns
     worker: asyncio.Task[None] | None = None
 
 
@@ -558,9 +562,14 @@ class _Socket:
         serial = sp.field_int(message, "turn", low=1)
         heard_s = sp.field_float(message, "heard_s", optional=True)
         turn = conv.turns.get(serial)
-        if turn is None:
+        if turn is not None:
+            self.spawn(self._settle(conv, turn, rid, heard_s), f"session-conv{conv.cid}-settle{serial}")
+        elif conv.worker_serial <= serial <= conv.last_serial and serial not in conv.cancelled:
+            # its turn.start is queued or running (a client that gave up waiting for it): the worker
+            # settles it in order, before anything sent after this
+            conv.cancelled[serial] = (rid, heard_s)
+        else:
             raise SessionClosedError(f"turn {serial} is not open on conversation {conv.cid}")
-        self.spawn(self._settle(conv, turn, rid, heard_s), f"session-conv{conv.cid}-settle{serial}")
 
     async def _settle(self, conv: _Conversation, turn: _Turn, rid: int, heard_s: float | None) -> None:
         turn.settling = True
@@ -601,7 +610,7 @@ class _Socket:
             try:
                 if kind == "start":
                     conv.queued_chars -= len(arg[2].text) if arg[2] is not None else 0
-                    await self._start(conv, rid, *arg)
+                    await self._start_unless_cancelled(conv, rid, *arg)
                 elif kind == "text":
                     serial, delta = arg
                     conv.queued_chars -= len(delta)
@@ -629,6 +638,27 @@ class _Socket:
             return True
         await turn.stream.push_text(delta)
         return False
+
+    async def _start_unless_cancelled(self, conv: _Conversation, rid: int, serial: int, *args: Any) -> None:
+        conv.worker_serial = serial
+        cancel = conv.cancelled.pop(serial, None)
+        if cancel is not None:  # interrupted before it started: it never will
+            await self.reply_error(
+                rid, SessionClosedError(f"turn {serial} was interrupted before it started")
+            )
+            await self.send({"type": "heard", "id": cancel[0], "conversation": conv.cid, "turn": serial,
+                             "frames": 0, "text": "", "audio_s": 0.0})  # fmt: skip
+            return
+        try:
+            await self._start(conv, rid, serial, *args)
+        finally:
+            cancel = conv.cancelled.pop(serial, None)
+            if cancel is not None:
+                if serial in conv.turns:
+                    await self._settle(conv, conv.turns[serial], *cancel)
+                else:  # the start failed: nothing to settle
+                    await self.send({"type": "heard", "id": cancel[0], "conversation": conv.cid, "turn": serial,
+                                     "frames": 0, "text": "", "audio_s": 0.0})  # fmt: skip
 
     async def _start(self, conv: _Conversation, rid: int, serial: int, window: int, user: UserTurn | None,
                      received_at: float) -> None:  # fmt: skip

@@ -251,6 +251,29 @@ async def test_a_vanished_client_frees_its_slots_within_a_second(engine: Realtim
     await http.close()
 
 
+async def test_a_start_turn_given_up_on_is_settled_before_the_next_turn(
+    engine: RealtimeEngine, url: str
+) -> None:
+    async with RemoteSpeechBackend(url, token=TOKEN) as remote:
+        conversation = await remote.open_conversation()
+        # given up on at once (still queued on the server), then later: while the server starts it,
+        # or once it started (the reply may even have arrived; then the caller closes it as usual)
+        for turn_id, wait_s in enumerate([0.0, 0.002, 0.01], start=1):
+            starting = asyncio.create_task(conversation.start_turn(UserTurn("Hi"), turn_id=10 * turn_id))
+            await asyncio.sleep(0)  # the request is on its way
+            await asyncio.sleep(wait_s)
+            starting.cancel()
+            await asyncio.wait([starting])
+            if not starting.cancelled():
+                await starting.result().aclose()
+            stream = await conversation.start_turn(None, turn_id=10 * turn_id + 1)  # not "still open"
+            await stream.push_text("The turn after the one given up on.")
+            await stream.end_input()
+            assert (await anext(aiter(stream))).turn_id == 10 * turn_id + 1
+            await stream.aclose()
+        await conversation.aclose()
+
+
 async def test_a_slow_reader_holds_the_engine_and_nothing_piles_up(engine: RealtimeEngine, url: str) -> None:
     async with RemoteSpeechBackend(url, token=TOKEN, audio_window=4) as remote:
         conversation = await remote.open_conversation()
