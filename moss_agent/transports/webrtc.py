@@ -11,30 +11,26 @@ Everything from the network is untrusted: bodies and data-channel messages go th
 decoder (``moss_agent.wire``), the SDP is checked before aiortc parses it, the HTTP side is bounded
 by ``webrtc_http`` (deadlines, connections per address) and every refusal is a JSON error.
 
-Track pacing follows aiortc's own AudioStreamTrack (wall-clock schedule in ``recv()``).
+The tracks (outbound pacing, its start buffer and figures) live in ``webrtc_track``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fractions
 import hmac
 import itertools
 import json
 import logging
 import re
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from moss_agent._optional import require
-from moss_agent.audio import float_to_pcm16
 from moss_agent.errors import ConfigError, TransportError
-from moss_agent.transports.capture import QueueAudioInput, av_frame_to_mono
+from moss_agent.transports.capture import QueueAudioInput
 from moss_agent.transports.connection import (
     Connection,
     ConnectionHandler,
@@ -42,13 +38,20 @@ from moss_agent.transports.connection import (
     error_event,
     parse_control,
 )
-from moss_agent.transports.playback import FramePacer, PlaybackBuffer
+from moss_agent.transports.playback import PlaybackBuffer
 from moss_agent.transports.webrtc_http import (
     LINGER_S,
     ConnectionGuard,
     HttpError,
     HttpLimits,
     error_middleware,
+)
+from moss_agent.transports.webrtc_track import (
+    RTC_RATE,
+    StartBuffer,
+    make_paced_track,
+    outbound_stats,
+    pump_track,
 )
 from moss_agent.wire import decode_json_object
 
@@ -57,8 +60,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-RTC_RATE = 48_000
-FRAME_SAMPLES = 960  # 20 ms at 48 kHz: what Opus in WebRTC expects per packet
 WEB_DIR = Path(__file__).with_name("web")
 LOOPBACK = "127.0.0.1"
 _CANDIDATE = re.compile(r"^a=candidate:\S+ \d+ \S+ \d+ (\S+) \d+ typ", re.IGNORECASE)
@@ -69,6 +70,56 @@ MAX_SDP_CHARS = 32 * 1024
 MAX_MEDIA_SECTIONS = 8
 MAX_CLIENT_ID_CHARS = 128
 MAX_CONTROL_BYTES = 64 * 1024
+
+
+NO_NETWORK_MESSAGE = (
+    "this server found no network address for WebRTC audio (no interface but loopback); "
+    "restart it with --loopback-only for a browser on the same machine"
+)
+NO_NETWORK_HINT = (
+    "WebRTC found no network interface to offer (only loopback); offers are refused until the server "
+    "is started with --loopback-only (a browser on this machine) or the host has a network"
+)
+ICE_FAILED_HINT = (
+    "a WebRTC peer did not connect (ICE failed or timed out); on a host without a usable network "
+    "interface start the server with --loopback-only, across NAT give it --ice-server"
+)
+NO_OFFER_CANDIDATES = (
+    "the browser offered no network address (ICE candidate); the audio will probably not connect"
+)
+NO_OFFER_CANDIDATES_LOOPBACK = (
+    "the browser offered no 127.0.0.1 address and this server (--loopback-only) accepts no other; "
+    "restart it without --loopback-only if this machine has a network"
+)
+_LLM_FAILURES = frozenset({"connection", "status", "timeout", "protocol"})
+
+
+def candidate_addresses(sdp: str) -> list[str]:
+    """The addresses of the ``a=candidate`` lines of ``sdp``, in order."""
+    return [match.group(1) for line in sdp.splitlines() if (match := _CANDIDATE.match(line))]
+
+
+def browser_safe(message: JsonDict, connection_id: str = "") -> JsonDict:
+    """``message`` as a browser user may see it: the session's error events (their text can name the
+    LLM or speech server and its address) become a generic error; the detail goes to the log."""
+    if message.get("type") != "error_event":
+        return message
+    detail = message.get("detail") if isinstance(message.get("detail"), dict) else {}
+    kind = detail.get("kind") if isinstance(detail, dict) else None
+    if kind in _LLM_FAILURES:
+        text = "the language model did not answer; try again (the server log says why)"
+    elif kind == "stt":
+        text = "speech recognition failed on that; try again (the server log says why)"
+    else:
+        text = "the agent hit a problem on the server; the server log says why"
+    # A fixed template with the detail as an argument: the operator needs the text, which the
+    # CLI's log format would not show from ``extra``.
+    logger.warning("agent error (the browser got a generic message): %s", message.get("message"),
+                   extra={"connection": connection_id, "kind": kind})  # fmt: skip
+    safe: JsonDict = {"type": "error", "code": "agent", "message": text, "fatal": bool(message.get("fatal"))}
+    if isinstance(message.get("turn_id"), int) and message["turn_id"] >= 0:
+        safe["turn_id"] = message["turn_id"]
+    return safe
 
 
 def restrict_ice_to_loopback() -> None:
@@ -105,59 +156,6 @@ def filter_candidates(sdp: str, allowed: set[str]) -> str:
             continue
         kept.append(line)
     return "\r\n".join(kept) + "\r\n"
-
-
-def _track_base() -> type:
-    return require("aiortc", "webrtc").MediaStreamTrack  # type: ignore[no-any-return]
-
-
-def make_paced_track(buffer: PlaybackBuffer, *, pacer: FramePacer | None = None) -> Any:
-    """An aiortc audio track that plays ``buffer`` (48 kHz) in 20 ms stereo s16 frames.
-
-    Silence when the buffer is starved; pts advances by 960 per frame in 1/48000 units. Stereo,
-    because aiortc's Opus encoder upmixes mono with a -3 dB gain.
-    """
-    av = require("av", "webrtc")
-    if buffer.play_rate != RTC_RATE:
-        raise ConfigError(f"a WebRTC track plays 48 kHz audio; the buffer plays at {buffer.play_rate} Hz")
-    paced = pacer or FramePacer(FRAME_SAMPLES, RTC_RATE)
-    time_base = fractions.Fraction(1, RTC_RATE)
-
-    class PacedAudioTrack(_track_base()):  # type: ignore[misc]
-        kind = "audio"
-
-        async def recv(self) -> Any:
-            if self.readyState != "live":
-                raise require("aiortc.mediastreams", "webrtc").MediaStreamError
-            pts = await paced.next()
-            pcm, _ = buffer.pull(FRAME_SAMPLES)
-            stereo = np.repeat(float_to_pcm16(pcm), 2).reshape(1, -1)
-            frame = av.AudioFrame.from_ndarray(stereo, format="s16", layout="stereo")
-            frame.sample_rate = RTC_RATE
-            frame.pts = pts
-            frame.time_base = time_base
-            return frame
-
-    return PacedAudioTrack()
-
-
-async def pump_track(track: Any, sink: QueueAudioInput, on_frame: Callable[[Any], None] | None = None) -> None:
-    """Feed every frame of a remote audio track into ``sink`` until the track ends; then close it.
-
-    ``on_frame`` sees each decoded PyAV frame first (statistics: pts, rate, size).
-    """
-    media_error = require("aiortc.mediastreams", "webrtc").MediaStreamError
-    try:
-        while True:
-            try:
-                frame = await track.recv()
-            except media_error:
-                return
-            if on_frame is not None:
-                on_frame(frame)
-            sink.feed(av_frame_to_mono(frame), frame.sample_rate)
-    finally:
-        sink.close()
 
 
 class EventChannel:
@@ -296,6 +294,12 @@ class WebRTCServer:
     everything started for it is released; the handler runs only once a peer's media connects, and a
     peer not connected within ``connect_timeout_s`` of its offer is hung up. ``http_limits`` bounds
     the HTTP side (header and body deadlines, connections per address), ``max_offer_bytes`` the body.
+
+    Outbound audio: a frame every 20 ms, silence between turns; the start of each turn's audio is
+    held back by up to ``start_buffer_max_s`` when the producer was seen to run late (see
+    ``webrtc_track.StartBuffer``; 0 never holds). ``conn.info["outbound"]`` has the track's figures.
+    A host with no network interface for WebRTC refuses offers with a 503 saying to use
+    ``loopback_only``; a peer whose ICE fails is logged with the same advice.
     """
 
     def __init__(
@@ -315,6 +319,7 @@ class WebRTCServer:
         handler_grace_s: float = 2.0,
         connect_timeout_s: float = 30.0,
         http_limits: HttpLimits | None = None,
+        start_buffer_max_s: float = 0.3,
     ) -> None:
         if token is not None and not token:
             raise ConfigError("token must be a non-empty string, or None to disable authentication")
@@ -331,6 +336,9 @@ class WebRTCServer:
         self._playback_buffer_s = playback_buffer_s
         self._grace_s = handler_grace_s
         self._connect_timeout_s = connect_timeout_s
+        if start_buffer_max_s < 0:
+            raise ConfigError(f"start_buffer_max_s must be >= 0, got {start_buffer_max_s}")
+        self._start_buffer_max_s = start_buffer_max_s
         self._guard = ConnectionGuard(http_limits or HttpLimits())
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
@@ -488,8 +496,10 @@ class _Peer:
             RTC_RATE, sample_rate=server._output_rate, max_buffer_s=server._playback_buffer_s
         )
         self.input = QueueAudioInput(server._input_rate)
-        self.conn = Connection(peer_id, self.input, self.output, self._events.send, client_id=client_id)
+        self.conn = Connection(peer_id, self.input, self.output, self._send_event, client_id=client_id)
         self.client_stats: JsonDict = {}
+        self.outbound = outbound_stats()
+        self.conn.info["outbound"] = self.outbound
         self._tasks: set[asyncio.Task[None]] = set()
         self._handler_task: asyncio.Task[None] | None = None
         self._inbound_task: asyncio.Task[None] | None = None
@@ -512,18 +522,35 @@ class _Peer:
         audio = [t for t in self._pc.getTransceivers() if t.kind == "audio"]
         if not audio:
             raise TransportError("the offer has no audio m-line; add an audio transceiver or track")
-        audio[0].sender.replaceTrack(make_paced_track(self.output))
+        start_buffer = StartBuffer(max_s=self._server._start_buffer_max_s)
+        audio[0].sender.replaceTrack(
+            make_paced_track(self.output, start_buffer=start_buffer, stats=self.outbound)
+        )
         audio[0].direction = "sendrecv"
         await self._pc.setLocalDescription(await self._pc.createAnswer())
         local = self._pc.localDescription
+        if not candidate_addresses(local.sdp):
+            logger.warning(NO_NETWORK_HINT)
+            raise HttpError(503, NO_NETWORK_MESSAGE, code="no_network")
+        answer: JsonDict = {"sdp": local.sdp, "type": local.type, "connection_id": self.conn.id}
+        if not candidate_addresses(offer_sdp):
+            # Peer-reflexive candidates may still connect, so this is a warning, not a refusal.
+            answer["warning"] = (
+                NO_OFFER_CANDIDATES_LOOPBACK if self._server._loopback_only else NO_OFFER_CANDIDATES
+            )
+            logger.warning(
+                "the offer has no ICE candidate this server can use", extra={"connection": self.conn.id}
+            )
         self._spawn(self._watch_connect(), "connect")
-        return {"sdp": local.sdp, "type": local.type, "connection_id": self.conn.id}
+        return answer
 
     async def _watch_connect(self) -> None:
         try:
             await asyncio.wait_for(self._connected.wait(), self._server._connect_timeout_s)
         except TimeoutError:
-            logger.info("peer never connected; hanging up", extra={"connection": self.conn.id})
+            logger.warning(
+                ICE_FAILED_HINT, extra={"connection": self.conn.id, "state": self._pc.iceConnectionState}
+            )
             self.begin_close()
 
     def _on_state(self) -> None:
@@ -533,6 +560,8 @@ class _Peer:
             self._connected.set()
             self._handler_task = self._spawn(self._run_handler(), "handler")
         elif state in ("failed", "closed"):
+            if state == "failed" and not self._connected.is_set() and not self.closing:
+                logger.warning(ICE_FAILED_HINT, extra={"connection": self.conn.id, "state": state})
             self.begin_close()
 
     async def _run_handler(self) -> None:
@@ -540,10 +569,11 @@ class _Peer:
             await self._server._handler(self.conn)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
+        except Exception:
             logger.exception("connection handler failed", extra={"connection": self.conn.id})
             with contextlib.suppress(Exception):  # the channel may be gone already
-                await self.conn.send_event(error_event(f"the agent failed: {exc}", code="internal", fatal=True))
+                message = "the agent failed; the server log says why"
+                await self.conn.send_event(error_event(message, code="internal", fatal=True))
         finally:
             if not self.closing:
                 self._spawn(self._close_when_flushed(), "flush")
@@ -556,6 +586,9 @@ class _Peer:
                 while self._events.pending:
                     await asyncio.sleep(0.02)
         self.begin_close()
+
+    async def _send_event(self, message: JsonDict) -> None:
+        await self._events.send(browser_safe(message, self.conn.id))
 
     def _spawn(self, coro: Coroutine[Any, Any, None], role: str) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro, name=f"webrtc-{role}-{self.conn.id}")

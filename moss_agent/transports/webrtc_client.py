@@ -19,14 +19,8 @@ from moss_agent.errors import TransportError
 from moss_agent.transports.capture import QueueAudioInput
 from moss_agent.transports.connection import JsonDict
 from moss_agent.transports.playback import PlaybackBuffer
-from moss_agent.transports.webrtc import (
-    LOOPBACK,
-    RTC_RATE,
-    filter_candidates,
-    make_paced_track,
-    pump_track,
-    restrict_ice_to_loopback,
-)
+from moss_agent.transports.webrtc import LOOPBACK, filter_candidates, restrict_ice_to_loopback
+from moss_agent.transports.webrtc_track import RTC_RATE, make_paced_track, pump_track
 from moss_agent.wire import decode_json_object
 
 logger = logging.getLogger(__name__)
