@@ -132,13 +132,23 @@ class SessionServer:
         for sock in list(self.sockets):
             await sock.ws.close(code=sp.CLOSE_GOING_AWAY, message=b"the server is shutting down")
 
-    def voice(self, name: str) -> FloatArray:
-        entry = self.voices.get(name)
-        if entry is None:
-            known = ", ".join(sorted(self.voices)) or "none"
-            raise ConfigError(f"unknown voice {name!r}; this server has: {known}")
-        pcm, rate = entry if isinstance(entry, tuple) else (entry, self.sample_rate)
-        return _at_rate(np.asarray(pcm, dtype=np.float32), rate, self.sample_rate)
+    def voice_names(self) -> list[str]:
+        names = getattr(self.voices, "names", None)  # a VoiceRegistry also lists "default" (no reference)
+        return sorted(names() if names is not None else self.voices)
+
+    def voice(self, name: str) -> FloatArray | None:
+        """The reference speech of a registered voice (None: the model's own voice)."""
+        lookup = getattr(self.voices, "lookup", None)  # a VoiceRegistry: its entries are at the engine's rate
+        if lookup is not None:
+            found = lookup(name)
+            if found is not None:
+                return found.pcm  # type: ignore[no-any-return]
+        elif name in self.voices:
+            entry = self.voices[name]
+            pcm, rate = entry if isinstance(entry, tuple) else (entry, self.sample_rate)
+            return _at_rate(np.asarray(pcm, dtype=np.float32), rate, self.sample_rate)
+        known = ", ".join(self.voice_names()) or "none"
+        raise ConfigError(f"unknown voice {name!r}; this server has: {known}")
 
 
 _NEEDS_ID = frozenset({"open", "turn.start", "interrupt", "close"})
@@ -163,6 +173,8 @@ def add_session_routes(
         engine = app[service_app.ENGINE]
         voices = voices if voices is not None else app.get(service_app.VOICES)
         metrics = metrics if metrics is not None else app.get(service_app.METRICS)
+        if limits is None:
+            limits = SessionLimits(retry_after_s=float(app[service_app.CONFIG].retry_after_s))
     server = SessionServer(engine, limits=limits, voices=voices, metrics=metrics)
     app[SESSION_SERVER] = server
     app.router.add_get(path, server.handle)
@@ -272,7 +284,7 @@ class _Socket:
                 await self.send({
                     "type": "hello", "protocol": sp.PROTOCOL, "sample_rate": self.server.sample_rate,
                     "frame_s": self.server.frame_s, "encodings": sorted(sp.ENCODINGS),
-                    "voices": sorted(self.server.voices), "limits": self._advertised_limits(),
+                    "voices": self.server.voice_names(), "limits": self._advertised_limits(),
                 })  # fmt: skip
                 await self._read()
                 self.closing = True
@@ -280,7 +292,8 @@ class _Socket:
                     task.cancel()
         finally:
             self.closing = True
-            await self._release_all()
+            # shielded: a handler cancelled again (server shutdown) still frees every slot
+            await asyncio.shield(self._release_all())
 
     def _advertised_limits(self) -> dict[str, Any]:
         lim = self.limits

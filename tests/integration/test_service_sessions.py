@@ -31,6 +31,8 @@ from moss_agent.engine.realtime import RealtimeEngine, RealtimeEngineConfig
 from moss_agent.errors import ConfigError, EngineError, OverloadError, SessionClosedError, TransportError
 from moss_agent.events import AudioChunk
 from moss_agent.models.realtime import SamplingConfig
+from moss_agent.service import ServiceConfig, VoiceRegistry, create_app
+from moss_agent.service.app import METRICS, serve
 from moss_agent.service.sessions import SessionLimits, add_session_routes, session_server
 from moss_agent.streaming.session import Session
 from moss_agent.streaming.tts import UserTurn
@@ -58,23 +60,20 @@ async def engine(tiny_realtime_endless_dir: Path, tiny_codec_dir: Path) -> Async
         yield loaded
 
 
-@web.middleware
-async def bearer(request: web.Request, handler: Any) -> web.StreamResponse:
-    if request.headers.get("Authorization") != f"Bearer {TOKEN}":
-        return web.json_response({"error": {"message": "bad token"}}, status=401)
-    return await handler(request)
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def app(engine: RealtimeEngine) -> web.Application:
+    """The speech server (auth, metrics, voices), with this module's session limits."""
+    voices = VoiceRegistry(engine.sample_rate)
+    voices.add("alice", VOICE)
+    service = create_app(engine, ServiceConfig(token=TOKEN), voices=voices, sessions=False)
+    add_session_routes(service, limits=LIMITS)
+    return service
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def url(engine: RealtimeEngine) -> AsyncIterator[str]:
-    app = web.Application(middlewares=[bearer])
-    add_session_routes(app, engine, limits=LIMITS, voices={"alice": VOICE})
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield f"ws://127.0.0.1:{runner.addresses[0][1]}"
-    await runner.cleanup()
+async def url(app: web.Application) -> AsyncIterator[str]:
+    async with serve(app) as address:
+        yield address
 
 
 async def wait_free(engine: RealtimeEngine, slots: int, within_s: float = 1.0) -> float:
@@ -91,7 +90,9 @@ async def wait_free(engine: RealtimeEngine, slots: int, within_s: float = 1.0) -
 async def raw(url: str, **kwargs: Any) -> tuple[aiohttp.ClientSession, aiohttp.ClientWebSocketResponse]:
     """A bare WebSocket client (no library help); the hello is read already."""
     http = aiohttp.ClientSession()
-    ws = await http.ws_connect(url + sp.PATH, headers={"Authorization": f"Bearer {TOKEN}"}, **kwargs)
+    ws = await http.ws_connect(
+        url.replace("http", "ws") + sp.PATH, headers={"Authorization": f"Bearer {TOKEN}"}, **kwargs
+    )
     assert json.loads((await ws.receive()).data)["type"] == "hello"
     return http, ws
 
@@ -159,8 +160,10 @@ async def two_turns(
 
 
 async def test_a_session_over_the_network_equals_the_session_in_process(
-    engine: RealtimeEngine, url: str
+    engine: RealtimeEngine, app: web.Application, url: str
 ) -> None:
+    metrics = app[METRICS]
+    first_audio = metrics.value("moss_first_audio_seconds_count")
     local_results, local_audio = await two_turns(engine, VOICE, USER_AUDIO)
     async with RemoteSpeechBackend(url, token=TOKEN, encoding="pcm_f32le") as remote:
         remote_results, remote_audio = await two_turns(remote, VOICE, USER_AUDIO)
@@ -176,6 +179,10 @@ async def test_a_session_over_the_network_equals_the_session_in_process(
     for turn, pcm in local_audio.items():
         assert np.array_equal(remote_audio[turn], pcm), f"turn {turn} differs"
     await wait_free(engine, 2)
+    assert metrics.value("moss_first_audio_seconds_count") == first_audio + 2  # one per turn
+    assert (
+        metrics.value("moss_chunk_gap_seconds_count") > 0 and metrics.value("moss_conversations_active") == 0
+    )
 
 
 async def one_turn(backend: Any, voice: np.ndarray, user_audio: np.ndarray) -> tuple[list[np.ndarray], Any]:
@@ -205,10 +212,11 @@ async def test_pcm16_carries_the_engine_frames_rounded_to_16_bits(engine: Realti
 
 async def test_registered_and_unknown_voices(url: str) -> None:
     async with RemoteSpeechBackend(url, token=TOKEN, voice="alice") as remote:
-        assert remote.voices == ["alice"] and remote.sample_rate == 24000
+        assert remote.voices == ["alice", "default"] and remote.sample_rate == 24000
         conversation = await remote.open_conversation()
         await conversation.aclose()
-        with pytest.raises(ConfigError, match="unknown voice 'bob'; this server has: alice"):
+        await (await remote.open_conversation(voice="default")).aclose()
+        with pytest.raises(ConfigError, match="unknown voice 'bob'; this server has: alice, default"):
             await remote.open_conversation(voice="bob")
 
 
@@ -216,13 +224,17 @@ async def test_registered_and_unknown_voices(url: str) -> None:
 
 
 async def test_a_full_engine_answers_busy_and_a_closed_conversation_frees_its_slot(
-    engine: RealtimeEngine, url: str
+    engine: RealtimeEngine, app: web.Application, url: str
 ) -> None:
+    metrics = app[METRICS]
+    busy = metrics.value("moss_rejected_total", {"reason": "busy"})
     async with RemoteSpeechBackend(url, token=TOKEN) as remote:
         held = [await remote.open_conversation() for _ in range(2)]
         with pytest.raises(OverloadError, match="busy") as caught:
             await remote.open_conversation()
         assert caught.value.retry_after_s == LIMITS.retry_after_s  # type: ignore[attr-defined]
+        assert metrics.value("moss_rejected_total", {"reason": "busy"}) == busy + 1
+        assert metrics.value("moss_conversations_active") == 2
         await held[0].aclose()
         again = await remote.open_conversation()
         for conversation in (again, held[1]):
@@ -377,8 +389,9 @@ class FailingStep:
 
 
 async def test_an_engine_fault_ends_the_turn_with_engine_error_and_the_conversation_goes_on(
-    engine: RealtimeEngine, url: str
+    engine: RealtimeEngine, app: web.Application, url: str
 ) -> None:
+    errors = app[METRICS].value("moss_errors_total", {"kind": "engine"})
     async with RemoteSpeechBackend(url, token=TOKEN) as remote:
         conversation = await remote.open_conversation()
         real = engine.generator
@@ -403,6 +416,7 @@ async def test_an_engine_fault_ends_the_turn_with_engine_error_and_the_conversat
         with pytest.raises(SessionClosedError):
             await conversation.start_turn(None, turn_id=3)
     assert engine.healthy
+    assert app[METRICS].value("moss_errors_total", {"kind": "engine"}) == errors + 1
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestWarning")
