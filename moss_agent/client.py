@@ -31,6 +31,8 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import numpy as np
+
 from moss_agent import speech_protocol as sp
 from moss_agent._optional import require
 from moss_agent.errors import (
@@ -182,7 +184,7 @@ class RemoteSpeechBackend:
         if voice_prompt is not None:
             upload = sp.encode_pcm(voice_prompt, self.encoding)
             message["voice_audio"] = {
-                "samples": len(voice_prompt),
+                "samples": len(upload) // sp.sample_bytes(self.encoding),
                 "sample_rate": voice_sample_rate or self.sample_rate,
             }
         elif voice or self.voice:
@@ -482,9 +484,10 @@ class RemoteConversation:
         upload = None
         if user is not None:
             message["user"] = {"text": user.text}
-            if user.audio is not None and len(user.audio):
+            if user.audio is not None and np.size(user.audio):
                 upload = sp.encode_pcm(user.audio, backend.encoding)
-                message["user"]["audio"] = {"samples": len(user.audio), "sample_rate": user.sample_rate}
+                samples = len(upload) // sp.sample_bytes(backend.encoding)
+                message["user"]["audio"] = {"samples": samples, "sample_rate": user.sample_rate}
         self._stream = stream  # audio may arrive right behind the reply
         try:
             await self.conn.request(message, upload)
