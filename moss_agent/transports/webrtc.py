@@ -94,6 +94,12 @@ NO_OFFER_CANDIDATES_LOOPBACK = (
 _LLM_FAILURES = frozenset({"connection", "status", "timeout", "protocol"})
 
 
+def _host_addresses() -> list[str]:
+    """The addresses aioice would offer as host candidates (it leaves out loopback)."""
+    ice: Any = require("aioice.ice", "webrtc")
+    return list(ice.get_host_addresses(use_ipv4=True, use_ipv6=True))
+
+
 def candidate_addresses(sdp: str) -> list[str]:
     """The addresses of the ``a=candidate`` lines of ``sdp``, in order."""
     return [match.group(1) for line in sdp.splitlines() if (match := _CANDIDATE.match(line))]
@@ -371,6 +377,8 @@ class WebRTCServer:
         require("aiortc", "webrtc")
         if self._loopback_only:
             restrict_ice_to_loopback()
+        elif not _host_addresses():
+            logger.warning(NO_NETWORK_HINT)  # say it now, not only when the first browser calls
         app = web.Application(client_max_size=self._max_offer_bytes, middlewares=[error_middleware()])
         app.router.add_get("/", self._page)
         app.router.add_get("/app.js", self._script)

@@ -40,10 +40,12 @@ class StartBuffer:
     """How long to hold back the start of a run of agent audio, learned from the producer's lateness.
 
     When the buffer runs dry in the middle of a turn and the same turn's audio comes back, the dry
-    spell measured how late the producer (the engine) was. The hold before later starts grows to
-    cover that (up to ``max_s``: a longer stall is not jitter, and no small buffer would hide it) and
-    shrinks by one frame after each turn that played without a gap, so a quiet machine pays no
-    latency. ``hold`` is asked once per frame before pulling; ``played`` is told what each pull got.
+    spell measured how late the producer (the engine) was. Later starts wait that long after their
+    first audio arrives (unless ``max_s`` is queued already), so the same lateness finds audio
+    queued; the hold grows up to ``max_s`` (a longer stall is not jitter, and no small buffer would
+    hide it) and shrinks by one frame after each turn that played without a gap, so a quiet machine
+    pays no latency. ``hold`` is asked once per frame before pulling; ``played`` is told what each
+    pull got.
     """
 
     def __init__(self, *, initial_s: float = 0.0, max_s: float = 0.3, frame_s: float = FRAME_S) -> None:
@@ -69,7 +71,9 @@ class StartBuffer:
             return False
         if self._gap_s is None:
             self._gap_s = self._dry_s  # audio is back: the dry spell is over
-        if queued_s >= self.target_s or self._waited_s >= self.target_s:
+        # By time, not by the amount queued: a gap of G after the first chunk means a chunk came G
+        # late, however big the first one was. More than max_s queued covers any gap learned here.
+        if self._waited_s >= self.target_s or queued_s >= self.max_s:
             self._running = True
             self._waited_s = 0.0
             return False

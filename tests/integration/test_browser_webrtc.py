@@ -245,7 +245,9 @@ async def test_the_page_in_chromium(
         # A host whose only interface is loopback (aioice offers no address): the offer is refused
         # at once, the page says to use --loopback-only, and the server logs the same advice.
         monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: [])
+        caplog.clear()
         async with WebRTCServer(agent, token=TOKEN, input_rate=RATE) as bare:
+            assert "no network interface" in caplog.text  # at start, before any browser calls
             tab = await browser.open(f"{bare.url}?token={TOKEN}&autostart=1&client=bare")
             shown = await tab.wait_for(f"{TRANSCRIPT}.includes('refused') && {TRANSCRIPT}", timeout_s=20)
             assert "(503)" in shown and "--loopback-only" in shown, shown

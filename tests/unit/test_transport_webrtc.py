@@ -92,12 +92,14 @@ def test_start_buffer_learns_the_gap_a_turn_had_and_holds_later_starts_by_that_m
     assert start.target_s == pytest.approx(5 * FRAME_S)
     for _ in range(3):  # turn 1 ends; silence
         feed(start, 0, turn_id=1)
-    # Turn 2 starts with one frame queued: held until 100 ms are queued or 100 ms have passed.
-    held = [feed(start, queued, turn_id=2) for queued in (1, 2, 3, 4, 5, 6)]
-    assert held == [True, True, True, True, False, False]
+    # Turn 2's audio arrives: held for the 100 ms its producer was late before, however much is queued.
+    held = [feed(start, queued, turn_id=2) for queued in (4, 5, 6, 7, 8, 9)]
+    assert held == [True, True, True, True, True, False]
     for _ in range(3):
         feed(start, 0, turn_id=2)
-    feed(start, 6, turn_id=3)  # turn 2 played without a gap: the hold shrinks by one frame
+    # Turn 3 arrives with max_s queued, which covers any gap learned here: no hold. Turn 2 played
+    # without a gap, so the hold shrinks by one frame.
+    assert not feed(start, 15, turn_id=3)
     assert start.target_s == pytest.approx(4 * FRAME_S)
 
 
@@ -135,12 +137,12 @@ async def test_paced_track_holds_a_start_and_counts_a_gap_per_turn(monkeypatch) 
     for _ in range(3):
         await track.recv()  # dry inside turn 7
     await buffer.write(AudioChunk(np.full(1920, 0.25, np.float32), 48_000, turn_id=7))
-    frames = [await track.recv() for _ in range(2)]
-    assert all(np.abs(f.to_ndarray()).max() > 0.2 * 32768 for f in frames)
+    frames = [await track.recv() for _ in range(4)]  # after a gap the track buffers again
+    assert [bool(np.abs(f.to_ndarray()).max() > 0.2 * 32768) for f in frames] == [False, False, True, True]
     assert stats["gaps"] == 1 and stats["turns"][7]["gaps"] == 1
-    assert stats["turns"][7]["gap_s"] == pytest.approx(3 * FRAME_S) and stats["held_frames"] == 2
-    assert stats["turns"][7]["held_s"] == pytest.approx(2 * FRAME_S)
-    assert stats["frames"] == 8 and stats["late_frames"] == 0
+    assert stats["turns"][7]["gap_s"] == pytest.approx(3 * FRAME_S) and stats["held_frames"] == 4
+    assert stats["turns"][7]["held_s"] == pytest.approx(4 * FRAME_S)
+    assert stats["frames"] == 10 and stats["late_frames"] == 0
     track.stop()
 
 
