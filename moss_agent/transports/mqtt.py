@@ -94,10 +94,27 @@ class MqttSettings:
         )
 
 
+_REFUSED_LOGIN = {4, 5, 134, 135}
+"""CONNACK codes for a refused login: MQTT 3 "bad username or password" and "not authorised",
+MQTT 5 0x86 "Bad User Name or Password" and 0x87 "Not authorized"."""
+
+
 def _connect_error(exc: Exception, settings: MqttSettings) -> TransportError:
+    """What went wrong connecting, in words: a refused login, or a broker that cannot be reached."""
+    where = f"the MQTT broker at {settings.host}:{settings.port}"
+    who = f"user {settings.username!r}" if settings.username else "an anonymous login (no username given)"
+    rc = getattr(exc, "rc", None)
+    code = getattr(rc, "value", rc)
+    if isinstance(code, int) and code in _REFUSED_LOGIN:
+        hint = (
+            "check the username and password" if settings.username
+            else "this broker wants a username and password; give them"
+        )  # fmt: skip
+        return TransportError(f"{where} refused {who}: not authorized (CONNACK code {code}); {hint}")
+    if rc is not None:
+        return TransportError(f"{where} refused the connection of {who}: {exc}")
     return TransportError(
-        f"could not connect to the MQTT broker at {settings.host}:{settings.port} as "
-        f"{settings.username!r}: {exc}. Check the address, username and password."
+        f"could not connect to {where}: {exc}. Check the address and that the broker is running."
     )
 
 
@@ -124,6 +141,11 @@ class MqttLimits:
     max_queued_audio: int = 5_000
     """Audio packets received but not yet handled (about 1.5 s of 64 sessions). Audio has a connection
     of its own, so when a flood outruns the worker's CPU only audio is dropped, never control."""
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not value > 0:
+                raise ConfigError(f"MQTT limit {name} must be positive, got {value}")
 
 
 class MqttWorker:
@@ -670,7 +692,10 @@ class MqttClient:
             except TransportError:
                 self._sessions.pop(session.id, None)
                 raise
-        raise TransportError(f"no worker answered {attempts} session requests; are workers running?")
+        raise TransportError(
+            f"no worker answered {attempts} session requests in {attempts * timeout_s:g} s: is a worker "
+            f"(moss-agent mqtt-worker) running on this broker, with topic root {self._topics.root!r}?"
+        )
 
     async def client_events(self) -> AsyncIterator[JsonDict]:
         """Events not tied to a session (e.g. a rejected request)."""

@@ -120,14 +120,20 @@ def device_role_commands(device: str, root: str = DEFAULT_ROOT) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Write a mosquitto dynamic-security file for moss_agent MQTT."
+        prog="python -m moss_agent.transports.mqtt_acl",
+        description="Write a mosquitto dynamic-security file for moss_agent MQTT from 'username:password' "
+        "lines on stdin (workers named by --workers, everyone else a device).",
     )
     parser.add_argument("--workers", nargs="+", default=["worker"], help="usernames of workers")
     parser.add_argument("--topic-root", default=DEFAULT_ROOT)
     parser.add_argument("--group", default="moss-workers")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     workers: dict[str, str] = {}
     devices: dict[str, str] = {}
     for number, line in enumerate(sys.stdin, 1):

@@ -1,7 +1,8 @@
 """Every file in examples/ runs as written, in its offline form (tiny random checkpoints, echo responder).
 
-The MQTT test also covers ``moss-agent mqtt-worker``: a worker process with the tiny engine behind a
-real mosquitto answers the device example's recorded speech with audio.
+The MQTT test also covers ``moss-agent mqtt-worker``: worker processes with the tiny engine behind a
+real mosquitto answer the device example's recorded speech with audio, also when the device's
+worker is killed mid-session.
 """
 
 from __future__ import annotations
@@ -128,12 +129,24 @@ async def test_webrtc_bot_greets_a_peer_and_answers_typed_text(cache: Path) -> N
             assert any(e["type"] == "metrics" for e in seen)
 
 
-async def test_mqtt_worker_answers_the_device_examples_speech(cache: Path, tmp_path: Path) -> None:  # noqa: F811
+def stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+async def test_mqtt_device_example_fails_over_to_another_worker_and_says_what_went_wrong(
+    cache: Path, tmp_path: Path  # noqa: F811
+) -> None:
+    """Two ``moss-agent mqtt-worker --tiny`` processes behind a real mosquitto. The device example's
+    worker is killed while it speaks: it opens a new session, the other worker answers its speech.
+    An empty reply and a pool with no workers are each a one-line message, never a traceback."""
     pytest.importorskip("aiomqtt")
     from mqtt_broker import run_broker
     from system_requirements import ESPEAK_NG, require
 
     from moss_agent.testing import FakeOpenAIServer
+    from moss_agent.testing.openai_server import ScriptedReply, echo_responder
     from moss_agent.testing.speech import synthesize_speech
 
     require(ESPEAK_NG)
@@ -145,28 +158,76 @@ async def test_mqtt_worker_answers_the_device_examples_speech(cache: Path, tmp_p
         heard.append(len(pcm) / rate)
         return "turn on the lights"
 
+    def responder(messages: list[dict[str, Any]]) -> ScriptedReply:
+        if messages[-1].get("content") == "say nothing":
+            return ScriptedReply("")  # the LLM answers an empty stream: the agent has nothing to say
+        return echo_responder(messages)
+
     users = {"worker": "worker-pw", "kitchen": "kitchen-pw"}
+    password = tmp_path / "kitchen.pw"
+    password.write_text(users["kitchen"])
+    out = tmp_path / "reply.wav"
+    env = {**os.environ, "MOSS_MQTT_PASSWORD": users["worker"], "PYTHONUNBUFFERED": "1"}
     with run_broker(tmp_path, users) as broker:
-        async with FakeOpenAIServer(transcribe=transcribe) as openai:
-            worker = [sys.executable, "-m", "moss_agent.cli", "mqtt-worker", "--tiny", "--device", "cpu",
-                      "--greedy", "--slots", "1", "--max-seconds", "0.8", "--broker", f"127.0.0.1:{broker.port}",
-                      "--username", "worker", "--worker-id", "w1", "--stt-url", openai.base_url,
-                      "--llm-url", openai.base_url]  # fmt: skip
-            env = {**os.environ, "MOSS_MQTT_PASSWORD": users["worker"]}
-            async with running(worker, env) as proc, asyncio.timeout(90):
-                assert (await first_line(proc)).strip() == "ready w1"
-                password = tmp_path / "kitchen.pw"
-                password.write_text(users["kitchen"])
-                out = tmp_path / "reply.wav"
-                device = [sys.executable, str(EXAMPLES / "mqtt_device.py"), "--broker", f"127.0.0.1:{broker.port}",
-                          "--username", "kitchen", "--password-file", str(password), "--wav", str(wav),
-                          "--out", str(out)]  # fmt: skip
-                result = await asyncio.to_thread(subprocess.run, device, capture_output=True, text=True, timeout=60)
-                assert result.returncode == 0, result.stdout + result.stderr
-                assert "you said: turn on the lights" in result.stdout
-                assert "agent: You said: turn on the lights" in result.stdout
-                assert "session" in result.stdout and "worker w1" in result.stdout
-                reply = load_audio(out, 24000)
-                assert len(reply) > 0.2 * 24000
-    # The worker's recognizer got the device's utterance (about the recording's length, not the silence).
-    assert len(heard) == 1 and 0.5 < heard[0] < len(load_audio(wav, 24000)) / 24000 + 1.0
+
+        def device(*args: str) -> list[str]:
+            return [sys.executable, str(EXAMPLES / "mqtt_device.py"), "--broker", f"127.0.0.1:{broker.port}",
+                    "--username", "kitchen", "--password-file", str(password), "--out", str(out), *args]  # fmt: skip
+
+        async with FakeOpenAIServer(transcribe=transcribe, responder=responder) as openai:
+
+            def worker(wid: str) -> subprocess.Popen[str]:
+                command = [sys.executable, "-m", "moss_agent.cli", "mqtt-worker", "--tiny", "--device", "cpu",
+                           "--greedy", "--slots", "1", "--max-seconds", "0.8", "--broker", f"127.0.0.1:{broker.port}",
+                           "--username", "worker", "--worker-id", wid, "--stt-url", openai.base_url,
+                           "--llm-url", openai.base_url]  # fmt: skip
+                return subprocess.Popen(
+                    command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
+                )
+
+            workers = {wid: worker(wid) for wid in ("w1", "w2")}
+            speaking: subprocess.Popen[str] | None = None
+            try:
+                async with asyncio.timeout(150):
+                    lines = await asyncio.gather(*(first_line(proc, 90) for proc in workers.values()))
+                    assert [line.strip() for line in lines] == ["ready w1", "ready w2"]
+
+                    # The worker serving the session dies while the device is still talking.
+                    speaking = subprocess.Popen(
+                        device("--wav", str(wav)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+                    )
+                    opened = await first_line(speaking)
+                    assert opened.startswith("session ") and " on worker w" in opened, opened
+                    victim = opened.split()[-1]
+                    workers[victim].kill()
+                    stdout, stderr = await asyncio.to_thread(speaking.communicate, timeout=60)
+                    assert speaking.returncode == 0, opened + stdout + stderr
+                    [survivor] = set(workers) - {victim}
+                    assert f"worker {victim} went away; opening a new session" in stdout
+                    assert f"on worker {survivor}" in stdout
+                    assert "you said: turn on the lights" in stdout
+                    assert "agent: You said: turn on the lights" in stdout
+                    assert "Traceback" not in stderr
+                    assert len(load_audio(out, 24000)) > 0.2 * 24000
+                    # The survivor's recognizer got the utterance, all of it and none of the silence.
+                    assert len(heard) == 1 and 0.5 < heard[0] < len(load_audio(wav, 24000)) / 24000 + 1.0
+
+                    out.unlink()
+                    empty = await asyncio.to_thread(
+                        subprocess.run, device("--text", "say nothing"), capture_output=True, text=True, timeout=60
+                    )
+                    assert empty.returncode == 1, empty.stdout + empty.stderr
+                    assert "the agent sent no audio" in empty.stderr and "Traceback" not in empty.stderr
+                    assert not out.exists()
+
+                    workers[survivor].send_signal(signal.SIGINT)
+                    assert await asyncio.to_thread(workers[survivor].wait, 30) == 0
+                    alone = await asyncio.to_thread(
+                        subprocess.run, device("--answer-timeout", "0.3"), capture_output=True, text=True, timeout=60
+                    )
+                    assert alone.returncode == 1, alone.stdout + alone.stderr
+                    assert "no worker answered 3 session requests" in alone.stderr
+                    assert "Traceback" not in alone.stderr
+            finally:
+                for proc in [*workers.values(), *([speaking] if speaking else [])]:
+                    stop(proc)

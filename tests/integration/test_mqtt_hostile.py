@@ -263,7 +263,7 @@ async def test_an_audio_flood_is_dropped_once_reported_and_delays_no_one(broker:
     }
     command = [
         sys.executable, "-m", "moss_agent.transports.mqtt", "--handler", "transport_signals:tone_agent",
-        "--port", str(broker.port), "--username", "worker", "--worker-id", "flooded",
+        "--broker", f"127.0.0.1:{broker.port}", "--username", "worker", "--worker-id", "flooded",
     ]  # fmt: skip
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:

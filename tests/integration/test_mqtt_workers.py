@@ -46,7 +46,7 @@ def start_worker(broker: Broker, worker_id: str) -> subprocess.Popen[str]:
     command = [
         sys.executable, "-m", "moss_agent.transports.mqtt",
         "--handler", "transport_signals:tone_agent",
-        "--port", str(broker.port), "--username", "worker", "--worker-id", worker_id,
+        "--broker", f"127.0.0.1:{broker.port}", "--username", "worker", "--worker-id", worker_id,
     ]  # fmt: skip
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
