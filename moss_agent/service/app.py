@@ -13,7 +13,7 @@ speech-server`` does both). Routes:
 Auth: with ``ServiceConfig.token`` every route but ``/healthz`` wants ``Authorization: Bearer
 TOKEN`` (compared in constant time); without one the server is open. Every request gets a request
 id: the client's ``X-Request-Id`` when it is a sane one (1-128 printable characters), else a new
-one; it is on the response's ``X-Request-Id``, in ``request["request_id"]`` and in the log lines
+one; it is on the response's ``X-Request-Id``, in ``request_id(request)`` and in the log lines
 (``extra={"request_id": ...}``).
 """
 
@@ -57,6 +57,15 @@ class ServiceState:
 
 
 STATE = web.AppKey("moss_service_state", ServiceState)
+REQUEST_ID = web.RequestKey("moss_request_id", str)
+# A streaming handler sets it once its last byte left: a client that hangs up after that did not
+# cut the request short, so the request counts with this status rather than 499.
+SENT = web.RequestKey("moss_response_sent", int)
+
+
+def request_id(request: web.Request) -> str:
+    """The request's id (see the module docstring); "" outside this app's middleware."""
+    return request.get(REQUEST_ID, "")
 
 
 def create_app(
@@ -107,7 +116,7 @@ async def _request_context(request: web.Request, handler: Handler) -> web.Stream
     """Request id, OpenAI-shaped errors, one structured log line and a count per request."""
     given = request.headers.get("X-Request-Id", "")
     request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
-    request["request_id"] = request_id
+    request[REQUEST_ID] = request_id
     metrics = request.app[METRICS]
     route = _route_name(request)
     began = time.monotonic()
@@ -127,7 +136,7 @@ async def _request_context(request: web.Request, handler: Handler) -> web.Stream
                          headers={k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")})  # fmt: skip
         return error.response()
     except asyncio.CancelledError:
-        status = 499  # the client went away
+        status = request.get(SENT, 499)  # 499: the client went away before the end
         raise
     except Exception:
         log.exception("request failed", extra={"request_id": request_id, "path": request.path})
@@ -162,9 +171,9 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 async def _stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    request_id = request.get("request_id")
-    if request_id:
-        response.headers["X-Request-Id"] = request_id
+    given = request.get(REQUEST_ID)
+    if given:
+        response.headers["X-Request-Id"] = given
 
 
 def _route_name(request: web.Request) -> str:
