@@ -33,7 +33,7 @@ from transport_signals import RATE, rms, tone
 from moss_agent.audio import load_audio
 from moss_agent.events import AudioChunk, ErrorEvent
 from moss_agent.testing.chromium import Chromium, Tab
-from moss_agent.transports.connection import Connection, event_to_json
+from moss_agent.transports.connection import Connection, error_event, event_to_json
 from moss_agent.transports.webrtc import WebRTCServer
 
 pytestmark = requires(CHROMIUM, ESPEAK_NG)
@@ -53,6 +53,9 @@ class ScriptedAgent:
         self.received: list[np.ndarray] = []
 
     async def __call__(self, conn: Connection) -> None:
+        if conn.client_id == "full":  # what session_handler does when no engine slot is free
+            await conn.send_event(error_event("the agent could not start: every slot is busy", code="unavailable", fatal=True))
+            return
         await self.connections.put(conn)
         async for chunk in conn.input:
             if conn.client_id == "one":
@@ -231,6 +234,12 @@ async def test_the_page_in_chromium(
         await speak_turn(again, 21)
         await one.wait_for("document.querySelector('p.assistant[data-turn=\"21\"]')")
         await one.evaluate("document.getElementById('hangup').click()")
+
+        # The agent refuses the call (no free slot) and hangs up: the page says why and can call again.
+        full = await browser.open(f"{page}&client=full")
+        await full.wait_for(f"{TRANSCRIPT}.includes('every slot is busy') && document.getElementById('status')"
+                            ".textContent === 'the agent ended the call'")  # fmt: skip
+        assert await full.evaluate(BUTTONS) == "start - -"
 
         # A call whose ICE cannot work (relay only, no TURN server: the browser offers no address):
         # the page says so within its connect timeout and can call again; the server logs it.

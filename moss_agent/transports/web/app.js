@@ -11,7 +11,7 @@ const NETWORK_ADVICE = "If the server runs on a machine without a network, start
   + "across NAT it needs --ice-server.";
 const TURNS_REPORTED = 20;
 // One call's objects; hangUp() releases them all, so Start can call again.
-const call = { pc: null, channel: null, mic: null, audio: null, timers: [], connectTimer: null };
+const call = { id: 0, pc: null, channel: null, mic: null, audio: null, timers: [], connectTimer: null, connected: false };
 const state = { pendingTurn: null, rows: new Map(), lines: new Map(), turns: new Map(), currentTurn: null, stats: {} };
 window.results = state.stats;
 
@@ -222,24 +222,31 @@ async function iceServers(headers) {
 const hasCandidates = (sdp) => /^a=candidate:/m.test(sdp || "");
 
 function connectionFailed(why) {
+  if (call.connected) {
+    say("error", `the call's audio connection was lost (${why})`);
+    hangUp("connection lost");
+    return;
+  }
   say("error", `the audio connection could not be set up (${why}). ${NETWORK_ADVICE}`);
   hangUp(`not connected: ${why}`);
 }
 
 async function start() {
+  const id = ++call.id; // every await below re-checks it: Hang up may have ended this call meanwhile
   setButtons("calling");
   setStatus("asking for the microphone…");
   const processing = params.get("processing") !== "0";
   const mic = await navigator.mediaDevices.getUserMedia({
     audio: { echoCancellation: processing, noiseSuppression: processing, autoGainControl: processing },
   });
+  if (call.id !== id) { mic.getTracks().forEach((t) => t.stop()); return; }
   call.mic = mic;
   const headers = { "Content-Type": "application/json" };
   const token = params.get("token");
   if (token) headers.Authorization = `Bearer ${token}`;
   const config = { iceServers: await iceServers(headers) };
   if (params.get("relay") === "1") config.iceTransportPolicy = "relay";
-  if (call.mic !== mic) return; // hung up meanwhile
+  if (call.id !== id) return;
   const pc = new RTCPeerConnection(config);
   call.pc = pc;
   mic.getTracks().forEach((track) => pc.addTrack(track, mic));
@@ -247,6 +254,7 @@ async function start() {
   call.channel = channel;
   channel.onmessage = (msg) => { try { onEvent(JSON.parse(msg.data)); } catch (err) { console.warn(err); } };
   channel.onopen = () => { if (call.channel === channel) setButtons("open"); };
+  channel.onclose = () => { if (call.channel === channel) hangUp("the agent ended the call"); };
   pc.ontrack = (ev) => {
     const el = $("agent-audio");
     el.srcObject = ev.streams[0] || new MediaStream([ev.track]);
@@ -257,13 +265,16 @@ async function start() {
     if (call.pc !== pc) return;
     setStatus(pc.connectionState);
     state.stats.connectionState = pc.connectionState;
-    if (pc.connectionState === "connected") clearTimeout(call.connectTimer);
+    if (pc.connectionState === "connected") {
+      call.connected = true;
+      clearTimeout(call.connectTimer);
+    }
     if (pc.connectionState === "failed") connectionFailed("ICE found no working network path");
   };
   await pc.setLocalDescription(await pc.createOffer());
   setStatus("gathering network candidates…");
   await waitForIce(pc, 5000);
-  if (call.pc !== pc) return;
+  if (call.id !== id) return;
   if (!hasCandidates(pc.localDescription.sdp)) {
     say("error", "this browser found no network address for the call (no ICE candidate); trying anyway");
   }
@@ -272,7 +283,7 @@ async function start() {
     method: "POST", headers, body: JSON.stringify({ sdp: pc.localDescription.sdp, type: "offer" }),
   });
   const answer = await response.json();
-  if (call.pc !== pc) return;
+  if (call.id !== id) return;
   if (!response.ok) {
     say("error", `the server refused the call (${response.status}): ${answer.message || ""}`);
     hangUp(`refused: ${answer.message || response.status}`);
@@ -282,7 +293,7 @@ async function start() {
   await pc.setRemoteDescription({ type: "answer", sdp: answer.sdp });
   setStatus("connecting…");
   call.connectTimer = setTimeout(() => {
-    if (call.pc === pc && pc.connectionState !== "connected") {
+    if (call.id === id && !call.connected) {
       connectionFailed(`no connection within ${CONNECT_TIMEOUT_MS / 1000} s`);
     }
   }, CONNECT_TIMEOUT_MS);
@@ -294,23 +305,28 @@ function interrupt() {
 }
 
 function hangUp(status = "hung up") {
+  call.id += 1;
   if (call.channel?.readyState === "open") call.channel.send(JSON.stringify({ type: "close" }));
   clearTimeout(call.connectTimer);
   call.timers.forEach((timer) => clearInterval(timer));
   call.pc?.close();
   call.mic?.getTracks().forEach((t) => t.stop());
   call.audio?.close().catch(() => {});
-  Object.assign(call, { pc: null, channel: null, mic: null, audio: null, timers: [], connectTimer: null });
+  Object.assign(call, { pc: null, channel: null, mic: null, audio: null, timers: [], connectTimer: null, connected: false });
   state.currentTurn = null;
   state.pendingTurn = null;
   setStatus(status);
   setButtons("idle");
 }
 
-$("start").onclick = () => start().catch((err) => {
-  say("error", `the call failed: ${err}`);
-  hangUp(`failed: ${err}`);
-});
+$("start").onclick = () => {
+  const id = call.id + 1;
+  start().catch((err) => {
+    if (call.id !== id) return; // an old call's failure after Hang up
+    say("error", `the call failed: ${err}`);
+    hangUp(`failed: ${err}`);
+  });
+};
 $("interrupt").onclick = interrupt;
 $("hangup").onclick = () => hangUp();
 if (params.get("autostart") === "1") $("start").click();
