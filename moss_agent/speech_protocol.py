@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from moss_agent.audio import float_to_pcm16, pcm16_to_float
 from moss_agent.errors import (
     AudioError,
     ConfigError,
@@ -135,18 +136,19 @@ def sample_bytes(encoding: str) -> int:
 
 
 def encode_pcm(pcm: FloatArray, encoding: str) -> bytes:
-    """Float32 mono samples -> bytes. pcm_s16le clips to [-1, 1] and rounds (x * 32767)."""
+    """Float32 mono samples -> bytes. pcm_s16le: ``moss_agent.audio.float_to_pcm16`` (x * 32768,
+    rounded, clipped), the same as the speech API's ``pcm``."""
     samples = np.asarray(pcm, dtype=np.float32).reshape(-1)
     if encoding == "pcm_f32le":
         return samples.astype("<f4", copy=False).tobytes()
-    return np.round(np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+    return float_to_pcm16(samples).astype("<i2", copy=False).tobytes()
 
 
 def decode_pcm(data: bytes | memoryview, encoding: str) -> FloatArray:
-    """Bytes -> float32 mono samples (a fresh, writable array)."""
+    """Bytes -> float32 mono samples (a fresh, writable array); pcm_s16le divides by 32768."""
     if encoding == "pcm_f32le":
         return np.frombuffer(data, dtype="<f4").astype(np.float32)
-    return (np.frombuffer(data, dtype="<i2").astype(np.float32) / np.float32(32767.0)).astype(np.float32)
+    return pcm16_to_float(data).astype(np.float32, copy=False)
 
 
 def quantize(pcm: FloatArray, encoding: str) -> FloatArray:

@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 from aiohttp import WSMsgType, web
@@ -170,11 +170,12 @@ def add_session_routes(
     if engine is None:
         from moss_agent.service import app as service_app
 
-        engine = app[service_app.ENGINE]
+        engine = cast(SpeechBackend, app[service_app.ENGINE])
         voices = voices if voices is not None else app.get(service_app.VOICES)
         metrics = metrics if metrics is not None else app.get(service_app.METRICS)
         if limits is None:
             limits = SessionLimits(retry_after_s=float(app[service_app.CONFIG].retry_after_s))
+    assert engine is not None
     server = SessionServer(engine, limits=limits, voices=voices, metrics=metrics)
     app[SESSION_SERVER] = server
     app.router.add_get(path, server.handle)

@@ -54,7 +54,7 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[SpeechBackend
         from moss_agent.service.sessions import session_server
 
         # the client's audio window adds to the engine's look-ahead: keep both small
-        async with session_server(engine) as url, RemoteSpeechBackend(url, audio_window=3) as remote:
+        async with session_server(engine) as url, RemoteSpeechBackend(url, audio_window=1) as remote:
             yield remote
 
 
