@@ -94,13 +94,21 @@ class MqttSettings:
         )
 
 
+class BrokerRefusedError(TransportError):
+    """The broker refused this client for good (its login, client id or TLS certificate): trying
+    again with the same settings cannot help. Other connection failures may pass (a restarting broker)."""
+
+
 _REFUSED_LOGIN = {4, 5, 134, 135}
 """CONNACK codes for a refused login: MQTT 3 "bad username or password" and "not authorised",
 MQTT 5 0x86 "Bad User Name or Password" and 0x87 "Not authorized"."""
+_REFUSED_FOR_GOOD = _REFUSED_LOGIN | {1, 2, 132, 133, 138, 140}
+"""... and the other CONNACK refusals a retry cannot change: protocol version, client id, banned,
+authentication method. Server unavailable or busy, quotas and rates may pass."""
 
 
 def _connect_error(exc: Exception, settings: MqttSettings) -> TransportError:
-    """What went wrong connecting, in words: a refused login, or a broker that cannot be reached."""
+    """What went wrong connecting, in words: a refused login or certificate, or an unreachable broker."""
     where = f"the MQTT broker at {settings.host}:{settings.port}"
     who = f"user {settings.username!r}" if settings.username else "an anonymous login (no username given)"
     rc = getattr(exc, "rc", None)
@@ -110,9 +118,16 @@ def _connect_error(exc: Exception, settings: MqttSettings) -> TransportError:
             "check the username and password" if settings.username
             else "this broker wants a username and password; give them"
         )  # fmt: skip
-        return TransportError(f"{where} refused {who}: not authorized (CONNACK code {code}); {hint}")
+        return BrokerRefusedError(f"{where} refused {who}: not authorized (CONNACK code {code}); {hint}")
+    if isinstance(code, int) and code in _REFUSED_FOR_GOOD:
+        return BrokerRefusedError(f"{where} refused the connection of {who}: {exc}")
     if rc is not None:
-        return TransportError(f"{where} refused the connection of {who}: {exc}")
+        return TransportError(f"{where} refused the connection of {who} for now: {exc}")
+    if "CERTIFICATE_VERIFY_FAILED" in str(exc) or "certificate verify failed" in str(exc):
+        return BrokerRefusedError(
+            f"the TLS certificate of {where} is not trusted: {exc}. Give the CA that signed it "
+            "(MqttSettings.tls_context; --ca-file) or check the host name."
+        )
     return TransportError(
         f"could not connect to {where}: {exc}. Check the address and that the broker is running."
     )

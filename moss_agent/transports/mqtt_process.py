@@ -124,24 +124,33 @@ def describe_login(args: argparse.Namespace) -> str:
 
 async def serve_workers(make_worker: Callable[[], MqttWorker], stop: asyncio.Future[Any]) -> None:
     """Run ``make_worker()`` until ``stop`` is done, printing ``ready <worker id>`` each time one is
-    subscribed. After a lost broker connection, start over with a fresh worker (and MQTT session),
-    backing off from 1 s to 30 s. A refused login (TransportError) is raised: the same credentials
-    cannot succeed later."""
+    subscribed. A broker that cannot be reached, or is lost, is tried again with a fresh worker (and
+    MQTT session), backing off from 1 s to 30 s, and said on stderr. A refusal for good (a wrong
+    login or TLS certificate, BrokerRefusedError) is raised: the same settings cannot succeed later."""
+    from moss_agent.transports.mqtt import BrokerRefusedError
+
     backoff_s = 1.0
     while not stop.done():
         worker = make_worker()
-        if await _serve_until_stopped(worker, stop):
-            return
+        try:
+            if await _serve_until_stopped(worker, stop):
+                return
+            problem = "lost the MQTT broker"
+        except BrokerRefusedError:
+            raise
+        except TransportError as exc:  # unreachable: not started yet, restarting, or a network outage
+            problem = str(exc).rstrip(".")
         if worker.ready.is_set():
             backoff_s = 1.0  # it was serving; this is a new outage
-        logger.warning("lost the broker; reconnecting", extra={"retry_s": backoff_s})
+        logger.warning("mqtt broker unavailable; retrying", extra={"problem": problem, "retry_s": backoff_s})
+        print(f"{problem}; trying again in {backoff_s:g} s", file=sys.stderr, flush=True)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(stop), backoff_s)
         backoff_s = min(backoff_s * 2, 30.0)
 
 
 async def _serve_until_stopped(worker: MqttWorker, stop: asyncio.Future[Any]) -> bool:
-    """True when stopped on purpose, False when the broker went away; a refused login is raised."""
+    """True when stopped on purpose, False when the broker went away; a failed connect is raised."""
     task = asyncio.create_task(worker.run(), name="mqtt-worker")
     ready = asyncio.create_task(worker.ready.wait(), name="mqtt-worker-ready")
     try:
@@ -153,8 +162,7 @@ async def _serve_until_stopped(worker: MqttWorker, stop: asyncio.Future[Any]) ->
         ready.cancel()
         if not task.done():
             task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await asyncio.wait({task})  # its outcome is read below; awaiting the task would raise it here
     if task.cancelled():
         return True
     error = task.exception()

@@ -53,8 +53,9 @@ def _dynsec_plugin() -> str:
     )
 
 
-def broker_config(port: int, plugin: str, dynsec_file: Path) -> str:
-    """docs/mosquitto/mosquitto.conf with this machine's listener, paths and test logging."""
+def broker_config(port: int, plugin: str, dynsec_file: Path, tls: tuple[Path, Path] | None = None) -> str:
+    """docs/mosquitto/mosquitto.conf with this machine's listener, paths and test logging; ``tls`` is
+    (certfile, keyfile) for the listener, as the shipped file's comment describes."""
     text = SHIPPED_CONFIG.read_text()
     for key, value in (
         ("listener", f"{port} 127.0.0.1"),
@@ -63,6 +64,10 @@ def broker_config(port: int, plugin: str, dynsec_file: Path) -> str:
     ):
         text, count = re.subn(rf"^{key} .*$", f"{key} {value}", text, flags=re.M)
         assert count == 1, f"{SHIPPED_CONFIG} should set {key} once"
+    if tls is not None:
+        for key, path in zip(("certfile", "keyfile"), tls, strict=True):
+            text, count = re.subn(rf"^# {key} .*$", f"{key} {path}", text, flags=re.M)
+            assert count == 1, f"{SHIPPED_CONFIG} should show {key} in a comment once"
     return text + (
         "\n# tests\npersistence false\nlog_dest stderr\n"
         "log_type error\nlog_type warning\nlog_type notice\n"
@@ -72,8 +77,16 @@ def broker_config(port: int, plugin: str, dynsec_file: Path) -> str:
 
 
 @contextlib.contextmanager
-def run_broker(tmp: Path, users: dict[str, str], workers: tuple[str, ...] = ("worker",)) -> Iterator[Broker]:
-    """mosquitto on a free port; ``workers`` are worker users, every other user is a device."""
+def run_broker(
+    tmp: Path,
+    users: dict[str, str],
+    workers: tuple[str, ...] = ("worker",),
+    *,
+    port: int | None = None,
+    tls: tuple[Path, Path] | None = None,
+) -> Iterator[Broker]:
+    """mosquitto on ``port`` (default: a free one); ``workers`` are worker users, every other user is a
+    device; ``tls`` is (certfile, keyfile) for a TLS listener."""
     require(MOSQUITTO)
     mosquitto = MOSQUITTO.path
     assert mosquitto is not None
@@ -83,9 +96,9 @@ def run_broker(tmp: Path, users: dict[str, str], workers: tuple[str, ...] = ("wo
     )
     dynsec_file.write_text(json.dumps(config))
     dynsec_file.chmod(0o600)
-    port = _free_port()
+    port = port or _free_port()
     config_file = tmp / "mosquitto.conf"
-    config_file.write_text(broker_config(port, _dynsec_plugin(), dynsec_file))
+    config_file.write_text(broker_config(port, _dynsec_plugin(), dynsec_file, tls))
     log_path = tmp / "mosquitto.log"
     log = log_path.open("wb")
     proc = subprocess.Popen([mosquitto, "-c", str(config_file)], stdout=log, stderr=subprocess.STDOUT)
