@@ -23,6 +23,9 @@ class SamplingParams:
     ``"batch"`` reproduces upstream Delay (union over the whole batch, and over codebooks 1..n-1
     jointly, prompt included), so results depend on what else is in the batch; ``"sample"`` uses
     each sample's own history per codebook, so batching never changes a result.
+    ``min_frames`` is a minimum length per piece: the end of the audio (Delay's first delay slot,
+    Local's ``<|audio_end|>``, and ``<|im_end|>`` before it) is forbidden until a sample has
+    generated that many frames in this call; 0, the upstream behaviour, never forbids it.
     """
 
     text_temperature: float = 1.5
@@ -33,6 +36,7 @@ class SamplingParams:
     audio_top_k: int = 25
     audio_repetition_penalty: float = 1.0
     repetition_scope: str = "batch"
+    min_frames: int = 0
 
     def __post_init__(self) -> None:
         for name in ("text_top_p", "audio_top_p"):
@@ -46,6 +50,8 @@ class SamplingParams:
             raise ConfigError(f"audio_repetition_penalty must be > 0, got {self.audio_repetition_penalty}")
         if self.repetition_scope not in ("batch", "sample"):
             raise ConfigError(f"repetition_scope must be 'batch' or 'sample', got {self.repetition_scope!r}")
+        if self.min_frames < 0:
+            raise ConfigError(f"min_frames must be >= 0 (0: no minimum), got {self.min_frames}")
 
     def greedy(self) -> SamplingParams:
         return replace(self, text_temperature=0.0, audio_temperature=0.0)

@@ -106,6 +106,8 @@ def generate_delay(
     audio_len = torch.where(is_audio, prompt_len - last_start, 0)
     flush = torch.full((batch,), _NOT_FLUSHING, dtype=torch.long, device=device)
     stopped = torch.zeros(batch, dtype=torch.bool, device=device)
+    # Gen-slot rows (frames) made in this call: the end is forbidden below params.min_frames.
+    made = torch.zeros(batch, dtype=torch.long, device=device)
 
     outside_audio_ban = torch.zeros(cfg.vocab_size, dtype=torch.bool, device=device)
     banned = [cfg.pad_token_id, cfg.audio_assistant_gen_slot_token_id]
@@ -149,6 +151,8 @@ def generate_delay(
             slot_logits = hidden[in_audio] @ model.lm_heads[0].weight[slots].T
             if step == 0:
                 slot_logits[:, 1] = float("-inf")
+            early = made[in_audio] < params.min_frames
+            slot_logits[:, 1] = slot_logits[:, 1].masked_fill(early, float("-inf"))
             picked = sample_tokens(
                 slot_logits,
                 temperature=params.text_temperature,
@@ -164,6 +168,10 @@ def generate_delay(
                 text_logits[:, cfg.audio_assistant_delay_slot_token_id] = float("-inf")
             if step <= n_vq:
                 text_logits[:, cfg.im_end_token_id] = float("-inf")
+            early = made[outside] < params.min_frames
+            text_logits[:, cfg.im_end_token_id] = text_logits[:, cfg.im_end_token_id].masked_fill(
+                early, float("-inf")
+            )
             text[outside] = sample_tokens(
                 text_logits,
                 temperature=params.text_temperature,
@@ -172,6 +180,7 @@ def generate_delay(
                 generator=generator,
             )
         is_audio = is_audio | (text == cfg.audio_start_token_id)
+        made += (text == cfg.audio_assistant_gen_slot_token_id).long()
         stopped = stopped | (text == cfg.im_end_token_id)
 
         new_flush = (flush == _NOT_FLUSHING) & (text == cfg.audio_assistant_delay_slot_token_id)

@@ -77,7 +77,9 @@ def generate_local(
     for step in range(max_new_tokens):
         positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, -step_input.shape[1] :]
         hidden = model(step_input, mask, cache=cache, position_ids=positions, n_vq=used)[:, -1]
-        row = _sample_frame(model, hidden, used, seen, params, text_allowed, generator, penalize)
+        # Frame ``step`` may not end the audio below params.min_frames.
+        may_end = step >= params.min_frames
+        row = _sample_frame(model, hidden, used, seen, params, text_allowed, generator, penalize, may_end)
         just_ended = row[:, 0] == cfg.audio_end_token_id
         if upstream_compatible:
             row[:, 1 + used :] = 0
@@ -126,9 +128,10 @@ def _sample_frame(
     text_allowed: torch.Tensor | None,
     generator: torch.Generator | None,
     penalize: bool,
+    may_end: bool = True,
 ) -> torch.Tensor:
     """hidden: [B, H] backbone state -> one row [B, 1 + n_vq] (text token, codes); ``penalize``
-    applies the audio repetition penalty against ``seen``."""
+    applies the audio repetition penalty against ``seen``; ``may_end`` False forbids ``<|audio_end|>``."""
     cfg = model.config
     batch = hidden.shape[0]
     row = torch.full((batch, 1 + cfg.n_vq), cfg.audio_pad_code, dtype=torch.long, device=hidden.device)
@@ -142,6 +145,8 @@ def _sample_frame(
         if channel == 0:
             if text_allowed is not None:
                 logits = logits.masked_fill(~text_allowed, float("-inf"))
+            if not may_end:
+                logits[:, cfg.audio_end_token_id] = float("-inf")
             token = sample_tokens(
                 logits,
                 temperature=params.text_temperature,
