@@ -24,6 +24,7 @@ import contextlib
 import hmac
 import logging
 import re
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -258,16 +259,23 @@ async def _metrics(request: web.Request) -> web.Response:
 
 
 @contextlib.asynccontextmanager
-async def serve(app: web.Application, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
-    """Run ``app`` on ``host:port`` (0: a free port); yields ``http://host:port``. A client that
-    disconnects cancels its handler (``handler_cancellation``), which frees its slot."""
+async def serve(
+    app: web.Application, host: str = "127.0.0.1", port: int = 0, *, sock: socket.socket | None = None
+) -> AsyncIterator[str]:
+    """Run ``app`` on ``host:port`` (0: a free port), or on the listening socket ``sock``; yields
+    ``http://host:port``. A client that disconnects cancels its handler (``handler_cancellation``),
+    which frees its slot."""
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site: web.BaseSite = (
+            web.SockSite(runner, sock) if sock is not None else web.TCPSite(runner, host, port)
+        )
         await site.start()
-        bound = runner.addresses[0][1]
+        bound_host, bound_port = runner.addresses[0][:2]
+        if sock is not None:
+            host = bound_host
         shown = f"[{host}]" if ":" in host else host
-        yield f"http://{shown}:{bound}"
+        yield f"http://{shown}:{bound_port}"
     finally:
         await runner.cleanup()

@@ -33,7 +33,7 @@ class ServiceConfig:
     max_input_chars: int = 4096
     max_body_bytes: int = 64 * 1024
     max_voice_bytes: int = 16 * 1024 * 1024
-    max_voice_seconds: float = 60.0
+    max_voice_seconds: float = 30.0  # a voice prompt stays in every turn's context
     max_uploaded_voices: int = 64
     retry_after_s: int = 1
     metrics_interval_s: float = 1.0

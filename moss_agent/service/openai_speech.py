@@ -30,6 +30,7 @@ import numpy as np
 from aiohttp import BodyPartReader, web
 
 from moss_agent.audio import StreamResampler, decode_audio_bytes
+from moss_agent.engine.stitch import split_text
 from moss_agent.errors import (
     AudioError,
     ConfigError,
@@ -48,6 +49,7 @@ from moss_agent.service.voices import VoiceRegistry, check_name
 log = logging.getLogger(__name__)
 
 OUTPUT_RATE = 24000  # OpenAI's pcm is 24 kHz; every format here is sent at it
+TURN_CHARS = 200  # text spoken as one turn at most (about 15 s of English): see _stream_speech
 STREAM_FORMATS = ("audio", "sse")
 _FIELDS = frozenset({"model", "input", "voice", "response_format", "speed", "stream_format", "instructions"})
 
@@ -179,10 +181,8 @@ async def speech(request: web.Request) -> web.StreamResponse:
         raise ApiError(503, f"the engine cannot serve: {exc}", type=UNAVAILABLE, code="engine_unavailable",
                        headers={"Retry-After": str(config.retry_after_s)}) from None  # fmt: skip
     metrics.conversation_opened()
-    stream = None
     try:
-        stream = await conversation.start_turn(None, 1)
-        return await _stream_speech(request, spec, stream, received)
+        return await _stream_speech(request, spec, conversation, received)
     except MossError as exc:
         metrics.error("engine")
         if getattr(engine, "failure", None) is not None:
@@ -192,19 +192,15 @@ async def speech(request: web.Request) -> web.StreamResponse:
         raise ApiError(500, f"speech generation failed: {exc}", code="generation_failed") from None
     finally:
         # Shielded: a second cancellation (server shutdown) must not leave the slot taken.
-        await _shielded(_release(conversation, stream))
+        await _shielded(_release(conversation))
         metrics.conversation_closed()
 
 
-async def _release(conversation: Any, stream: Any) -> None:
-    """Close the turn and the conversation; on a failed engine closing fails too, and there is no
-    slot left to free, so that is logged, not raised over the request's own answer."""
+async def _release(conversation: Any) -> None:
+    """Close the conversation (its open turn ends with it). On a failed engine closing fails too and
+    there is no slot left to free: that is logged, not raised over the request's own answer."""
     try:
-        try:
-            if stream is not None:
-                await stream.aclose()
-        finally:
-            await conversation.aclose()
+        await conversation.aclose()
     except MossError as exc:
         log.info("closing a conversation failed", extra={"error": str(exc)[:300]})
 
@@ -276,8 +272,11 @@ class _Output:
 
 
 async def _stream_speech(
-    request: web.Request, spec: SpeechRequest, stream: Any, received: float
+    request: web.Request, spec: SpeechRequest, conversation: Any, received: float
 ) -> web.StreamResponse:
+    """Speak ``spec.input`` as consecutive turns of one conversation (pieces of at most TURN_CHARS
+    characters, split at sentence ends, as ``moss-agent say`` does: a turn's audio is capped by the
+    engine's ``max_frames_per_turn``), sending the audio as one stream."""
     engine, metrics = request.app[ENGINE], request.app[METRICS]
     output = _Output(spec.response_format, engine.sample_rate)
     sse = spec.stream_format == "sse"
@@ -308,18 +307,29 @@ async def _stream_speech(
             metrics.observe_chunk_gap(now - last_sent)
         last_sent = now
 
-    async def feed() -> None:
-        await stream.push_text(spec.input)
+    async def feed(stream: Any, text: str) -> None:
+        await stream.push_text(text)
         await stream.end_input()
 
+    cap = getattr(getattr(request.app[ENGINE], "config", None), "max_frames_per_turn", None)
     try:
         try:
-            async with asyncio.TaskGroup() as tasks:  # the text feeder fails the turn if it fails
-                tasks.create_task(feed(), name=f"speech-{request_id(request)}-text")
-                async for chunk in stream:
-                    frames += 1
-                    await send(await output.encode(chunk.pcm))
-                await send(await output.encode(np.zeros(0, np.float32), last=True))
+            for turn_id, piece in enumerate(split_text(spec.input, TURN_CHARS), start=1):
+                stream = await conversation.start_turn(None, turn_id)
+                made = 0
+                async with asyncio.TaskGroup() as tasks:  # the text feeder fails the turn if it fails
+                    tasks.create_task(
+                        feed(stream, piece), name=f"speech-{request_id(request)}-text-{turn_id}"
+                    )
+                    async for chunk in stream:
+                        made += 1
+                        await send(await output.encode(chunk.pcm))
+                await stream.aclose()
+                frames += made
+                if made == cap:
+                    log.warning("a turn reached the engine's frame cap; the rest of its text was not spoken",
+                                extra={"request_id": request_id(request), "turn": turn_id, "frames": made})  # fmt: skip
+            await send(await output.encode(np.zeros(0, np.float32), last=True))
         except ExceptionGroup as group:
             error = group.exceptions[0]
             if isinstance(error, ConnectionError):  # the client went away mid-stream

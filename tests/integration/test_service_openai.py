@@ -26,8 +26,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from moss_agent.audio import decode_audio_bytes, pcm16_to_float, wav_bytes
 from moss_agent.engine.realtime import RealtimeEngine, RealtimeEngineConfig
+from moss_agent.engine.stitch import split_text
 from moss_agent.models.realtime import SamplingConfig
 from moss_agent.service import ServiceConfig, VoiceRegistry, create_app, serve
+from moss_agent.service.openai_speech import TURN_CHARS
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -139,13 +141,16 @@ async def test_the_openai_client_streams_pcm_speech(url: str, engine: RealtimeEn
 
 async def test_wav_and_mp3_decode_to_the_same_length_at_24_khz(url: str) -> None:
     speech = client(url).audio.speech
+    long_text = " ".join(f"This is sentence number {k} of a text too long for one turn." for k in range(5))
+    turns = len(split_text(long_text, TURN_CHARS))
+    assert turns == 2
     async with speech.with_streaming_response.create(
-        model="tts-1", voice={"id": "alice"}, input=TEXT, response_format="wav"
+        model="tts-1", voice={"id": "alice"}, input=long_text, response_format="wav"
     ) as response:
         wav = await response.read()
     with wave.open(io.BytesIO(wav)) as reader:
         assert (reader.getframerate(), reader.getnchannels(), reader.getsampwidth()) == (24000, 1, 2)
-    assert decode_audio_bytes(wav, 24000).shape[0] == CAP * FRAME
+    assert decode_audio_bytes(wav, 24000).shape[0] == turns * CAP * FRAME  # one stream, turn after turn
     async with speech.with_streaming_response.create(
         model="moss-tts-realtime", voice="default", input=TEXT, response_format="mp3"
     ) as response:

@@ -1,0 +1,152 @@
+"""``moss-agent speech-server``: the realtime engine as a shared speech service (one process per device).
+
+OpenAI's ``POST /v1/audio/speech`` and the speech session WebSocket on one engine, with token auth,
+``/healthz``, ``/readyz`` and Prometheus ``/metrics`` (see ``moss_agent.service``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import socket
+import sys
+from pathlib import Path
+
+from moss_agent.commands import common
+
+DEFAULT_PORT = 8000
+TOKEN_ENV = "MOSS_ENGINE_TOKEN"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser(
+        "speech-server",
+        help="serve the realtime engine over HTTP: OpenAI's /v1/audio/speech and the speech session WebSocket",
+        description="Serve one engine (one process per device) to many clients: OpenAI-compatible "
+        "POST /v1/audio/speech, the streaming-text session WebSocket (moss-agent ... --engine-url), "
+        "/healthz, /readyz and Prometheus /metrics. Every route but /healthz wants "
+        "'Authorization: Bearer TOKEN'.",
+        conflict_handler="resolve",  # --voice here registers named voices (NAME=PATH, repeatable)
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")  # fmt: skip
+    token = parser.add_argument_group("authentication (default: $MOSS_ENGINE_TOKEN, else a new random token)")
+    source = token.add_mutually_exclusive_group()
+    source.add_argument("--token-file", type=Path, default=None, help="read the bearer token from this file")
+    source.add_argument("--token-env", default=None, metavar="VAR", help="read the bearer token from $VAR")
+    source.add_argument("--no-auth", action="store_true",
+                        help="serve without a token (only behind your own auth, or on loopback)")  # fmt: skip
+    limits = parser.add_argument_group("limits")
+    limits.add_argument("--max-input-chars", type=int, default=4096,
+                        help="longest input of one /v1/audio/speech request (default 4096, as OpenAI)")  # fmt: skip
+    limits.add_argument("--max-voice-seconds", type=float, default=30.0,
+                        help="longest voice sample (given or uploaded) in seconds; it stays in every turn's "
+                             "context (default 30; 5 to 20 s of clean speech is best)")  # fmt: skip
+    common.add_engine_options(parser, slots=8)
+    parser.add_argument(
+        "--voice", action="append", default=[], metavar="NAME=PATH", dest="voices",
+        help="register a voice: reference speech (wav, flac, mp3, ...) clients name in 'voice' (repeatable)",
+    )  # fmt: skip
+    parser.set_defaults(handler=run, voice=None)  # the engine options' single --voice is replaced
+
+
+def run(args: argparse.Namespace) -> int:
+    return asyncio.run(_serve(args))
+
+
+def read_token(args: argparse.Namespace) -> tuple[str | None, bool]:
+    """(token or None, whether it was made up here and must be shown)."""
+    from moss_agent.errors import ConfigError
+
+    if args.no_auth:
+        return None, False
+    if args.token_file is not None:
+        try:
+            token = args.token_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read --token-file {args.token_file}: {exc}") from None
+        if not token:
+            raise ConfigError(f"--token-file {args.token_file} is empty")
+        return token, False
+    if args.token_env is not None:
+        token = os.environ.get(args.token_env, "").strip()
+        if not token:
+            raise ConfigError(f"--token-env {args.token_env}: the environment variable is not set or empty")
+        return token, False
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if token:
+        return token, False
+    return secrets.token_urlsafe(24), True
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, bound before any model loads, so a taken port fails in a second."""
+    from moss_agent.errors import ConfigError
+
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be 0 to 65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"--host {host}: cannot resolve it ({exc.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"cannot listen on {host}:{port}: {exc.strerror}; is another server running there? "
+            "pick another --port (0 picks a free one)"
+        ) from None
+    sock.setblocking(False)
+    return sock
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from moss_agent._optional import require
+    from moss_agent.errors import ConfigError
+
+    if args.engine_url:
+        raise ConfigError(
+            "speech-server loads its own engine; --engine-url is for clients of a speech server"
+        )
+    for module in ("aiohttp.web", "prometheus_client"):  # before the models load
+        require(module, "service")
+    from moss_agent.service import ServiceConfig, VoiceRegistry, create_app, serve
+    from moss_agent.service.voices import parse_voice_option
+
+    token, made_up = read_token(args)
+    config = ServiceConfig(token=token, max_input_chars=args.max_input_chars,
+                           max_voice_seconds=args.max_voice_seconds)  # fmt: skip
+    voice_files = [parse_voice_option(text) for text in args.voices]
+    for name, path in voice_files:
+        if not path.is_file():
+            raise ConfigError(f"--voice {name}={path}: no such file")
+    sock = bind(args.host, args.port)
+    try:
+        engine = await asyncio.to_thread(common.build_engine, args)
+        voices = VoiceRegistry(engine.sample_rate, max_uploaded=config.max_uploaded_voices)
+        for name, path in voice_files:
+            await asyncio.to_thread(voices.load_file, name, path, max_seconds=config.max_voice_seconds)
+        async with engine:
+            app = create_app(engine, config, voices=voices)
+            async with serve(app, sock=sock) as url:
+                print(
+                    f"speech server on {url}: {args.slots} slots, voices: {', '.join(voices.names())}",
+                    flush=True,
+                )
+                if made_up:
+                    print(f"token: {token}", file=sys.stderr, flush=True)
+                elif token is None:
+                    print("serving WITHOUT authentication (--no-auth)", file=sys.stderr, flush=True)
+                await common.wait_for_stop_signal(engine)
+                print("stopping", file=sys.stderr, flush=True)
+    finally:
+        sock.close()
+    return common.engine_failed(engine, "speech-server")

@@ -1,0 +1,108 @@
+"""``moss-agent speech-server`` as a user runs it: tokens, voices, a taken port, and a clean stop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import openai
+import pytest
+
+from moss_agent.cli import build_parser, main
+from moss_agent.commands.speech_server import read_token
+
+REPO = Path(__file__).resolve().parents[2]
+HELLO = REPO / "examples" / "hello.wav"
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_realtime_dir: Path, tiny_codec_dir: Path) -> Path:
+    """The CLI's cache, holding the session's tiny checkpoints (none are made anew)."""
+    root = tmp_path / "cache"
+    (root / "tiny").mkdir(parents=True)
+    (root / "tiny" / "realtime").symlink_to(tiny_realtime_dir)
+    (root / "tiny" / "codec").symlink_to(tiny_codec_dir)
+    monkeypatch.setenv("MOSS_AGENT_CACHE", str(root))
+    return root
+
+
+def test_the_token_comes_from_a_file_a_variable_or_is_made_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    parser = build_parser()
+    secret = tmp_path / "token"
+    secret.write_text("from-a-file\n")
+    assert read_token(parser.parse_args(["speech-server", "--token-file", str(secret)])) == ("from-a-file", False)
+    monkeypatch.setenv("MY_TOKEN", "from-my-var")
+    assert read_token(parser.parse_args(["speech-server", "--token-env", "MY_TOKEN"])) == ("from-my-var", False)
+    monkeypatch.setenv("MOSS_ENGINE_TOKEN", "from-the-default-var")
+    assert read_token(parser.parse_args(["speech-server"])) == ("from-the-default-var", False)
+    monkeypatch.delenv("MOSS_ENGINE_TOKEN")
+    token, made_up = read_token(parser.parse_args(["speech-server"]))
+    assert made_up and token is not None and len(token) >= 24
+    assert read_token(parser.parse_args(["speech-server", "--no-auth"])) == (None, False)
+    args = parser.parse_args(["speech-server", "--voice", "a=x.wav", "--voice", "b=y.wav"])
+    assert args.voices == ["a=x.wav", "b=y.wav"] and args.voice is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--port", "TAKEN"], "cannot listen on 127.0.0.1"),
+        (["--voice", "alice"], "expected NAME=PATH"),
+        (["--voice", "al ice=x.wav"], "is not allowed"),
+        (["--voice", "alice=missing.wav"], "no such file"),
+        (["--token-env", "SURELY_UNSET_VARIABLE"], "not set or empty"),
+        (["--engine-url", "ws://127.0.0.1:1"], "loads its own engine"),
+    ],
+)
+def test_mistakes_fail_in_a_second_before_any_model_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    monkeypatch.setenv("MOSS_AGENT_CACHE", str(tmp_path / "cache"))  # empty: --tiny would make checkpoints here
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        argv = ["speech-server", "--tiny", *[port if a == "TAKEN" else a for a in extra]]
+        assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists(), "models were loaded before the mistake was found"
+
+
+async def test_serves_speech_with_a_voice_and_stops_cleanly_on_sigterm(cache: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "token"
+    secret.write_text("cli-token\n")
+    command = [sys.executable, "-m", "moss_agent.cli", "speech-server", "--tiny", "--slots", "1", "--port", "0",
+               "--token-file", str(secret), "--voice", f"hello={HELLO}", "--max-seconds", "0.4", "--greedy"]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 120)
+        assert "speech server on http://127.0.0.1:" in line, line + (proc.stderr.read() if proc.poll() else "")
+        base = re.search(r"http://[0-9.]+:[0-9]+", line).group(0)  # type: ignore[union-attr]
+        async with aiohttp.ClientSession() as http:
+            async with http.get(base + "/readyz", headers={"Authorization": "Bearer cli-token"}) as ready:
+                assert ready.status == 200
+            async with http.get(base + "/readyz") as refused:
+                assert refused.status == 401
+        api = openai.AsyncOpenAI(base_url=base + "/v1", api_key="cli-token", max_retries=0)
+        async with api.audio.speech.with_streaming_response.create(
+            model="moss-tts-realtime", voice="hello", input="Hi there.", response_format="pcm"
+        ) as response:
+            audio = await response.read()
+        assert 0 < len(audio) <= 5 * 1920 * 2 and len(audio) % (1920 * 2) == 0  # whole frames, capped at 0.4 s
+        voices = await api.get("/audio/voices", cast_to=object)
+        assert {voice["id"] for voice in voices["data"]} == {"default", "hello"}  # type: ignore[index]
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+        assert "UNTRAINED" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
