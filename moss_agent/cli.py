@@ -11,7 +11,7 @@ from pathlib import Path
 from moss_agent.errors import CheckpointError, MossError
 
 # Subcommand modules under moss_agent.commands, imported lazily so `--help` stays fast.
-COMMANDS = ("bench", "reply", "say", "tts", "dialogue", "voice_design", "sfx", "chat", "serve", "mqtt_worker", "make_tiny")
+COMMANDS = ("bench", "reply", "say", "tts", "dialogue", "voice_design", "sfx", "chat", "serve", "speech_server", "mqtt_worker", "make_tiny")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -30,9 +30,12 @@ def _add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> N
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from moss_agent import __version__
+
     parser = argparse.ArgumentParser(
         prog="moss-agent", description="Realtime voice agents and speech generation on the MOSS-TTS model family."
     )
+    parser.add_argument("--version", action="version", version=f"moss-agent {__version__}")
     _add_global_options(parser, suppress=False)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
@@ -71,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        from moss_agent.commands.common import check_args
+
+        check_args(args)  # the shared options, before the command loads anything
         return int(args.handler(args) or 0)
     except MossError as exc:
         # One line, no traceback: the message says what was wrong and what to do.

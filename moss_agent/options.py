@@ -23,13 +23,30 @@ from pathlib import Path
 from typing import Any
 
 from moss_agent.config import LLMConfig, SessionConfig
+from moss_agent.errors import ConfigError
 from moss_agent.model_ids import CODEC_MODEL_ID, REALTIME_MODEL_ID
 
 UNTRAINED_NOTICE = (
     "NOTE: --tiny uses a tiny RANDOM, UNTRAINED model: the audio is loud noise, not speech; "
     "lower the volume before you play it. "
-    "Drop --tiny (and pass --llm-url) for the real models."
+    "Drop --tiny for the real models."
 )
+# Shared ranges of the engine options (the batch commands use the same seed range).
+MAX_SLOTS = 256
+MAX_REPLY_SECONDS = 600.0
+MAX_SEED = 2**62
+# The longest voice prompt: it stays in every turn's context (4096 rows of 80 ms), so a long one
+# leaves no room for the conversation; 5 to 20 s of clean speech is what the model needs.
+MAX_VOICE_SECONDS = 60.0
+DTYPES = ("bfloat16", "float16", "float32", "bf16", "fp16", "fp32")
+LLM_URL_EXAMPLE = "http://127.0.0.1:8000/v1"
+
+
+def untrained_notice(args: argparse.Namespace) -> str:
+    """The --tiny note, naming --llm-url only for commands that take it and did not get it."""
+    if hasattr(args, "llm_url") and not args.llm_url:
+        return UNTRAINED_NOTICE.replace("Drop --tiny", "Drop --tiny (and pass --llm-url)")
+    return UNTRAINED_NOTICE
 
 
 def cache_dir() -> Path:
@@ -47,18 +64,105 @@ def add_engine_options(parser: argparse.ArgumentParser, *, slots: int = 4) -> No
         "--tiny", action="store_true",
         help="use tiny random checkpoints made locally (offline trials, no GPU; the audio is not speech)",
     )
-    group.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
-    group.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on CUDA, fp32 on CPU)")
-    group.add_argument("--slots", type=int, default=slots, help=f"conversations served at once (default {slots})")
+    add_device_options(group)
+    group.add_argument("--slots", type=int, default=slots,
+                       help=f"conversations served at once, 1 to {MAX_SLOTS} (default {slots})")
     group.add_argument("--voice", type=Path, default=None, help="reference speech whose voice the agent uses")
     group.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     group.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable output")
-    group.add_argument("--max-seconds", type=float, default=60.0, help="hard cap on one reply's audio (default 60)")
+    group.add_argument("--max-seconds", type=float, default=60.0,
+                       help=f"hard cap on one reply's audio, at most {MAX_REPLY_SECONDS:g} (default 60)")
     group.add_argument(
         "--compile", action="store_true",
         help="torch.compile the model step: about 2x faster on CPU after a one-off compile (20-60 s, cached on disk)",
     )
     _add_remote_engine_options(group)
+
+
+def add_device_options(group: Any) -> None:
+    """--device and --dtype (the realtime and the batch commands share them)."""
+    group.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
+    group.add_argument("--dtype", default=None, choices=DTYPES,
+                       help="bfloat16, float16 or float32 (default: bf16 on CUDA, fp32 on CPU)")
+
+
+def check_device(device: str | None) -> None:
+    """ConfigError unless ``device`` (``--device``) names a device this machine has; imports torch."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        target = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if target.type == "cpu":
+        return
+    if target.type != "cuda":
+        raise ConfigError(f"--device {device!r}: moss-agent runs on cpu or cuda (cuda:N)")
+    if not torch.cuda.is_available():
+        why = "this PyTorch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ConfigError(f"--device {device}: {why}; use --device cpu, or leave --device out")
+    count = torch.cuda.device_count()
+    if target.index is not None and target.index >= count:
+        raise ConfigError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+
+
+def check_url(url: str | None, option: str, schemes: tuple[str, ...] = ("http", "https"), example: str = LLM_URL_EXAMPLE) -> None:
+    """ConfigError unless ``url`` is an absolute URL with one of ``schemes`` and a host."""
+    if url is None:
+        return
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        valid = parts.scheme in schemes and bool(parts.hostname) and (parts.port is None or parts.port > 0)
+    except ValueError:  # a port that is not a number, or out of range
+        valid = False
+    if valid:
+        return
+    wanted = " or ".join(f"{scheme}://" for scheme in schemes)
+    hint = ""
+    if "://" not in url and url.strip():
+        hint = f" (did you mean {schemes[0]}://{url.strip()}?)"
+    raise ConfigError(f"{option} must be a URL starting with {wanted}, such as {example}; got {url!r}{hint}")
+
+
+def check_engine_options(args: argparse.Namespace) -> None:
+    """The engine options in their ranges and the device present, before anything loads."""
+    if getattr(args, "engine_url", None):
+        check_url(args.engine_url, "--engine-url", ("ws", "wss", "http", "https"), "ws://127.0.0.1:8000")
+    else:
+        check_device(args.device)
+    if not 1 <= args.slots <= MAX_SLOTS:
+        raise ConfigError(f"--slots must be from 1 to {MAX_SLOTS}, got {args.slots}")
+    if not 0 < args.max_seconds <= MAX_REPLY_SECONDS:  # False for NaN too
+        raise ConfigError(f"--max-seconds must be seconds in (0, {MAX_REPLY_SECONDS:g}], got {args.max_seconds}")
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        raise ConfigError(f"--seed must be from 0 to {MAX_SEED}, got {args.seed}")
+    if args.voice is not None:
+        check_voice(args.voice)
+
+
+def check_voice(path: Path) -> None:
+    """--voice: a readable audio file of at most MAX_VOICE_SECONDS (read from its header)."""
+    from moss_agent.audio import AudioTooLong, load_audio
+
+    if not path.is_file():
+        raise ConfigError(f"--voice {path} is not a file; give a recording of the voice (a wav of 5 to 20 s)")
+    try:
+        load_audio(path, 24000, max_seconds=MAX_VOICE_SECONDS)
+    except AudioTooLong as exc:
+        raise ConfigError(
+            f"--voice {path} is {exc.seconds:.1f} s long; a voice prompt stays in every turn's context, so it "
+            f"may be at most {MAX_VOICE_SECONDS:g} s (5 to 20 s of clean speech is best): cut it"
+        ) from None
+
+
+def check_llm_options(args: argparse.Namespace) -> None:
+    """--llm-url and --stt-url are URLs, before anything connects."""
+    check_url(getattr(args, "llm_url", None), "--llm-url")
+    check_url(getattr(args, "stt_url", None), "--stt-url")
 
 
 def _add_remote_engine_options(group: Any) -> None:
@@ -86,7 +190,9 @@ def add_llm_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--llm-url", default=None,
                        help="chat-completions base URL, e.g. http://127.0.0.1:8000/v1; without it an offline "
                             "echo responder (not a language model) repeats what it heard")
-    group.add_argument("--llm-model", default="default", help="model name the server expects")
+    group.add_argument("--llm-model", default=None,
+                       help="model name the server expects (default: the one model the server lists at "
+                            "URL/models; a server that lists several needs it)")
     group.add_argument("--api-key", default=None, help="API key (default: $OPENAI_API_KEY, else none)")
     group.add_argument("--system-prompt", default=None, help="system prompt of the LLM (default: a brief assistant)")
 
@@ -143,8 +249,9 @@ def build_engine(args: argparse.Namespace) -> Any:
     from moss_agent.models.realtime import SamplingConfig
 
     model, codec = args.model, args.codec
+    check_engine_options(args)
     if args.tiny:
-        print(UNTRAINED_NOTICE, file=sys.stderr)
+        print(untrained_notice(args), file=sys.stderr)
         model, codec = ensure_tiny_checkpoints()
     if args.compile:
         print("compiling the model step as the engine starts: about a minute the first time, "
@@ -164,13 +271,15 @@ def build_llm(args: argparse.Namespace) -> Any:
 
     if not args.llm_url:
         return EchoResponder()
-    return OpenAIChatLLM(llm_config(args))
+    check_llm_options(args)
+    # Without --llm-model the server's only model is used (asked for once, at check() or the first turn).
+    return OpenAIChatLLM(llm_config(args), model_from_server=not args.llm_model)
 
 
 def llm_config(args: argparse.Namespace) -> LLMConfig:
     fields: dict[str, Any] = {
         "base_url": args.llm_url or LLMConfig.base_url,
-        "model": args.llm_model,
+        "model": args.llm_model or LLMConfig.model,
         "api_key": args.api_key or os.environ.get("OPENAI_API_KEY") or "not-needed",
     }
     return LLMConfig(**fields)
@@ -187,6 +296,7 @@ def build_stt(args: argparse.Namespace) -> Any:
     from moss_agent.speech.stt import OpenAITranscriber, PocketSphinxRecognizer
 
     if args.stt_url:
+        check_url(args.stt_url, "--stt-url")
         api_key = getattr(args, "api_key", None) or os.environ.get("OPENAI_API_KEY") or "not-needed"
         return OpenAITranscriber(args.stt_url, api_key, model=args.stt_model)
     return PocketSphinxRecognizer()

@@ -7,13 +7,14 @@ import argparse
 import codecs
 import json
 import math
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moss_agent import model_ids
+from moss_agent import model_ids, options
 from moss_agent.commands import common
 from moss_agent.errors import CheckpointError, ConfigError, MossError
 
@@ -63,10 +64,7 @@ def add_batch_options(parser: argparse.ArgumentParser, kind: str) -> None:
         action="store_true",
         help="tiny random checkpoints made locally (offline trials; not speech)",
     )
-    group.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
-    group.add_argument(
-        "--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on CUDA, fp32 on CPU)"
-    )
+    options.add_device_options(group)
     group.add_argument(
         "--batch-size",
         type=int,
@@ -102,7 +100,7 @@ MAX_DURATION_S = 600.0  # sfx "duration_s", as SoundEffectRequest allows
 MAX_PIECE_SECONDS = 600.0  # --max-seconds
 MAX_BATCH_SIZE = 256  # --batch-size
 MAX_CHARS_RANGE = (8, 2000)  # --max-chars: split_text needs 8; longer pieces only get cut
-MAX_SEED = 2**62  # --seed (batch k samples with seed + k)
+MAX_SEED = options.MAX_SEED  # --seed (batch k samples with seed + k)
 MAX_JSONL_BYTES = 64 * 1024 * 1024
 MAX_JSONL_LINE_BYTES = 1024 * 1024  # a long chapter of text fits; the engine splits it
 MAX_JSONL_DEPTH = 3  # {"references": [..]} is the deepest a request goes
@@ -169,6 +167,22 @@ def _duration_field(value: Any) -> str | None:
     return None
 
 
+# What a request field is called on the command line (a single request), for its errors.
+FIELD_OPTIONS = {
+    "text": "TEXT",
+    "script": "SCRIPT",
+    "description": "DESCRIPTION",
+    "instruction": "--instruction",
+    "language": "--language",
+    "reference": "--reference",
+    "references": "--reference",
+    "tokens": "--tokens",
+    "duration_s": "--duration",
+    "continue_from_references": "--clone-only",
+    "normalize": "--normalize",
+}
+
+
 # Each request field's check (None: the value is fine); null is allowed for optional fields.
 _FIELD_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "text": _text_field,
@@ -207,9 +221,11 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def check_fields(kind: str, fields: dict[str, Any]) -> None:
+def check_fields(kind: str, fields: dict[str, Any], *, command_line: bool = False) -> list[str]:
     """Raise ConfigError naming the first field of a ``kind`` request that is missing, of the wrong
-    type or out of range (see MAX_TOKENS, MAX_DURATION_S)."""
+    type or out of range (see MAX_TOKENS, MAX_DURATION_S), or a request whose result cannot be what
+    was meant; return warnings about a request that may not be. ``command_line``: the fields came
+    from options, so the errors name the options (``--duration``) rather than the JSON fields."""
     for name, required in REQUEST_FIELDS[kind].items():
         value = fields.get(name)
         if value is None:
@@ -218,7 +234,45 @@ def check_fields(kind: str, fields: dict[str, Any]) -> None:
             continue
         problem = _FIELD_CHECKS[name](value)
         if problem:
-            raise ConfigError(f'"{name}" {problem}')
+            raise ConfigError(f"{FIELD_OPTIONS[name] if command_line else json.dumps(name)} {problem}")
+    return _dialogue_warnings(fields, command_line) if kind == "dialogue" else []
+
+
+_TURN_TAG = re.compile(r"\[S(\d+)\]")
+
+
+def _dialogue_warnings(fields: dict[str, Any], command_line: bool) -> list[str]:
+    """A dialogue continued from its references (the default) reads the script's first turns as
+    what the reference clips say, and speaks only the turns after them: a script with no turn left
+    over would give a fraction of a second of audio, so it is refused; first turns whose speakers
+    are not the references' in order are a warning."""
+    clips = fields.get("references") or []
+    speakers = [k + 1 for k, clip in enumerate(clips) if clip is not None]
+    if not speakers or fields.get("continue_from_references") is False:
+        return []
+    script = str(fields["script"])
+    if fields.get("normalize"):
+        script = re.sub(r"\[(\d+)\]", r"[S\1]", script)
+    turns = [int(tag) for tag in _TURN_TAG.findall(script)]
+    if fields.get("normalize"):  # the clean-up merges consecutive turns of one speaker
+        turns = [tag for k, tag in enumerate(turns) if k == 0 or tag != turns[k - 1]]
+    voices_only = "--clone-only" if command_line else '"continue_from_references": false'
+    clips_named = f"{len(speakers)} --reference clip(s)" if command_line else f"{len(speakers)} reference clip(s)"
+    layout = " ".join(f"[S{k}] <what clip {n} says>" for n, k in enumerate(speakers, start=1))
+    if len(turns) <= len(speakers):
+        raise ConfigError(
+            f"the script has {len(turns)} turn(s) and there are {clips_named}: the clips' transcripts are "
+            "expected first, so there is nothing new to say; "
+            f"use {voices_only} to take the clips as voices only, or begin the script with the transcripts: "
+            f"'{layout} [S1] new text ...'"
+        )
+    if turns[: len(speakers)] != speakers:
+        first = " ".join(f"[S{k}]" for k in turns[: len(speakers)])
+        return [
+            f"the script begins {first}, but its first turns are read as the transcripts of the reference "
+            f"clips in order ('{layout}'); if they are not, use {voices_only}"
+        ]
+    return []
 
 
 def read_jsonl(path: Path, kind: str, outputs: _OutputFolder) -> list[_Item]:
@@ -251,7 +305,8 @@ def read_jsonl(path: Path, kind: str, outputs: _OutputFolder) -> list[_Item]:
             if not isinstance(line_kind, str) or line_kind.replace("-", "_") != kind:
                 raise ConfigError(f"kind {_shown(line_kind)} does not belong in a {kind} file")
             target = outputs.claim(item.pop("output", None), f"{len(items):04d}.wav", where)
-            check_fields(kind, item)
+            for warning in check_fields(kind, item):
+                print(f"warning: {where}: {warning}", file=sys.stderr)
             for key in _AUDIO_KEYS:
                 if item.get(key) is not None:
                     item[key] = _audio_paths(item[key], path.parent)
@@ -352,13 +407,13 @@ def build_batch_engine(args: argparse.Namespace) -> Any:
         print(UNTRAINED_NOTICE, file=sys.stderr)
         model = common.ensure_tiny_batch_checkpoint()
         codec = common.ensure_tiny_checkpoints()[1]
-    options: dict[str, Any] = {"max_chars": args.max_chars}
+    engine_options: dict[str, Any] = {"max_chars": args.max_chars}
     if args.max_seconds is not None:
-        options["max_new_tokens"] = round(args.max_seconds * 12.5) + 40  # + the flush and end rows
+        engine_options["max_new_tokens"] = round(args.max_seconds * 12.5) + 40  # + the flush and end rows
     registry = ModelRegistry(device=args.device, dtype=args.dtype)
     registry.tts(model)  # loaded first, so a checkpoint error after it is the codec's
     try:
-        return registry.batch_engine(model, codec, **options)
+        return registry.batch_engine(model, codec, **engine_options)
     except CheckpointError as exc:  # the codec named by the model's processor_config.json too
         exc.option = exc.option or "--codec"
         raise
@@ -406,11 +461,14 @@ def run_batch(
         if args.output_dir is not None:
             raise ConfigError("--output-dir is for --jsonl; for one request use --output")
         fields = single(args)
-        check_fields(kind, fields)
+        for warning in check_fields(kind, fields, command_line=True):
+            print(f"warning: {warning}", file=sys.stderr)
         for key in _AUDIO_KEYS:
             if fields.get(key) is not None:
                 fields[key] = _audio_paths(fields[key], None)
-        items = [_Item(fields, None, args.output or Path(f"{kind.replace('_', '-')}.wav"))]
+        target = args.output or Path(f"{kind.replace('_', '-')}.wav")
+        common.check_output_file(target, "--output")
+        items = [_Item(fields, None, target)]
     engine = build_batch_engine(args)
     requests = []
     for item in items:

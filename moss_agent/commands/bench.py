@@ -12,6 +12,9 @@ import statistics
 import time
 
 from moss_agent.commands import common
+from moss_agent.options import MAX_REPLY_SECONDS, MAX_SLOTS
+
+MAX_FRAMES = int(MAX_REPLY_SECONDS / 0.08)
 
 TEXT = (
     "Thanks for calling. I can help you with your booking, change the date of your trip, "
@@ -25,13 +28,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         description="Run N sessions at once through the realtime engine and print time to first "
         "audio, frames per second and the real-time factor. Greedy decoding, a fixed text.",
     )
-    parser.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 16], help="session counts to try")
-    parser.add_argument("--frames", type=int, default=50, help="frames per session and turn (default 50 = 4 s)")
+    parser.add_argument(
+        "--sessions", type=int, nargs="+", default=[1, 4, 16],
+        help=f"session counts to try, each 1 to {MAX_SLOTS} (default 1 4 16)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--frames", type=int, default=50, help=f"frames per session and turn, 1 to {MAX_FRAMES} (default 50 = 4 s)"
+    )
     common.add_engine_options(parser, slots=16)
     parser.set_defaults(handler=run)
 
 
+def check(args: argparse.Namespace) -> None:
+    from moss_agent.errors import ConfigError
+
+    bad = [count for count in args.sessions if not 1 <= count <= MAX_SLOTS]
+    if bad:
+        raise ConfigError(f"--sessions takes session counts from 1 to {MAX_SLOTS}, got {bad[0]}")
+    if not 1 <= args.frames <= MAX_FRAMES:
+        raise ConfigError(f"--frames must be from 1 to {MAX_FRAMES} (80 ms each), got {args.frames}")
+
+
 def run(args: argparse.Namespace) -> int:
+    check(args)
     args.greedy = True
     args.max_seconds = args.frames * 0.08
     args.slots = max(args.sessions)

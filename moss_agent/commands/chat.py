@@ -42,7 +42,14 @@ def run(args: argparse.Namespace) -> int:
     if args.list_devices:
         from moss_agent.transports.local import list_devices
 
-        for device in list_devices():
+        devices = list_devices()
+        if not devices:
+            print(
+                "no audio devices found: PortAudio sees no sound card and no sound server "
+                "(PulseAudio, PipeWire, JACK); check `python -m sounddevice`",
+                file=sys.stderr,
+            )
+        for device in devices:
             print(
                 f"{device['index']:3d}  {device['name']}  (in {device['max_input_channels']}, "
                 f"out {device['max_output_channels']}, {device['default_samplerate']:.0f} Hz, {device['hostapi']})"
@@ -70,9 +77,7 @@ async def _chat(args: argparse.Namespace) -> int:
     resolve_device(args.input_device, "input")
     resolve_device(args.output_device, "output")
     require("silero_vad", "vad")
-    llm = common.build_llm(args)
-    if args.llm_url:
-        await llm.check()
+    llm = await common.checked_llm(args)
     engine, stt, voice = await common.build_speech_stack(args)
     config = common.session_config(args, echo_mode=args.echo)
     async with engine, LocalAudio(

@@ -5,10 +5,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import errno
 import logging
+import os
+import socket
 import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+from moss_agent.errors import ConfigError
 from moss_agent.options import (  # re-exported for the subcommands
     UNTRAINED_NOTICE,
     add_engine_options,
@@ -18,6 +26,9 @@ from moss_agent.options import (  # re-exported for the subcommands
     build_llm,
     build_stt,
     cache_dir,
+    check_device,
+    check_engine_options,
+    check_llm_options,
     ensure_tiny_batch_checkpoint,
     ensure_tiny_checkpoints,
     llm_config,
@@ -37,15 +48,132 @@ __all__ = [
     "build_speech_stack",
     "build_stt",
     "cache_dir",
+    "check_args",
+    "check_output_file",
+    "check_port",
+    "checked_llm",
     "collect_turn",
     "ensure_tiny_batch_checkpoint",
     "ensure_tiny_checkpoints",
     "llm_config",
     "load_voice",
+    "progress",
     "session_config",
     "silero_vad",
     "wait_for_stop_signal",
 ]
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks of what the user typed, run before anything loads: a mistake costs seconds, not the minute
+# the models take to load. Each raises ConfigError (exit code 2) in the user's terms.
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The options every command shares, by group: engine, device, LLM/STT URLs, output files.
+    ``moss-agent`` runs it before a command's handler; commands check their own options first thing."""
+    if hasattr(args, "slots"):  # the realtime engine options
+        check_engine_options(args)
+    elif hasattr(args, "device"):  # the batch commands
+        check_device(args.device)
+    check_llm_options(args)
+    if isinstance(getattr(args, "output", None), Path):
+        check_output_file(args.output, "--output")
+    if isinstance(getattr(args, "output_dir", None), Path):
+        check_output_folder(args.output_dir, "--output-dir")
+
+
+def check_output_file(path: Path, option: str) -> None:
+    """``path`` can be written: its folder exists and is writable, and it is not a folder itself."""
+    if path.is_dir():
+        raise ConfigError(f"{option} {path} is a folder; give a file name, e.g. {path / 'out.wav'}")
+    folder = path.parent
+    if not folder.exists():
+        raise ConfigError(f"{option} {path}: the folder {folder} does not exist; create it first (mkdir -p {folder})")
+    if not folder.is_dir():
+        raise ConfigError(f"{option} {path}: {folder} is a file, not a folder")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"{option} {path} exists and cannot be overwritten (permission denied)")
+    if not path.exists() and not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path}: cannot write into the folder {folder} (permission denied or read-only)")
+
+
+def check_output_folder(folder: Path, option: str) -> None:
+    """``folder`` is a folder, or can be made: its nearest existing ancestor is a writable folder."""
+    if folder.exists():
+        if not folder.is_dir():
+            raise ConfigError(f"{option} {folder} is a file, not a folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError(f"{option} {folder}: cannot write into it (permission denied or read-only)")
+        return
+    ancestor = folder.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {folder} cannot be created: {ancestor} is not a writable folder")
+
+
+def check_port(host: str, port: int, option: str = "--port") -> None:
+    """A server can listen on ``host``:``port`` (0: any free port): bound once and released, as the
+    server will bind it (SO_REUSEADDR), so a port in use fails now rather than after the models load."""
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{option} must be from 0 to 65535 (0 picks a free one), got {port}")
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"--host {host!r} cannot be resolved ({exc.strerror})") from None
+    for family, kind, proto, _name, address in addresses:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise ConfigError(
+                        f"{option} {port} on {host} is in use by another program; stop it, or pick another "
+                        f"port ({option} 0 picks a free one)"
+                    ) from None
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    raise ConfigError(f"--host {host} is not an address of this machine") from None
+                raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+@contextlib.asynccontextmanager
+async def progress(what: str, *, after_s: float = 2.0, every_s: float = 10.0) -> AsyncIterator[None]:
+    """Say on stderr that a slow step is still running: nothing for a step shorter than ``after_s``,
+    then ``... what (N s)`` every ``every_s`` seconds and ``... what: done in N s`` at its end.
+    The step must run off the event loop (a thread, the engine), or the loop cannot report it."""
+    started = time.monotonic()
+    shown = False
+
+    async def report() -> None:
+        nonlocal shown
+        await asyncio.sleep(after_s)
+        while True:
+            shown = True
+            print(f"... {what} ({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
+            await asyncio.sleep(every_s)
+
+    reporter = asyncio.create_task(report(), name=f"progress: {what}")
+    try:
+        yield
+    finally:
+        reporter.cancel()
+        await asyncio.wait([reporter])  # its own cancellation, never swallowing ours
+    if shown:
+        print(f"... {what}: done in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
+
+
+async def checked_llm(args: argparse.Namespace) -> Any:
+    """``build_llm(args)``, its server reached once now (before the models load) when there is one;
+    without --llm-model the server's one model is taken, said, and kept in ``args`` for later sessions."""
+    llm = build_llm(args)
+    if args.llm_url:
+        await llm.check()
+        if not args.llm_model:
+            args.llm_model = llm.model
+            print(f"LLM model: {llm.model} (the one the server lists)", file=sys.stderr)
+    return llm
 
 
 def load_voice(args: argparse.Namespace) -> Any:

@@ -15,8 +15,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         "dialogue",
         help="a multi-speaker dialogue with MOSS-TTSD",
         description="Synthesize SCRIPT, a dialogue whose turns start with [S1] .. [S5], with MOSS-TTSD. "
-        "With --reference clips (one per speaker, in order) the script must begin with their "
-        "transcripts, as in '[S1] transcript one [S2] transcript two [S1] new text ...'.",
+        "With --reference clips (one per speaker, in order) the script must begin with what the clips "
+        "say, as in '[S1] transcript one [S2] transcript two [S1] new text ...', and only the turns "
+        "after them are spoken; with --clone-only the clips give the voices and every turn is spoken.",
     )
     parser.add_argument(
         "script", nargs="?", default=None, help="the tagged script ('-' reads standard input)"
@@ -31,7 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     parser.add_argument(
         "--clone-only",
         action="store_true",
-        help="use the references as voices only (the script does not start with their transcripts)",
+        help="use the references as voices only: the script does not start with their transcripts, "
+        "and all of it is spoken",
     )
     parser.add_argument("--normalize", action="store_true", help="apply the TTSD script clean-up first")
     batch_common.add_batch_options(parser, "dialogue")

@@ -20,7 +20,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         "127.0.0.1/localhost: for other machines put the server behind an HTTPS reverse proxy.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    parser.add_argument("--port", type=int, default=8080, help="port, 0 to 65535 (default 8080; 0 picks a free one)")
     parser.add_argument("--token", default=None, help="signaling token clients must present (default: a new random one)")
     parser.add_argument(
         "--loopback-only", action="store_true",
@@ -53,6 +53,10 @@ async def _serve(args: argparse.Namespace) -> int:
 
     for module in ("aiortc", "aiohttp.web"):  # before the models load
         require(module, "webrtc")
+    common.check_port(args.host, args.port)
+    llm = await common.checked_llm(args)  # each conversation gets its own; this one only checks the server
+    if hasattr(llm, "aclose"):
+        await llm.aclose()
     token = args.token or secrets.token_urlsafe(16)
     credential = args.ice_credential or os.environ.get("MOSS_TURN_CREDENTIAL")
     ice_servers = ice_servers_from_urls(args.ice_server, args.ice_username, credential)

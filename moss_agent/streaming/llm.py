@@ -48,13 +48,20 @@ class OpenAIChatLLM:
     """Streams chat completions from an OpenAI-compatible server with the ``openai`` package.
 
     Failures (connection refused or reset, HTTP errors, a stalled stream past
-    ``config.idle_timeout_s``) raise ``LLMRequestError`` (an ``LLMError``) with ``kind`` in
-    ``connection``, ``status``, ``timeout`` or ``protocol``; retries are left to the caller because a retried turn would repeat
-    words already spoken.
+    ``config.idle_timeout_s``, an answer with no text at all) raise ``LLMRequestError`` (an
+    ``LLMError``) with ``kind`` in ``connection``, ``status``, ``timeout``, ``protocol`` or ``empty``;
+    retries are left to the caller because a retried turn would repeat words already spoken.
+
+    ``model_from_server``: ignore ``config.model`` and use the one model the server lists at
+    ``/models`` (asked once, by ``check()`` or the first request); a server that lists several, or
+    none, is an error that names them.
     """
 
-    def __init__(self, config: LLMConfig | None = None, *, client: Any | None = None) -> None:
+    def __init__(
+        self, config: LLMConfig | None = None, *, client: Any | None = None, model_from_server: bool = False
+    ) -> None:
         self.config = config or LLMConfig()
+        self._model: str | None = None if model_from_server else self.config.model
         if client is None:
             openai = require("openai", "llm")
             client = openai.AsyncOpenAI(
@@ -67,7 +74,7 @@ class OpenAIChatLLM:
 
     def _request_kwargs(self, messages: list[ChatMessage]) -> dict[str, Any]:
         cfg = self.config
-        kwargs: dict[str, Any] = {"model": cfg.model, "messages": messages, "stream": True}
+        kwargs: dict[str, Any] = {"model": self._model or cfg.model, "messages": messages, "stream": True}
         if cfg.temperature is not None:
             kwargs["temperature"] = cfg.temperature
         if cfg.top_p is not None:
@@ -109,16 +116,29 @@ class OpenAIChatLLM:
             status=status if isinstance(status, int) else None,
         )
 
+    @property
+    def model(self) -> str | None:
+        """The model asked for: ``config.model``, or the server's (None until it was asked)."""
+        return self._model
+
     async def check(self) -> None:
         """Raise LLMRequestError now if the server cannot be reached (one GET of ``/models``), so a
         command fails before it loads models rather than at its first turn. An HTTP error passes
-        (some servers have no ``/models``); a successful answer that is not JSON (a web page at a
-        mistyped URL) does not."""
+        (some servers have no ``/models``) unless the model is to come from the server; a
+        successful answer that is not JSON (a web page at a mistyped URL) does not."""
         openai = require("openai", "llm")
         try:
             async with asyncio.timeout(self.config.request_timeout_s):
                 raw = await self._client.models.with_raw_response.list()
-        except openai.APIStatusError:
+        except openai.APIStatusError as exc:
+            if self._model is None:
+                raise LLMRequestError(
+                    f"the LLM server at {self.config.base_url} does not list its models (HTTP {exc.status_code} "
+                    f"for /models{'; is /v1 missing from the URL?' if _no_path(self.config.base_url) else ''}); "
+                    "give the model name (--llm-model, LLMConfig.model)",
+                    kind="status",
+                    status=exc.status_code,
+                ) from None
             return
         except Exception as exc:
             raise self._wrap(exc) from exc
@@ -130,10 +150,36 @@ class OpenAIChatLLM:
                 f"{raw.content[:_QUOTED_BYTES]!r}; check that the URL is an OpenAI-compatible /v1 endpoint",
                 kind="protocol",
             )
+        if self._model is None:
+            self._model = self._only_model(raw)
+
+    def _only_model(self, raw: Any) -> str:
+        """The id of the one model a ``/models`` answer lists; LLMRequestError naming them otherwise."""
+        try:
+            listed = raw.parse()
+            names = [str(model.id) for model in listed.data if getattr(model, "id", None)]
+        except Exception:
+            names = []
+        where = f"the LLM server at {self.config.base_url}"
+        if len(names) == 1:
+            return names[0]
+        if not names:
+            raise LLMRequestError(
+                f"{where} lists no models at /models; give the model name (--llm-model, LLMConfig.model)",
+                kind="protocol",
+            )
+        shown = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
+        raise LLMRequestError(
+            f"{where} serves several models ({shown}); choose one with --llm-model (LLMConfig.model)",
+            kind="protocol",
+        )
 
     async def stream(self, messages: list[ChatMessage]) -> AsyncIterator[str]:
+        if self._model is None:
+            await self.check()
         idle = self.config.idle_timeout_s
         response: Any = None
+        finish_reason: str | None = None
         try:
             async with asyncio.timeout(idle):
                 response = await self._client.chat.completions.create(**self._request_kwargs(messages))
@@ -143,21 +189,28 @@ class OpenAIChatLLM:
                 async with asyncio.timeout(idle):
                     body = await _read_at_most(response.response, _MAX_PLAIN_ANSWER_BYTES)
                 text = self._plain_answer(content_type, response.response.status_code, body)
-                if text:
-                    yield text
+                if not text.strip():
+                    raise self._empty("a chat completion whose message has no text", None)
+                yield text
                 return
             iterator = response.__aiter__()
+            said = False
             while True:
                 try:
                     async with asyncio.timeout(idle):
                         chunk = await iterator.__anext__()
                 except StopAsyncIteration:
-                    return
+                    break
                 if not chunk.choices:
                     continue
-                delta = chunk.choices[0].delta.content
+                choice = chunk.choices[0]
+                finish_reason = getattr(choice, "finish_reason", None) or finish_reason
+                delta = choice.delta.content if choice.delta is not None else None
                 if delta:
+                    said = said or bool(delta.strip())
                     yield delta
+            if not said:
+                raise self._empty("a stream with no text", finish_reason)
         except LLMError:
             raise
         except Exception as exc:  # every transport/protocol failure becomes one error type
@@ -170,6 +223,16 @@ class OpenAIChatLLM:
                         await close()
                     except Exception:
                         log.debug("closing the LLM response failed", exc_info=True)
+
+    def _empty(self, what: str, finish_reason: str | None) -> LLMRequestError:
+        """The error of an answer with nothing to say: a voice agent would speak silence."""
+        why = f" (finish_reason {finish_reason!r})" if finish_reason else ""
+        hint = (
+            "; a reasoning model may have spent max_tokens thinking: raise LLMConfig.max_tokens or turn thinking off"
+            if finish_reason == "length"
+            else "; check that the URL is an OpenAI-compatible /v1 endpoint and the model name is right"
+        )
+        return LLMRequestError(f"the LLM server at {self.config.base_url} answered with {what}{why}{hint}", kind="empty")
 
     def _plain_answer(self, content_type: str, status: int, body: bytes) -> str:
         """The reply text of a complete (non-streamed) JSON chat completion; LLMRequestError for
@@ -228,6 +291,12 @@ async def _read_at_most(http: Any, limit: int) -> bytes:
         if len(body) >= limit:
             break
     return bytes(body[:limit])
+
+
+def _no_path(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).path.strip("/") == ""
 
 
 def _connection_failure(exc: BaseException) -> str:

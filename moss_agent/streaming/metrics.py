@@ -126,15 +126,29 @@ class SessionSummary:
         return "\n".join(lines)
 
 
-def format_breakdown(metrics: Metrics) -> str:
-    """Multi-line latency breakdown of one turn, for a --verbose CLI."""
-    v = metrics.values
+def format_breakdown(metrics: Metrics, *, stt_s: float | None = None) -> str:
+    """Multi-line latency breakdown of one turn, for a --verbose CLI.
+
+    A session times speech recognition only for the utterances it hears itself; a caller that
+    transcribed the user's audio before asking for the turn (``reply``) passes that time as
+    ``stt_s``, and it counts in the total. A stage that did not run shows ``-``.
+    """
+    v = dict(metrics.values)
+    if stt_s is not None and v.get("stt_s") is None:
+        v["stt_s"] = stt_s
+        start = v.get("first_audio_out_s")
+        v["first_audio_out_s"] = None if start is None else float(start) + stt_s
 
     def ms(key: str) -> str:
         value = v.get(key)
         return "      -" if value is None else f"{float(value) * 1000:7.1f} ms"
 
-    head = "user end of speech -> first agent audio" if v.get("e2e_s") is not None else "request -> first agent audio"
+    if v.get("e2e_s") is not None:
+        head = "user end of speech -> first agent audio"
+    elif stt_s is not None:
+        head = "speech recognition start -> first agent audio"
+    else:
+        head = "request -> first agent audio"
     total = v.get("e2e_s") if v.get("e2e_s") is not None else v.get("first_audio_out_s")
     total_text = "-" if total is None else f"{float(total) * 1000:.1f} ms"
     rtf = v.get("rtf")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,9 +35,12 @@ def test_reply_runs_the_whole_pipeline_offline(cache, tmp_path, capsys):
     audio = load_audio(out, 24000)
     assert 0 < len(audio) <= int(1.6 * 24000)
     err = capsys.readouterr().err
-    assert "UNTRAINED" in err
+    assert "UNTRAINED" in err and "pass --llm-url" in err  # reply takes an LLM: the note says how
     assert "user: " in err and "agent: You said:" in err  # the echo responder answered the transcript
     assert "TTS first audio" in err  # the --verbose latency breakdown
+    # Recognition ran before the turn was asked for; the breakdown times it and counts it in the total.
+    assert re.search(r"^  speech recognition +\d+\.\d ms$", err, re.M), err
+    assert "speech recognition start -> first agent audio" in err
 
 
 def test_reply_with_a_given_transcript_skips_recognition(cache, tmp_path, capsys):
@@ -46,10 +50,55 @@ def test_reply_with_a_given_transcript_skips_recognition(cache, tmp_path, capsys
     assert "agent: You said: Good morning" in capsys.readouterr().err
 
 
-def test_say_writes_a_wav(cache, tmp_path):
+def test_say_writes_a_wav(cache, tmp_path, capsys):
     out = tmp_path / "say.wav"
     assert main(["say", "Hello world, nice to meet you.", "--tiny", "-o", str(out), "--max-seconds", "0.8"]) == 0
     assert 0 < len(load_audio(out, 24000)) <= int(0.8 * 24000)
+    err = capsys.readouterr().err
+    assert "UNTRAINED" in err and "--llm-url" not in err  # say has no LLM to point anywhere
+
+
+def test_version(capsys):
+    from moss_agent import __version__
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out == f"moss-agent {__version__}\n"
+
+
+def test_reply_to_a_long_input_hears_its_last_minute(cache, tmp_path, capsys):
+    """Input longer than the model's share of the context for user audio: the most recent minute
+    is kept as context, and the command says so (a whole five minutes would leave no room to answer)."""
+    import numpy as np
+    import soundfile as sf
+
+    long_wav = tmp_path / "long.wav"
+    tone = 0.1 * np.sin(2 * np.pi * 200 * np.arange(int(61.5 * 8000)) / 8000)
+    sf.write(long_wav, tone.astype(np.float32), 8000, subtype="PCM_16")
+    code = main(["reply", "--tiny", "-i", str(long_wav), "-o", str(tmp_path / "r.wav"), "--transcript", "hi",
+                 "--max-input-seconds", "120", "--max-seconds", "0.4", "--greedy"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "the model hears the last 60 s of the 61.5 s input (its context also holds the reply)" in err
+
+
+def test_reply_takes_the_llm_servers_only_model_and_an_empty_answer_is_an_error(cache, tmp_path, capsys):
+    from moss_agent.testing.openai_server import FakeOpenAIServer
+
+    server = FakeOpenAIServer(["Hello there.", ""])
+    server.start_in_thread()
+    try:
+        argv = ["reply", "--tiny", "-i", str(HELLO), "-o", str(tmp_path / "r.wav"), "--transcript", "hi",
+                "--max-seconds", "0.4", "--llm-url", server.base_url]  # fmt: skip
+        assert main(argv) == 0
+        err = capsys.readouterr().err
+        assert "LLM model: fake-model (the one the server lists)" in err and "agent: Hello there." in err
+        assert server.chat_requests[-1]["model"] == "fake-model"
+        assert main(argv) == 1  # the server answers a stream with no text
+        err = capsys.readouterr().err
+        assert "answered with a stream with no text" in err and "agent:" not in err
+    finally:
+        server.stop_thread()
 
 
 def test_bad_input_gives_a_clear_error_and_exit_code(cache, tmp_path, capsys):

@@ -59,12 +59,13 @@ def moss_agent(*args: str | Path, env: dict[str, str] | None = None, cwd: Path =
 
 
 def error_line(proc: subprocess.CompletedProcess[str], command: str) -> str:
-    """The one error line (exit 2, no traceback, nothing else but the --tiny notice); returns it."""
+    """The one error line (exit 2, no traceback, nothing else but the --tiny notice and progress of a
+    slow step); returns it."""
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     assert lines, "nothing on stderr"
-    others = [line for line in lines[:-1] if not line.startswith("NOTE: --tiny")]
+    others = [line for line in lines[:-1] if not line.startswith(("NOTE: --tiny", "... "))]  # notice, progress
     assert not others, proc.stderr
     prefix = f"moss-agent {command}: error: "
     assert lines[-1].startswith(prefix), proc.stderr
@@ -228,6 +229,12 @@ def test_say_play_without_a_speaker(no_sound_card):
     assert line.startswith("no output audio device found") and "drop --play" in line
 
 
+def test_chat_lists_no_devices_and_says_so(no_sound_card):
+    proc = moss_agent("chat", "--list-devices", env=no_sound_card)
+    assert proc.returncode == 0 and proc.stdout == "", proc.stderr
+    assert proc.stderr.startswith("no audio devices found: PortAudio sees no sound card and no sound server")
+
+
 def test_chat_without_the_portaudio_library(tmp_path, offline):
     env = {**offline, **shim(tmp_path, "sounddevice.py", "raise OSError('PortAudio library not found')\n")}
     line = error_line(moss_agent("chat", "--tiny", env=env), "chat")
@@ -244,3 +251,126 @@ def test_reply_with_an_llm_that_refuses_connections(tmp_path, offline):
     line = error_line(proc, "reply")
     assert line.startswith(f"cannot connect to the LLM server at {url} (connection refused")
     assert not (tmp_path / "r.wav").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. mistakes found before anything loads: every option, path, port and device is checked first.
+# In process (the checks are the CLI's own code); --model names a folder that does not exist, so a
+# command that loaded anything before its check would fail on the model instead.
+
+NO_MODEL = "/nonexistent/model"
+
+
+def usage_error(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> str:
+    """Run ``moss-agent argv`` in process: exit code 2, one error line, nothing loaded; returns it."""
+    from moss_agent.cli import main
+
+    code = main([str(arg) for arg in argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("warning: ")]
+    assert len(lines) == 1 and lines[0].startswith(f"moss-agent {argv[0]}: error: "), err
+    assert NO_MODEL not in err  # the model was never looked for
+    return lines[0].split(": error: ", 1)[1]
+
+
+def cuda_device_this_machine_lacks() -> str:
+    import torch
+
+    return f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["reply", "-i", HELLO, "-o", "nodir/x.wav"], "--output nodir/x.wav: the folder nodir does not exist"),
+        (["tts", "hi", "-o", HELLO / "x.wav"], f"{HELLO} is a file, not a folder"),
+        (["say", "hi", "-o", REPO / "examples"], "is a folder; give a file name"),
+        (["tts", "--jsonl", HELLO, "--output-dir", HELLO], f"--output-dir {HELLO} is a file, not a folder"),
+        (["say", "hi", "--device", "gpu"], "--device 'gpu' is not a device; use cpu, cuda or cuda:N"),
+        (["tts", "hi", "--device", "cuda-lacking"], "use --device cpu"),
+        (["sfx", "rain", "--duration", "700"], "--duration must be seconds in (0, 600], got 700.0"),
+        (["tts", "hi", "--tokens", "0"], "--tokens must be a whole number of 12.5 Hz frames from 1 to 7500"),
+        (["bench", "--sessions", "1", "0"], "--sessions takes session counts from 1 to 256, got 0"),
+        (["bench", "--frames", "0"], "--frames must be from 1 to 7500"),
+        (["say", "hi", "--slots", "0"], "--slots must be from 1 to 256, got 0"),
+        (["say", "hi", "--max-seconds", "nan"], "--max-seconds must be seconds in (0, 600], got nan"),
+        (["say", "hi", "--voice", "missing.wav"], "--voice missing.wav is not a file"),
+        (["reply", "-i", HELLO, "--llm-url", "127.0.0.1:9"],
+         "--llm-url must be a URL starting with http:// or https://, such as http://127.0.0.1:8000/v1; "
+         "got '127.0.0.1:9' (did you mean http://127.0.0.1:9?)"),
+        (["chat", "--stt-url", "whisper:8000"], "--stt-url must be a URL starting with http://"),
+        (["say", "hi", "--engine-url", "localhost:8000"], "--engine-url must be a URL starting with ws://"),
+        (["serve", "--port", "70000"], "--port must be from 0 to 65535 (0 picks a free one), got 70000"),
+    ],
+)
+def test_a_mistake_is_said_before_anything_loads(capsys, tmp_path, monkeypatch, argv, words):
+    monkeypatch.chdir(tmp_path)
+    argv = [cuda_device_this_machine_lacks() if arg == "cuda-lacking" else arg for arg in argv]
+    assert words in usage_error(capsys, *argv, "--model", NO_MODEL)
+
+
+def test_a_busy_port_is_said_before_the_models_load(capsys):
+    pytest.importorskip("aiortc")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        line = usage_error(capsys, "serve", "--port", port, "--model", NO_MODEL)
+    assert line == f"--port {port} on 127.0.0.1 is in use by another program; stop it, or pick another port " \
+        "(--port 0 picks a free one)"
+
+
+def test_an_unwritable_output_is_said_before_the_models_load(capsys, tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    line = usage_error(capsys, "tts", "hi", "-o", locked / "x.wav", "--model", NO_MODEL)
+    assert line == f"--output {locked / 'x.wav'}: cannot write into the folder {locked} (permission denied or read-only)"
+
+
+def test_a_bad_dtype_is_an_argparse_usage_error(capsys):
+    from moss_agent.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["say", "hi", "--dtype", "int8"])
+    assert info.value.code == 2
+    assert "argument --dtype: invalid choice: 'int8'" in capsys.readouterr().err
+
+
+def test_an_input_over_the_limit_is_refused_from_its_header(capsys, tmp_path):
+    """Ten minutes of audio (a small 8-bit 8 kHz file) for one user turn: refused from the wav header
+    before it is decoded or anything loads, saying the limit and how to raise it."""
+    import numpy as np
+    import soundfile as sf
+
+    long_wav = tmp_path / "meeting.wav"
+    sf.write(long_wav, np.zeros(600 * 8000, np.int16), 8000, subtype="PCM_U8")
+    line = usage_error(capsys, "reply", "-i", long_wav, "--transcript", "hi", "--model", NO_MODEL)
+    assert line == (
+        f"--input {long_wav} is 600.0 s long; reply takes one user turn of at most 60 s: cut the recording, "
+        "or raise --max-input-seconds (up to 300)"
+    )
+
+
+def test_a_dialogue_whose_script_is_only_the_reference_transcripts_is_refused(capsys, tmp_path):
+    """The README's old example: two clips and two turns, without --clone-only, would speak nothing
+    new (0.24 s of audio); with the turns in another order than the clips it warns."""
+    clip = str(HELLO)
+    line = usage_error(capsys, "dialogue", "[S1] Welcome back! [S2] Glad to be here.", "-o", tmp_path / "d.wav",
+                       "--reference", clip, "--reference", clip, "--model", NO_MODEL)  # fmt: skip
+    assert line.startswith("the script has 2 turn(s) and there are 2 --reference clip(s)")
+    assert "use --clone-only to take the clips as voices only" in line
+    assert "'[S1] <what clip 1 says> [S2] <what clip 2 says> [S1] new text ...'" in line
+
+    from moss_agent.cli import main
+
+    argv = ["dialogue", "[S2] hello [S1] hi [S2] new words", "-o", str(tmp_path / "d.wav"),
+            "--reference", clip, "--reference", clip, "--model", NO_MODEL]  # fmt: skip
+    assert main(argv) == 2  # the model folder is missing: the check passed, with a warning
+    err = capsys.readouterr().err
+    assert "warning: the script begins [S2] [S1], but its first turns are read as the transcripts" in err
+    assert main([*argv[:1], "[S1] Welcome back! [S2] Glad to be here.", *argv[2:], "--clone-only"]) == 2
+    err = capsys.readouterr().err
+    assert "warning" not in err and f"checkpoint folder {NO_MODEL} does not exist" in err

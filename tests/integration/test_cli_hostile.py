@@ -121,7 +121,7 @@ OPTION_CASES = {
     "--batch-size 0": (["tts", "hi", "--batch-size", "0"], "--batch-size must be from 1 to 256"),
     "--seed -1": (["tts", "hi", "--seed", "-1"], "--seed must be from 0 to"),
     "--max-chars 3": (["tts", "hi", "--max-chars", "3"], "--max-chars must be from 8 to 2000"),
-    "--duration 1e9": (["sfx", "rain", "--duration", "1e9"], '"duration_s" must be seconds in (0, 600]'),
+    "--duration 1e9": (["sfx", "rain", "--duration", "1e9"], "--duration must be seconds in (0, 600]"),
     "say --max-chars 5": (["say", "hi", "--max-chars", "5"], "--max-chars must be from 8 to 1000"),
     "reply --max-input-seconds nan": (
         ["reply", "-i", str(HELLO), "--max-input-seconds", "nan"],

@@ -188,3 +188,40 @@ async def test_check_refuses_a_server_that_answers_a_web_page() -> None:
         ):
             await llm.check()
         await llm.aclose()
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("text/event-stream", b"data: [DONE]\n\n"),
+        ("text/event-stream", b"<html><body>Welcome to nginx!</body></html>\n"),
+        ("application/json", json.dumps({"choices": [{"message": {"content": "  "}}]}).encode()),
+    ],
+    ids=["empty stream", "html labelled a stream", "json with no text"],
+)
+async def test_an_answer_with_no_text_is_an_llm_error(content_type: str, body: bytes) -> None:
+    """A voice agent would speak silence (and print a blank reply): the answer is an error instead."""
+    async with FixedAnswerServer(content_type, body) as base_url:
+        with pytest.raises(LLMRequestError, match=r"answered with a .* no text") as info:
+            await _stream_from(base_url)
+    assert info.value.kind == "empty"
+
+
+async def test_the_model_comes_from_the_server_when_none_is_given() -> None:
+    async with FakeOpenAIServer(["Hello there."]) as server:
+        llm = OpenAIChatLLM(LLMConfig(base_url=server.base_url), model_from_server=True)
+        assert llm.model is None
+        assert "".join([d async for d in llm.stream(MESSAGES)]) == "Hello there."
+        assert llm.model == "fake-model" and server.chat_requests[-1]["model"] == "fake-model"
+        await llm.aclose()
+    several = {"object": "list", "data": [{"id": "qwen3-8b", "object": "model"}, {"id": "llama-3", "object": "model"}]}
+    async with FixedAnswerServer("application/json", json.dumps(several).encode()) as base_url:
+        llm = OpenAIChatLLM(LLMConfig(base_url=base_url), model_from_server=True)
+        with pytest.raises(LLMRequestError, match=r"serves several models \(qwen3-8b, llama-3\); choose one with --llm-model"):
+            await llm.check()
+        await llm.aclose()
+    async with FixedAnswerServer("application/json", b'{"detail": "Not Found"}', status=404) as base_url:
+        llm = OpenAIChatLLM(LLMConfig(base_url=base_url.removesuffix("/v1")), model_from_server=True)
+        with pytest.raises(LLMRequestError, match=r"does not list its models \(HTTP 404 .*is /v1 missing"):
+            await llm.check()
+        await llm.aclose()
