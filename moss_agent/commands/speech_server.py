@@ -39,6 +39,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     source.add_argument("--token-env", default=None, metavar="VAR", help="read the bearer token from $VAR")
     source.add_argument("--no-auth", action="store_true",
                         help="serve without a token (only behind your own auth, or on loopback)")  # fmt: skip
+    parser.add_argument("--log-json", action="store_true",
+                        help="log one JSON object per line, with the request id and the other fields "
+                             "(use with -v for a line per request)")  # fmt: skip
     limits = parser.add_argument_group("limits")
     limits.add_argument("--max-input-chars", type=int, default=4096,
                         help="longest input of one /v1/audio/speech request (default 4096, as OpenAI)")  # fmt: skip
@@ -121,6 +124,10 @@ async def _serve(args: argparse.Namespace) -> int:
     from moss_agent.service import ServiceConfig, VoiceRegistry, create_app, serve
     from moss_agent.service.voices import parse_voice_option
 
+    if args.log_json:
+        from moss_agent.service.logs import use_json_logs
+
+        use_json_logs()
     token, made_up = read_token(args)
     config = ServiceConfig(token=token, max_input_chars=args.max_input_chars,
                            max_voice_seconds=args.max_voice_seconds)  # fmt: skip

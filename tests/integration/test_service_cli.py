@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -79,7 +80,7 @@ async def test_serves_speech_with_a_voice_and_stops_cleanly_on_sigterm(cache: Pa
     secret = tmp_path / "token"
     secret.write_text("cli-token\n")
     command = [sys.executable, "-m", "moss_agent.cli", "speech-server", "--tiny", "--slots", "1", "--port", "0",
-               "--token-file", str(secret), "--voice", f"hello={HELLO}", "--max-seconds", "0.4", "--greedy"]  # fmt: skip
+               "--token-file", str(secret), "--voice", f"hello={HELLO}", "--max-seconds", "0.4", "--greedy", "--log-json", "-v"]  # fmt: skip
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
     try:
         assert proc.stdout is not None
@@ -93,15 +94,22 @@ async def test_serves_speech_with_a_voice_and_stops_cleanly_on_sigterm(cache: Pa
                 assert refused.status == 401
         api = openai.AsyncOpenAI(base_url=base + "/v1", api_key="cli-token", max_retries=0)
         async with api.audio.speech.with_streaming_response.create(
-            model="moss-tts-realtime", voice="hello", input="Hi there.", response_format="pcm"
+            model="moss-tts-realtime", voice="hello", input="Hi there.", response_format="pcm",
+            extra_headers={"X-Request-Id": "cli-request-1"},
         ) as response:
+            assert response.headers["X-Request-Id"] == "cli-request-1"
             audio = await response.read()
         assert 0 < len(audio) <= 5 * 1920 * 2 and len(audio) % (1920 * 2) == 0  # whole frames, capped at 0.4 s
         voices = await api.get("/audio/voices", cast_to=object)
         assert {voice["id"] for voice in voices["data"]} == {"default", "hello"}  # type: ignore[index]
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 30) == 0
-        assert "UNTRAINED" in proc.stderr.read()
+        err = proc.stderr.read()
+        assert "UNTRAINED" in err
+        logged = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+        ours = [entry for entry in logged if entry.get("request_id") == "cli-request-1"]
+        assert {entry["message"] for entry in ours} >= {"request", "speech done"}
+        assert any(entry.get("route") == "/v1/audio/speech" and entry.get("status") == 200 for entry in ours)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -25,8 +25,10 @@ import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
 from moss_agent.audio import decode_audio_bytes, pcm16_to_float, wav_bytes
+from moss_agent.client import RemoteSpeechBackend
 from moss_agent.engine.realtime import RealtimeEngine, RealtimeEngineConfig
 from moss_agent.engine.stitch import split_text
+from moss_agent.errors import TransportError
 from moss_agent.models.realtime import SamplingConfig
 from moss_agent.service import ServiceConfig, VoiceRegistry, create_app, serve
 from moss_agent.service.openai_speech import TURN_CHARS
@@ -80,7 +82,7 @@ async def server(engine: RealtimeEngine) -> AsyncIterator[tuple[str, Any]]:
     voices = VoiceRegistry(engine.sample_rate, max_uploaded=2)
     voices.add("alice", ALICE)
     app = create_app(engine, ServiceConfig(token=TOKEN, max_voice_bytes=200_000, max_voice_seconds=5.0),
-                     voices=voices, sessions=False)  # fmt: skip
+                     voices=voices)  # fmt: skip
     async with serve(app) as url:
         yield url, app
 
@@ -215,6 +217,27 @@ async def test_an_uploaded_voice_speaks_and_can_be_deleted(url: str, engine: Rea
     await wait_free(engine)
 
 
+async def test_the_session_websocket_shares_the_token_voices_and_metrics(url: str, engine: RealtimeEngine) -> None:
+    before = await scrape(url)
+    with pytest.raises(TransportError):
+        async with RemoteSpeechBackend(url.replace("http", "ws"), token="wrong"):
+            pass
+    async with RemoteSpeechBackend(url.replace("http", "ws"), token=TOKEN, voice="alice") as remote:
+        conversation = await remote.open_conversation()
+        assert (await scrape(url))[("moss_conversations_active", ())] == 1
+        stream = await conversation.start_turn(None, 1)
+        await stream.push_text(TEXT)
+        await stream.end_input()
+        frames = [chunk async for chunk in stream]
+        await conversation.aclose()
+    assert len(frames) == CAP
+    after = await scrape(url)
+    assert after[("moss_conversations_active", ())] == 0
+    first_audio = ("moss_first_audio_seconds_count", ())
+    assert after[first_audio] == before[first_audio] + 1
+    await wait_free(engine)
+
+
 # -- bad requests ---------------------------------------------------------------------------------
 
 
@@ -322,7 +345,7 @@ async def test_metrics_count_what_happened(url: str) -> None:
     assert metrics[ok] >= 5
     assert metrics[("moss_rejected_total", (("reason", "busy"),))] >= 1
     assert metrics[("moss_rejected_total", (("reason", "auth"),))] >= 2
-    assert metrics[("moss_first_audio_seconds_count", ())] >= 6
+    assert metrics[("moss_first_audio_seconds_count", ())] >= 7
     assert metrics[("moss_chunk_gap_seconds_count", ())] >= 5 * (CAP - 1)
     assert metrics[("moss_rtf_count", ())] >= 5
     assert metrics[("moss_engine_frames_total", ())] >= 5 * CAP
