@@ -23,7 +23,9 @@ Deploy (``pip install "moss-agent[ray]"``)::
         token=SECRET max_replicas=4 slots=8
     serve run moss_agent.service.ray_serve:build_app tiny=true min_replicas=2 max_replicas=2
 
-or from Python: ``serve.run(deployment(RayServeOptions(...)), route_prefix="/")``. The plain server
+or from Python: ``serve.run(deployment(RayServeOptions(...)), route_prefix="/")``, or :func:`deploy`
+(Ray, Serve's proxy on host:port and the deployment in one call; :func:`options_from_cli` maps the
+``speech-server`` engine options) and :func:`shutdown`. ``docs/ray-serve.md`` has the details. The plain server
 (``moss_agent.service``) imports nothing from Ray; this module imports Ray only when a deployment is built.
 """
 
@@ -361,3 +363,51 @@ def deployment(options: RayServeOptions) -> Any:
 def build_app(args: dict[str, str]) -> Any:
     """The ``serve run moss_agent.service.ray_serve:build_app key=value ...`` builder."""
     return deployment(RayServeOptions.from_args(dict(args)))
+
+
+def options_from_cli(args: Any, token: str | None, replicas: tuple[int, int] = (1, 1)) -> RayServeOptions:
+    """RayServeOptions from ``moss-agent speech-server``'s engine options (``--model``, ``--codec``,
+    ``--tiny``, ``--slots``, ``--max-seconds``, ``--min-seconds``, ``--greedy``, ``--seed``,
+    ``--device``) and its token; ``replicas``: (min, max)."""
+    device = str(getattr(args, "device", None) or "auto")
+    return RayServeOptions(
+        model=None if args.tiny else args.model,
+        codec=None if args.tiny else args.codec,
+        tiny=bool(args.tiny),
+        slots=int(args.slots),
+        max_seconds=float(args.max_seconds),
+        min_seconds=float(getattr(args, "min_seconds", None) or 0.0),
+        greedy=bool(args.greedy),
+        seed=args.seed,
+        device="cuda" if device.startswith("cuda") else device,
+        token=token,
+        min_replicas=replicas[0],
+        max_replicas=replicas[1],
+    )
+
+
+def deploy(
+    options: RayServeOptions, host: str = "127.0.0.1", port: int = 8000, address: str | None = None
+) -> str:
+    """Connect to Ray (``address``: a cluster, e.g. ``auto``; None: a local instance), start Serve's
+    HTTP proxy on ``host:port`` and deploy; returns the URL once every replica is up. Blocking."""
+    try:
+        import ray
+        from ray import serve
+    except ImportError as exc:
+        raise ImportError('Ray Serve is not installed: pip install "moss-agent[ray]"') from exc
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(deployment(options), name="moss-speech", route_prefix="/")
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+def shutdown() -> None:
+    """Remove the deployment and Serve, and disconnect from Ray (a local instance stops)."""
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()

@@ -42,6 +42,26 @@ SPEECH = {
 }
 
 
+def test_options_from_serve_run_and_cli_arguments() -> None:
+    import argparse
+
+    from moss_agent.errors import ConfigError
+    from moss_agent.service.ray_serve import options_from_cli
+
+    options = RayServeOptions.from_args({"tiny": "true", "slots": "4", "max_replicas": "3", "seed": "none"})
+    assert (options.tiny, options.slots, options.max_replicas, options.seed) == (True, 4, 3, None)
+    with pytest.raises(ConfigError, match="unknown options"):
+        RayServeOptions.from_args({"tiny": "true", "replicas": "2"})
+    with pytest.raises(ConfigError, match="model= and codec="):
+        RayServeOptions.from_args({"slots": "4"})
+    with pytest.raises(ConfigError, match="slots"):
+        RayServeOptions.from_args({"tiny": "true", "slots": "many"})
+    args = argparse.Namespace(tiny=False, model="m", codec="c", slots=8, max_seconds=30.0, min_seconds=None,
+                              greedy=False, seed=1, device="cuda:0")  # fmt: skip
+    options = options_from_cli(args, "tok", (1, 4))
+    assert (options.model, options.device, options.token, options.max_replicas) == ("m", "cuda", "tok", 4)
+
+
 # -- the ASGI adapter without Ray -----------------------------------------------------------------
 
 
