@@ -168,6 +168,16 @@ def available_formats() -> tuple[str, ...]:
     return tuple(found)
 
 
+@functools.cache
+def tempo_available() -> bool:
+    """Whether this machine's FFmpeg has the atempo filter ``speed`` needs."""
+    try:
+        import av.filter
+    except ImportError:
+        return False
+    return "atempo" in av.filter.filters_available
+
+
 def make_encoder(response_format: str, sample_rate: int) -> StreamEncoder:
     if response_format == "pcm":
         return PcmEncoder()
@@ -176,3 +186,64 @@ def make_encoder(response_format: str, sample_rate: int) -> StreamEncoder:
     if response_format in _PYAV:
         return PyAVEncoder(response_format, sample_rate)
     raise AudioError(f"unknown response format {response_format!r}; use one of {', '.join(FORMATS)}")
+
+
+class Tempo:
+    """Change the tempo, not the pitch, of a float32 mono stream: FFmpeg's ``atempo`` (WSOLA) through
+    PyAV, chained so each stage stays within 0.5x-2x, where it sounds best. ``speed`` 2.0 gives half
+    the samples. The output trails the input by the filter's window (tens of ms); ``flush`` ends it."""
+
+    def __init__(self, speed: float, sample_rate: int) -> None:
+        import av
+        import av.filter
+
+        if not 0.25 <= speed <= 4.0:
+            raise AudioError(f"speed must be from 0.25 to 4.0, got {speed}")
+        self._av = av
+        self._rate = sample_rate
+        stages: list[float] = []
+        rest = speed
+        while rest > 2.0:
+            stages.append(2.0)
+            rest /= 2.0
+        while rest < 0.5:
+            stages.append(0.5)
+            rest /= 0.5
+        stages.append(rest)
+        graph = av.filter.Graph()
+        node = graph.add_abuffer(
+            format="flt", sample_rate=sample_rate, layout="mono", time_base=f"1/{sample_rate}"
+        )
+        for factor in stages:
+            stage = graph.add("atempo", f"{factor:.6f}")
+            node.link_to(stage)
+            node = stage
+        sink = graph.add("abuffersink")
+        node.link_to(sink)
+        graph.configure()
+        self._graph = graph
+        self._pts = 0
+
+    def process(self, pcm: np.ndarray) -> np.ndarray:
+        samples = np.ascontiguousarray(pcm, dtype=np.float32)
+        if samples.size:
+            frame = self._av.AudioFrame.from_ndarray(samples[None, :], format="flt", layout="mono")
+            frame.sample_rate = self._rate
+            frame.pts = self._pts
+            self._pts += samples.size
+            self._graph.push(frame)
+        return self._drain()
+
+    def flush(self) -> np.ndarray:
+        self._graph.push(None)
+        return self._drain()
+
+    def _drain(self) -> np.ndarray:
+        out: list[np.ndarray] = []
+        while True:
+            try:
+                frame = self._graph.pull()
+            except (self._av.BlockingIOError, self._av.EOFError):
+                break
+            out.append(frame.to_ndarray().reshape(-1).astype(np.float32, copy=False))
+        return np.concatenate(out) if out else np.zeros(0, np.float32)

@@ -3,7 +3,8 @@
 - ``POST /v1/audio/speech``: ``model``, ``input``, ``voice``, ``response_format``, ``speed``,
   ``stream_format`` as OpenAI defines them. The audio streams (chunked transfer) as the engine makes
   it, one codec frame (80 ms) at a time, through the output limiter (-1 dBFS ceiling); ``pcm`` is
-  16-bit little-endian mono at 24 kHz like OpenAI's. ``stream_format: "sse"`` sends
+  16-bit little-endian mono at 24 kHz like OpenAI's. ``speed`` (0.25-4) changes the tempo, not the
+  pitch (FFmpeg's atempo, a WSOLA time stretch). ``stream_format: "sse"`` sends
   ``speech.audio.delta`` events (base64 audio in the response format) and one ``speech.audio.done``.
 - ``GET /v1/models``: the model names served, with the formats and voices they take.
 - ``POST /v1/audio/voices`` (also ``/v1/voices``): upload a voice (OpenAI's multipart form: ``name``
@@ -42,7 +43,15 @@ from moss_agent.errors import (
 from moss_agent.limiter import PeakLimiter
 from moss_agent.service.app import CONFIG, ENGINE, METRICS, SENT, VOICES, request_id, unready_reason
 from moss_agent.service.config import ServiceConfig
-from moss_agent.service.encoding import FORMATS, PyAVEncoder, StreamEncoder, available_formats, make_encoder
+from moss_agent.service.encoding import (
+    FORMATS,
+    PyAVEncoder,
+    StreamEncoder,
+    Tempo,
+    available_formats,
+    make_encoder,
+    tempo_available,
+)
 from moss_agent.service.http import UNAVAILABLE, ApiError, read_body, read_json
 from moss_agent.service.voices import VoiceRegistry, check_name
 
@@ -114,12 +123,11 @@ class SpeechRequest:
         speed = body.get("speed", 1.0)
         if isinstance(speed, bool) or not isinstance(speed, int | float) or not 0.25 <= speed <= 4.0:
             raise _bad(f"speed must be a number from 0.25 to 4.0, got {speed!r}", "speed", "invalid_value")
-        if speed != 1.0:
+        if speed != 1.0 and not tempo_available():
             raise _bad(
-                "this server speaks at the model's own pace: speed must be 1.0 (time-stretching would "
-                "change the voice the model made; slow the playback down on the client instead)",
-                "speed", "unsupported_value",
-            )  # fmt: skip
+                "this server's FFmpeg has no atempo filter: speed must be 1.0", "speed", "unsupported_value"
+            )
+        self.speed = float(speed)
         instructions = body.get("instructions")
         if instructions is not None and (not isinstance(instructions, str) or instructions.strip()):
             raise _bad(
@@ -220,28 +228,31 @@ def _log_release_failure(task: asyncio.Task[None]) -> None:
 
 
 class _Output:
-    """Engine audio -> limited, resampled, encoded bytes; compressed formats encode on a worker thread."""
+    """Engine audio -> resampled, time-stretched (``speed``), limited, encoded bytes. PyAV's work
+    (compressed formats, the tempo filter) runs on a worker thread, one chunk at a time in order."""
 
-    def __init__(self, response_format: str, engine_rate: int) -> None:
+    def __init__(self, response_format: str, engine_rate: int, speed: float = 1.0) -> None:
         self.encoder: StreamEncoder = make_encoder(response_format, OUTPUT_RATE)
         self.limiter = PeakLimiter(OUTPUT_RATE)
         self.resampler = None if engine_rate == OUTPUT_RATE else StreamResampler(engine_rate, OUTPUT_RATE)
-        self.offload = isinstance(self.encoder, PyAVEncoder)
+        self.tempo = None if speed == 1.0 else Tempo(speed, OUTPUT_RATE)
+        self.offload = isinstance(self.encoder, PyAVEncoder) or self.tempo is not None
         self._pending: concurrent.futures.Future[bytes] | None = None
         self.samples = 0
 
     async def encode(self, pcm: np.ndarray, *, last: bool = False) -> bytes:
-        if self.resampler is not None:
-            pcm = self.resampler.process(pcm) if not last else np.concatenate([self.resampler.process(pcm),
-                                                                               self.resampler.flush()])  # fmt: skip
-        limited = self.limiter.process(pcm)
-        if last:
-            limited = np.concatenate([limited, self.limiter.flush()])
-        self.samples += limited.shape[0]
-        return await self._run(self._encode_now, limited, last)
+        return await self._run(self._encode_now, pcm, last)
 
     def _encode_now(self, pcm: np.ndarray, last: bool) -> bytes:
-        data = self.encoder.encode(pcm)
+        parts = [pcm]
+        if self.resampler is not None:
+            parts = [self.resampler.process(pcm), *([self.resampler.flush()] if last else [])]
+        if self.tempo is not None:
+            parts = [self.tempo.process(part) for part in parts] + ([self.tempo.flush()] if last else [])
+        limited = [self.limiter.process(part) for part in parts] + ([self.limiter.flush()] if last else [])
+        samples = np.concatenate(limited) if len(limited) > 1 else limited[0]
+        self.samples += samples.shape[0]
+        data = self.encoder.encode(samples)
         return data + self.encoder.finish() if last else data
 
     async def _run(self, fn: Any, *args: Any) -> bytes:
@@ -278,7 +289,7 @@ async def _stream_speech(
     characters, split at sentence ends, as ``moss-agent say`` does: a turn's audio is capped by the
     engine's ``max_frames_per_turn``), sending the audio as one stream."""
     engine, metrics = request.app[ENGINE], request.app[METRICS]
-    output = _Output(spec.response_format, engine.sample_rate)
+    output = _Output(spec.response_format, engine.sample_rate, spec.speed)
     sse = spec.stream_format == "sse"
     response = web.StreamResponse(headers={
         "Content-Type": "text/event-stream" if sse else output.encoder.content_type,

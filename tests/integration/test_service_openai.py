@@ -179,6 +179,15 @@ async def test_sse_sends_audio_deltas_and_one_done_event(url: str) -> None:
     assert events[-1]["usage"]["output_frames"] == CAP
 
 
+async def test_speed_changes_the_tempo(url: str) -> None:
+    async with client(url).audio.speech.with_streaming_response.create(
+        model="moss-tts-realtime", voice="alice", input=TEXT, response_format="pcm", speed=2.0
+    ) as response:
+        samples = len(await response.read()) // 2
+    # half the samples, give or take the time stretch's window at the ends (atempo, WSOLA)
+    assert abs(samples - CAP * FRAME / 2) <= 0.05 * CAP * FRAME
+
+
 async def test_models_and_voices_are_listed(url: str) -> None:
     models = await client(url).models.list()
     ids = [model.id for model in models.data]
@@ -249,7 +258,8 @@ async def test_the_session_websocket_shares_the_token_voices_and_metrics(url: st
         ({"input": "x" * 4097}, openai.BadRequestError, "input", "string_above_max_length"),
         ({"response_format": "ogg"}, openai.BadRequestError, "response_format", "unsupported_value"),
         ({"stream_format": "chunks"}, openai.BadRequestError, "stream_format", "unsupported_value"),
-        ({"speed": 1.5}, openai.BadRequestError, "speed", "unsupported_value"),
+        ({"speed": 5.0}, openai.BadRequestError, "speed", "invalid_value"),
+        ({"speed": "fast"}, openai.BadRequestError, "speed", "invalid_value"),
         ({"instructions": "whisper"}, openai.BadRequestError, "instructions", "unsupported_parameter"),
         ({"model": "tts-2"}, openai.NotFoundError, "model", "model_not_found"),
     ],
