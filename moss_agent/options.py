@@ -72,6 +72,9 @@ def add_engine_options(parser: argparse.ArgumentParser, *, slots: int = 4) -> No
     group.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable output")
     group.add_argument("--max-seconds", type=float, default=60.0,
                        help=f"hard cap on one reply's audio, at most {MAX_REPLY_SECONDS:g} (default 60)")
+    group.add_argument("--min-seconds", type=float, default=None,
+                       help="shortest reply audio: the model may not end a turn sooner "
+                            f"(default 0; {TINY_MIN_SECONDS:g} with --tiny)")
     group.add_argument(
         "--compile", action="store_true",
         help="torch.compile the model step: about 2x faster on CPU after a one-off compile (20-60 s, cached on disk)",
@@ -138,6 +141,7 @@ def check_engine_options(args: argparse.Namespace) -> None:
         raise ConfigError(f"--slots must be from 1 to {MAX_SLOTS}, got {args.slots}")
     if not 0 < args.max_seconds <= MAX_REPLY_SECONDS:  # False for NaN too
         raise ConfigError(f"--max-seconds must be seconds in (0, {MAX_REPLY_SECONDS:g}], got {args.max_seconds}")
+    min_frames(args)  # --min-seconds in [0, --max-seconds]
     if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
         raise ConfigError(f"--seed must be from 0 to {MAX_SEED}, got {args.seed}")
     if args.voice is not None:
@@ -205,6 +209,28 @@ def add_stt_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--stt-model", default="whisper-1", help="transcription model name")
 
 
+# The untrained tiny models may end a turn on its first frame; --tiny speaks at least this long
+# (--min-seconds overrides it), so the demo always gives audio.
+TINY_MIN_SECONDS = 1.0
+FRAME_SECONDS = 0.08  # one codec frame (12.5 Hz)
+
+
+def min_frames(args: argparse.Namespace) -> int:
+    """Codec frames of ``--min-seconds`` (default: TINY_MIN_SECONDS with ``--tiny``, else 0);
+    ConfigError for a value that is negative, not a number, or above ``--max-seconds``."""
+    from moss_agent.errors import ConfigError
+
+    seconds = getattr(args, "min_seconds", None)
+    if seconds is None:
+        return round(TINY_MIN_SECONDS / FRAME_SECONDS) if getattr(args, "tiny", False) else 0
+    longest = getattr(args, "max_seconds", None)
+    if not 0 <= seconds < float("inf"):  # False for NaN too
+        raise ConfigError(f"--min-seconds must be seconds >= 0, got {seconds}")
+    if longest is not None and seconds > longest:
+        raise ConfigError(f"--min-seconds {seconds:g} is longer than --max-seconds {longest:g}")
+    return round(seconds / FRAME_SECONDS)
+
+
 def ensure_tiny_checkpoints(folder: Path | None = None) -> tuple[Path, Path]:
     """Make (once) and return the tiny random realtime model and codec folders."""
     from moss_agent.models.codec.tiny import save_tiny_codec
@@ -250,6 +276,7 @@ def build_engine(args: argparse.Namespace) -> Any:
 
     model, codec = args.model, args.codec
     check_engine_options(args)
+    shortest = min_frames(args)
     if args.tiny:
         print(untrained_notice(args), file=sys.stderr)
         model, codec = ensure_tiny_checkpoints()
@@ -259,7 +286,7 @@ def build_engine(args: argparse.Namespace) -> Any:
     config = RealtimeEngineConfig(
         num_slots=args.slots,
         max_frames_per_turn=max(1, round(args.max_seconds / 0.08)),
-        sampling=SamplingConfig(greedy=True) if args.greedy else SamplingConfig(),
+        sampling=SamplingConfig(greedy=args.greedy, min_frames=shortest),
         seed=args.seed,
         compile=args.compile,
     )

@@ -10,7 +10,7 @@ import math
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,12 @@ def add_batch_options(parser: argparse.ArgumentParser, kind: str) -> None:
         type=float,
         default=None,
         help=f"cap on each text piece's audio, at most {MAX_PIECE_SECONDS:g} (default: about 320 s)",
+    )
+    group.add_argument(
+        "--min-seconds",
+        type=float,
+        default=None,
+        help="shortest audio of each text piece: the model may not end it sooner (default 0; 1 with --tiny)",
     )
     group.add_argument(
         "--greedy", action="store_true", help="greedy decoding instead of the model card's sampling"
@@ -449,8 +455,10 @@ def run_batch(
     """Build the requests (the text argument, or --jsonl), check them all, generate, write one wav
     per request."""
     from moss_agent.audio import write_wav
+    from moss_agent.options import min_frames
 
     check_options(args)
+    shortest = min_frames(args)  # --min-seconds (1 s with --tiny: the random models may stop at once)
     outputs = None
     if args.jsonl is not None:
         if args.output is not None:
@@ -479,15 +487,17 @@ def run_batch(
     if outputs is not None:
         outputs.create()
     params = None
-    if args.greedy:
-        params = engine.default_params(kind).greedy()
+    if args.greedy or shortest:
+        params = engine.default_params(kind)
+        params = replace(params.greedy() if args.greedy else params, min_frames=shortest)
     unfinished = 0
     for result in engine.stream(
         requests, batch_size=args.batch_size, progress=not args.quiet, params=params, seed=args.seed
     ):
         target = items[result.index].target
         if not len(result.pcm):  # the model ended the request at once: an empty result, not a failure
-            print(f"no audio for {target} (the model ended at once); nothing written", file=sys.stderr)
+            print(f"no audio for {target} (the model ended at once; --min-seconds sets a shortest length); "
+                  "nothing written", file=sys.stderr)
             continue
         if outputs is not None:
             outputs.check_inside(target)  # a symlink planted while the models ran

@@ -102,14 +102,15 @@ async def _reply(args: argparse.Namespace) -> int:
         handle = session.respond(user_text=transcript, user_audio=user_audio)
         async with common.progress("speaking the reply"):
             audio, result = await common.collect_turn(events, handle)
-    print(f"agent: {result.text}", file=sys.stderr)
+    if result.text or result.error is None:  # after a failure with no words, the error says it all
+        print(f"agent: {result.text}", file=sys.stderr)
     if args.verbose and result.metrics is not None:
         print(format_breakdown(result.metrics, stt_s=stt_s), file=sys.stderr)
-    # A turn that fails midway keeps what it made and exits 1 (the session printed the error). A
-    # model that ends its turn before any audio gave a valid, empty reply: said, and exit 0.
+    # A turn that fails midway keeps what it made and exits 1; the session printed the error, which
+    # stays the only one shown. A model that ends its turn before any audio gave a valid, empty
+    # reply: said, and exit 0 (--min-seconds, 1 s with --tiny, sets a shortest reply).
     if not len(audio):
         if result.error is not None:
-            print(f"no reply audio; nothing written to {args.output}", file=sys.stderr)
             return 1
         print(f"the reply is empty (the model ended its turn before any audio); nothing written to {args.output}",
               file=sys.stderr)

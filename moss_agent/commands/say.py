@@ -94,7 +94,7 @@ async def _say(args: argparse.Namespace) -> int:
             if len(audio):
                 write_wav(output, audio, 24000)
                 print(f"wrote {output} ({len(audio) / 24000:.2f} s of audio)")
-            else:  # the model ended the turn before any audio: an empty result, not a failure
+            elif result.error is None:  # the model ended the turn before any audio: empty, not a failure
                 print(f"no audio (the model ended its turn at once); nothing written to {output}", file=sys.stderr)
     if args.verbose and result.metrics is not None:
         print(format_breakdown(result.metrics), file=sys.stderr)
