@@ -369,6 +369,19 @@ async def test_limits_of_a_strict_server(engine: RealtimeEngine) -> None:
         await wait_free(engine, 2)
 
 
+async def test_a_server_shutting_down_ends_its_conversations_with_a_clear_error(
+    engine: RealtimeEngine,
+) -> None:
+    async with session_server(engine) as plain_url:
+        remote = await RemoteSpeechBackend(plain_url).start()
+        conversation = await remote.open_conversation()
+    await wait_free(engine, 2)
+    with pytest.raises(EngineError, match="shutting down"):
+        await conversation.start_turn(None, turn_id=1)
+    await conversation.aclose()
+    await remote.aclose()
+
+
 # -- engine faults -----------------------------------------------------------------------------
 
 
