@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 import time
@@ -168,6 +169,8 @@ async def bench(args: argparse.Namespace) -> int:
     from moss_agent.options import ensure_tiny_checkpoints
     from moss_agent.service import ServiceConfig, create_app, serve
 
+    # Every turn here is cut at --frames on purpose; the server's warning about it would flood the table.
+    logging.getLogger("moss_agent.service.openai_speech").setLevel(logging.ERROR)
     model_dir, codec_dir = await asyncio.to_thread(ensure_tiny_checkpoints)
     slots = args.slots or max(args.clients)
     config = RealtimeEngineConfig(
