@@ -45,28 +45,37 @@ def jack_environment(server: str) -> Iterator[None]:
         _set_environment_and_rescan(saved)
 
 
-def _jack_env(server: str) -> dict[str, str]:
+def jack_env(server: str) -> dict[str, str]:
+    """The environment of a child process (jackd's tools, a command under test) using JACK server ``server``."""
     return {**os.environ, "JACK_DEFAULT_SERVER": server, "JACK_NO_START_SERVER": "1"}
 
 
 @pytest.fixture
 def jack_server(tmp_path: Path) -> Iterator[str]:
     """The name of a fresh ``jackd -d dummy`` (48 kHz, 10 ms periods) that PortAudio is pointed at."""
+    with jack_dummy(tmp_path) as name:
+        yield name
+
+
+@contextlib.contextmanager
+def jack_dummy(tmp_path: Path, *driver_options: str) -> Iterator[str]:
+    """Run a ``jackd -d dummy`` (48 kHz, 10 ms periods, then ``driver_options``, e.g. ``-C 0`` for a
+    card with no capture ports) with PortAudio pointed at it inside; yields the server's name."""
     require(JACK, PORTAUDIO)
     pytest.importorskip("sounddevice", reason="the [local] extra (sounddevice) is not installed")
     assert JACK.path is not None
     name = f"moss-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    log_path = tmp_path / "jackd.log"
+    log_path = tmp_path / f"jackd-{name}.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [JACK.path, "-n", name, "-d", "dummy", "-r", "48000", "-p", "480"],
+            [JACK.path, "-n", name, "-d", "dummy", "-r", "48000", "-p", "480", *driver_options],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=_jack_env(name),
+            env=jack_env(name),
         )
     try:
         wait = ["jack_wait", "-s", name, "-w", "-t", "10"]
-        ready = subprocess.run(wait, env=_jack_env(name), capture_output=True, timeout=15)
+        ready = subprocess.run(wait, env=jack_env(name), capture_output=True, timeout=15)
         if ready.returncode != 0 or proc.poll() is not None:
             tail = log_path.read_text(errors="replace")[-500:]
             pytest.skip(f"jackd -n {name} -d dummy did not start on this machine (exit {proc.poll()}): {tail}")
@@ -78,4 +87,4 @@ def jack_server(tmp_path: Path) -> Iterator[str]:
 
 def jack_connect(server: str, source: str, destination: str) -> None:
     """Connect two ports on JACK server ``server``."""
-    subprocess.run(["jack_connect", source, destination], env=_jack_env(server), check=True, capture_output=True, timeout=10)
+    subprocess.run(["jack_connect", source, destination], env=jack_env(server), check=True, capture_output=True, timeout=10)

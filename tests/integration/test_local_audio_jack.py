@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import re
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
-from jack_audio import jack_connect, jack_environment
+from jack_audio import jack_connect, jack_dummy, jack_env, jack_environment
 from system_requirements import PORTAUDIO, requires
 from transport_signals import RATE, tone_chunks, windows_dominated_by
 
@@ -70,3 +74,24 @@ async def test_no_device_at_all_is_a_transport_error() -> None:
             pytest.skip("this machine has real audio devices")
         with pytest.raises(TransportError, match="no input audio device found"):
             LocalAudio()
+
+
+def test_say_play_needs_only_a_speaker(tmp_path: Path, tiny_realtime_dir: Path, tiny_codec_dir: Path) -> None:
+    """`say --play` on a sound card without any capture port: it opens the speaker alone and plays
+    the whole reply (a microphone opened too would fail: there is none)."""
+    tiny = tmp_path / "cache" / "tiny"
+    tiny.mkdir(parents=True)
+    (tiny / "realtime").symlink_to(tiny_realtime_dir)
+    (tiny / "codec").symlink_to(tiny_codec_dir)
+    with jack_dummy(tmp_path, "-C", "0") as server:
+        devices = list_devices()
+        assert devices and not any(d["max_input_channels"] for d in devices)  # output only
+        proc = subprocess.run(
+            [sys.executable, "-m", "moss_agent.cli", "say", "Hello there.", "--play", "--tiny", "--max-seconds", "1.2"],
+            env={**jack_env(server), "MOSS_AGENT_CACHE": str(tmp_path / "cache")},
+            capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    played = re.search(r"played ([\d.]+) s", proc.stdout)
+    assert played and float(played.group(1)) >= 0.95, proc.stdout  # at least the --tiny 1 s (12 frames)
+    assert "input" not in proc.stderr.lower() and "Traceback" not in proc.stderr, proc.stderr
