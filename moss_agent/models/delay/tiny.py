@@ -185,6 +185,9 @@ def save_tiny_delay(
     ``<|audio_start|>``, gen slots (when sampling, about ``scripted_frames`` of them on average;
     greedy never stops before ``max_new_tokens``), the flush, then ``<|im_end|>``. The audio codes
     stay random functions of the input. For engine and CLI trials that need audio out of a tiny model.
+    Each gen row ends the audio with the same odds, so lengths are geometric: about one sampled run
+    in ``scripted_frames`` has no frame at all (the upstream ban on an early delay slot only covers
+    the first row, the model's own ``<|audio_start|>``); ``SamplingParams.min_frames`` sets a floor.
     """
     raw = delay_config_dict(
         n_vq=n_vq, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim, ffn=ffn
