@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 KINDS = ("realtime", "codec", "delay", "local")
@@ -26,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
         folder = args.folder / kind
         _WRITERS[kind](folder, args.seed)
         print(f"{kind}: {folder}")
+    print("these random, untrained models make noise, not speech, and may end a turn at once: "
+          "pass --min-seconds 1 (as --tiny does) to always get audio", file=sys.stderr)
     return 0
 
 
