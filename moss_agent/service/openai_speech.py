@@ -341,13 +341,13 @@ async def _stream_speech(
                     log.warning("a turn reached the engine's frame cap; the rest of its text was not spoken",
                                 extra={"request_id": request_id(request), "turn": turn_id, "frames": made})  # fmt: skip
             await send(await output.encode(np.zeros(0, np.float32), last=True))
-        except ExceptionGroup as group:
-            error = group.exceptions[0]
+        except (ExceptionGroup, MossError, ConnectionError) as exc:
+            error = exc.exceptions[0] if isinstance(exc, ExceptionGroup) else exc
             if isinstance(error, ConnectionError):  # the client went away mid-stream
                 log.info("client went away", extra={"request_id": request_id(request)})
                 return response
             if not isinstance(error, MossError):
-                raise error from group
+                raise error from exc
             if not response.prepared:
                 raise error from None
             return await _failed_mid_stream(request, response, error, sse)

@@ -44,23 +44,41 @@ ALICE = (0.1 * RNG.standard_normal(12000)).astype(np.float32)
 
 
 class Breakable:
-    """The engine's generator, until ``broken``: then every call to ``has_work`` raises (a dead device)."""
+    """The engine's generator, but after ``fail_after_frames(n)`` the tick after the next n frames
+    raises once (the engine ends that turn and goes on), and once ``broken`` every ``has_work``
+    raises (a dead device)."""
 
     def __init__(self, target: Any) -> None:
         self.target = target
         self.broken = False
+        self._frames_left: int | None = None
+
+    def fail_after_frames(self, frames: int) -> None:
+        self._frames_left = frames
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self.target, name)
-        if name != "has_work":
-            return attr
+        if name == "has_work":
 
-        def has_work(*args: Any, **kwargs: Any) -> Any:
-            if self.broken:
-                raise RuntimeError("injected device fault")
-            return attr(*args, **kwargs)
+            def has_work(*args: Any, **kwargs: Any) -> Any:
+                if self.broken:
+                    raise RuntimeError("injected device fault")
+                return attr(*args, **kwargs)
 
-        return has_work
+            return has_work
+        if name == "step":
+
+            def step(*args: Any, **kwargs: Any) -> Any:
+                if self._frames_left is not None and self._frames_left <= 0:
+                    self._frames_left = None
+                    raise RuntimeError("injected tick fault")
+                out = attr(*args, **kwargs)
+                if self._frames_left is not None:
+                    self._frames_left -= int(out.produced.sum())
+                return out
+
+            return step
+        return attr
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -364,7 +382,35 @@ async def test_metrics_count_what_happened(url: str) -> None:
     assert metrics[("moss_engine_healthy", ())] == 1
 
 
-# -- engine fault (last: it breaks the module's engine) ---------------------------------------------
+# -- engine faults (the last test breaks the module's engine) ---------------------------------------------
+
+
+async def test_a_turn_failing_mid_stream_cuts_the_audio_or_ends_the_sse_with_an_error(
+    url: str, engine: RealtimeEngine
+) -> None:
+    api = client(url)
+    engine.generator.fail_after_frames(CAP // 2)  # type: ignore[attr-defined]
+    got = bytearray()
+    with pytest.raises(Exception) as cut:  # the body ends without its last chunk: not a complete file
+        async with api.audio.speech.with_streaming_response.create(
+            model="tts-1", voice="alice", input=TEXT, response_format="pcm"
+        ) as response:
+            async for chunk in response.iter_bytes():
+                got += chunk
+    assert "incomplete" in str(cut.value).lower() or "closed" in str(cut.value).lower(), repr(cut.value)
+    assert 0 < len(got) < CAP * FRAME * 2
+    engine.generator.fail_after_frames(CAP // 2)  # type: ignore[attr-defined]
+    events: list[dict[str, Any]] = []
+    async with api.audio.speech.with_streaming_response.create(
+        model="tts-1", voice="alice", input=TEXT, response_format="pcm", stream_format="sse"
+    ) as response:
+        async for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[len("data: "):]))
+    assert events[0]["type"] == "speech.audio.delta"
+    assert events[-1]["type"] == "error" and "injected tick fault" in events[-1]["error"]["message"]
+    await wait_free(engine)
+    assert engine.healthy and (await get(url, "/readyz"))[0] == 200  # the engine went on
 
 
 async def test_an_engine_fault_makes_readyz_unready_and_speech_unavailable(
