@@ -24,8 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moss_agent import MqttClient, MqttClientSession, MqttSettings, load_audio, write_wav
-from moss_agent.errors import MossError
+from moss_agent import MossError, MqttClient, MqttClientSession, MqttSettings, load_audio, write_wav
 
 PACKET_S = 0.1
 LINGER_S = 0.3

@@ -12,9 +12,10 @@ is answered to its sender (rate-limited, ``MqttLimits``) and logged. A session e
 says ``close``, when that client connection's last will arrives, or when nothing has been heard on
 its ``up`` topics for ``MqttLimits.session_idle_s`` (the client sends ``keepalive`` while idle).
 
-``MqttClient(settings)`` is the device side: ``open_session()`` returns an ``MqttClientSession``
-with ``send_audio``, ``send_control``, ``audio`` (AudioInput of the agent's voice) and ``events()``.
-Topic scheme and payloads: ``mqtt_protocol`` and docs/mqtt.md.
+``MqttClient(settings)`` is the device side (``mqtt_client``): ``open_session()`` returns an
+``MqttClientSession`` with ``send_audio``, ``send_control``, ``audio`` (AudioInput of the agent's
+voice) and ``events()``. Broker settings and connection errors: ``mqtt_connect``. Topic scheme and
+payloads: ``mqtt_protocol`` and docs/mqtt.md.
 """
 
 from __future__ import annotations
@@ -22,16 +23,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 import sys
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from moss_agent._optional import require
 from moss_agent.errors import ConfigError, TransportError
-from moss_agent.events import FloatArray
 from moss_agent.transports.capture import QueueAudioInput
 from moss_agent.transports.connection import (
     Connection,
@@ -40,6 +38,13 @@ from moss_agent.transports.connection import (
     error_event,
     parse_control,
 )
+from moss_agent.transports.mqtt_client import MqttClient, MqttClientSession
+from moss_agent.transports.mqtt_connect import (
+    BrokerRefusedError,
+    MqttSettings,
+    WorkerBusyError,
+    connect_error,
+)
 from moss_agent.transports.mqtt_protocol import (
     FRAME_S,
     AudioDecoder,
@@ -47,7 +52,6 @@ from moss_agent.transports.mqtt_protocol import (
     SessionRequest,
     TokenBucket,
     Topics,
-    check_audio_format,
     check_name,
     check_topic_root,
     decode_audio_packet,
@@ -59,78 +63,17 @@ from moss_agent.transports.mqtt_protocol import (
 from moss_agent.transports.playback import FramePacer, PlaybackBuffer
 from moss_agent.wire import decode_json_object
 
+__all__ = [
+    "BrokerRefusedError",
+    "MqttClient",
+    "MqttClientSession",
+    "MqttLimits",
+    "MqttSettings",
+    "MqttWorker",
+    "WorkerBusyError",
+]
+
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class MqttSettings:
-    """Where the broker is and who we are to it."""
-
-    host: str = "127.0.0.1"
-    port: int = 1883
-    username: str | None = None
-    password: str | None = None
-    topic_root: str = "moss/v1"
-    keepalive_s: int = 10
-    tls_context: ssl.SSLContext | None = None
-
-    def client(
-        self, identifier: str, will: tuple[str, bytes] | None = None, max_queued: int | None = None
-    ) -> Any:
-        """An aiomqtt client; ``max_queued`` bounds received-but-unhandled messages (None: unbounded)."""
-        aiomqtt = require("aiomqtt", "mqtt")
-        return aiomqtt.Client(
-            self.host,
-            self.port,
-            username=self.username,
-            password=self.password,
-            identifier=identifier,
-            protocol=aiomqtt.ProtocolVersion.V5,
-            will=aiomqtt.Will(will[0], will[1], qos=1) if will else None,
-            clean_start=True,
-            keepalive=self.keepalive_s,
-            tls_context=self.tls_context,
-            max_queued_incoming_messages=max_queued,
-        )
-
-
-class BrokerRefusedError(TransportError):
-    """The broker refused this client for good (its login, client id or TLS certificate): trying
-    again with the same settings cannot help. Other connection failures may pass (a restarting broker)."""
-
-
-_REFUSED_LOGIN = {4, 5, 134, 135}
-"""CONNACK codes for a refused login: MQTT 3 "bad username or password" and "not authorised",
-MQTT 5 0x86 "Bad User Name or Password" and 0x87 "Not authorized"."""
-_REFUSED_FOR_GOOD = _REFUSED_LOGIN | {1, 2, 132, 133, 138, 140}
-"""... and the other CONNACK refusals a retry cannot change: protocol version, client id, banned,
-authentication method. Server unavailable or busy, quotas and rates may pass."""
-
-
-def _connect_error(exc: Exception, settings: MqttSettings) -> TransportError:
-    """What went wrong connecting, in words: a refused login or certificate, or an unreachable broker."""
-    where = f"the MQTT broker at {settings.host}:{settings.port}"
-    who = f"user {settings.username!r}" if settings.username else "an anonymous login (no username given)"
-    rc = getattr(exc, "rc", None)
-    code = getattr(rc, "value", rc)
-    if isinstance(code, int) and code in _REFUSED_LOGIN:
-        hint = (
-            "check the username and password" if settings.username
-            else "this broker wants a username and password; give them"
-        )  # fmt: skip
-        return BrokerRefusedError(f"{where} refused {who}: not authorized (CONNACK code {code}); {hint}")
-    if isinstance(code, int) and code in _REFUSED_FOR_GOOD:
-        return BrokerRefusedError(f"{where} refused the connection of {who}: {exc}")
-    if rc is not None:
-        return TransportError(f"{where} refused the connection of {who} for now: {exc}")
-    if "CERTIFICATE_VERIFY_FAILED" in str(exc) or "certificate verify failed" in str(exc):
-        return BrokerRefusedError(
-            f"the TLS certificate of {where} is not trusted: {exc}. Give the CA that signed it "
-            "(MqttSettings.tls_context; --ca-file) or check the host name."
-        )
-    return TransportError(
-        f"could not connect to {where}: {exc}. Check the address and that the broker is running."
-    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -219,7 +162,7 @@ class MqttWorker:
                 await connections.enter_async_context(client)
                 await connections.enter_async_context(audio)
             except mqtt_error as exc:
-                raise _connect_error(exc, self._settings) from exc
+                raise connect_error(exc, self._settings) from exc
             self._client, self._audio_client = client, audio
             try:
                 await client.subscribe(self._topics.shared_requests(self._group), qos=1)
@@ -524,254 +467,6 @@ class _WorkerSession:
             pcm, turn_id = self.output.pull(frame)
             for packet in encoder.encode(pcm, turn_id):
                 await client.publish(topic, packet, qos=0)
-
-
-# ---------------------------------------------------------------------------------------------------
-# device side
-
-
-class MqttClientSession:
-    """One conversation with a worker, as the device sees it."""
-
-    def __init__(self, owner: MqttClient, session_id: str, codec: str, sample_rate: int) -> None:
-        self._owner = owner
-        self.id = session_id
-        self.codec = codec
-        self.sample_rate = sample_rate
-        self.worker_id = ""
-        self.audio = QueueAudioInput(sample_rate)
-        """The agent's voice as an AudioInput at ``sample_rate`` (play it on the device)."""
-        self.started: asyncio.Future[JsonDict] = asyncio.get_running_loop().create_future()
-        self.ended = asyncio.Event()
-        self._events: asyncio.Queue[JsonDict | None] = asyncio.Queue()
-        self._encoder = AudioEncoder(codec, sample_rate)
-        self._decoder = AudioDecoder(codec, sample_rate)
-        self._last_sent = asyncio.get_running_loop().time()
-        self._keepalive: asyncio.Task[None] | None = None
-
-    async def send_audio(self, pcm: FloatArray, turn_id: int = -1) -> None:
-        """Microphone audio, mono float32 [n] at ``sample_rate``; sent in 20 ms packets."""
-        topic = self._owner._topics.up_audio(self._owner.client_id, self.id)
-        for packet in self._encoder.encode(pcm, turn_id):
-            await self._owner.mqtt.publish(topic, packet, qos=0)
-            self._last_sent = asyncio.get_running_loop().time()
-
-    async def send_control(self, message: JsonDict) -> None:
-        """``{"type": "interrupt"}``, ``{"type": "text", "text": ...}``, ``{"type": "close"}``..."""
-        topic = self._owner._topics.up_control(self._owner.client_id, self.id)
-        await self._owner.mqtt.publish(topic, encode_json(message), qos=1)
-        self._last_sent = asyncio.get_running_loop().time()
-
-    async def interrupt(self) -> None:
-        await self.send_control({"type": "interrupt"})
-
-    async def events(self) -> AsyncIterator[JsonDict]:
-        """The worker's events for this session; ends when the session ends or its worker dies."""
-        while True:
-            event = await self._events.get()
-            if event is None:
-                self._events.put_nowait(None)
-                return
-            yield event
-
-    async def close(self) -> None:
-        if not self.ended.is_set():
-            with contextlib.suppress(Exception):
-                await self.send_control({"type": "close"})
-        self._end()
-
-    def _on_audio(self, payload: bytes) -> None:
-        try:
-            pcm, _ = self._decoder.decode(payload)
-        except TransportError as exc:
-            self._events.put_nowait(error_event(f"bad audio from the worker: {exc}"))
-            return
-        if len(pcm):
-            self.audio.feed(pcm, self.sample_rate)
-
-    def _on_event(self, event: JsonDict) -> None:
-        kind = event.get("type")
-        if kind == "session.started":
-            self.worker_id = str(event.get("worker", ""))
-            if not self.started.done():
-                self.started.set_result(event)
-            idle_s = event.get("idle_timeout_s")
-            if isinstance(idle_s, int | float) and idle_s > 0 and self._keepalive is None:
-                self._keepalive = asyncio.create_task(
-                    self._keep_alive(float(idle_s)), name=f"mqtt-keepalive-{self.id}"
-                )
-            return
-        self._events.put_nowait(event)
-        if kind == "session.ended" or (kind == "error" and event.get("fatal")):
-            self._end()
-
-    async def _keep_alive(self, idle_s: float) -> None:
-        """While the device sends nothing else, a ``keepalive`` every third of the worker's idle timeout."""
-        loop = asyncio.get_running_loop()
-        interval = idle_s / 3
-        while not self.ended.is_set():
-            due = self._last_sent + interval - loop.time()
-            if due > 0:
-                await asyncio.sleep(due)
-                continue
-            try:
-                await self.send_control({"type": "keepalive"})
-            except Exception as exc:  # the broker is gone: the session ends with the connection
-                logger.warning("mqtt keepalive failed", extra={"session": self.id, "error": repr(exc)})
-                return
-
-    def _end(self) -> None:
-        if self.ended.is_set():
-            return
-        self.ended.set()
-        if self._keepalive is not None:
-            self._keepalive.cancel()
-        self.audio.close()
-        self._events.put_nowait(None)
-        self._owner._sessions.pop(self.id, None)
-
-
-class MqttClient:
-    """A device's connection: ``async with MqttClient(settings) as c: s = await c.open_session()``."""
-
-    def __init__(self, settings: MqttSettings, *, client_id: str | None = None) -> None:
-        chosen = client_id or settings.username
-        if not chosen:
-            raise ConfigError("MqttClient needs a client_id (by default the broker username)")
-        self.client_id = check_name(chosen, "client id")
-        self.instance = uuid.uuid4().hex[:12]
-        """This connection's id: its last will ends its own sessions, never another app's of the device."""
-        self._settings = settings
-        self._topics = Topics(check_topic_root(settings.topic_root))
-        self._sessions: dict[str, MqttClientSession] = {}
-        self._abandoned: set[str] = set()
-        self._client_events: asyncio.Queue[JsonDict] = asyncio.Queue()
-        self._reader: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Task[None]] = set()
-        self._mqtt: Any = None
-
-    @property
-    def mqtt(self) -> Any:
-        """The underlying aiomqtt client (for extra topics of your own)."""
-        if self._mqtt is None:
-            raise TransportError("not connected; use 'async with MqttClient(...)'")
-        return self._mqtt
-
-    async def __aenter__(self) -> MqttClient:
-        will = (
-            self._topics.client_status(self.client_id),
-            encode_json({"online": False, "instance": self.instance}),
-        )
-        client = self._settings.client(f"moss-client-{self.client_id}-{self.instance}", will=will)
-        try:
-            await client.__aenter__()
-        except require("aiomqtt", "mqtt").MqttError as exc:
-            raise _connect_error(exc, self._settings) from exc
-        self._mqtt = client
-        await client.subscribe(self._topics.down_filter(self.client_id), qos=1)
-        await client.subscribe(self._topics.client_event(self.client_id), qos=1)
-        await client.subscribe(self._topics.all_worker_status(), qos=1)
-        self._reader = asyncio.create_task(self._read(), name=f"mqtt-client-{self.client_id}")
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        for session in list(self._sessions.values()):
-            await session.close()
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
-        with contextlib.suppress(Exception):
-            await self._mqtt.__aexit__(None, None, None)
-        self._mqtt = None
-
-    async def open_session(
-        self, *, codec: str = "opus", sample_rate: int = 24_000, timeout_s: float = 5.0, attempts: int = 3
-    ) -> MqttClientSession:
-        """Ask the worker pool for a session; retried (with a new id) if no worker answers in time."""
-        check_audio_format(codec, sample_rate)
-        for _ in range(attempts):
-            session = MqttClientSession(self, uuid.uuid4().hex[:12], codec, sample_rate)
-            self._sessions[session.id] = session
-            request = {
-                "type": "session.request", "session": session.id, "codec": codec, "sample_rate": sample_rate,
-                "instance": self.instance,
-            }  # fmt: skip
-            await self.mqtt.publish(self._topics.request(self.client_id), encode_json(request), qos=1)
-            try:
-                await asyncio.wait_for(asyncio.shield(session.started), timeout_s)
-                return session
-            except TimeoutError:
-                self._sessions.pop(session.id, None)
-                self._abandoned.add(session.id)
-            except TransportError:
-                self._sessions.pop(session.id, None)
-                raise
-        raise TransportError(
-            f"no worker answered {attempts} session requests in {attempts * timeout_s:g} s: is a worker "
-            f"(moss-agent mqtt-worker) running on this broker, with topic root {self._topics.root!r}?"
-        )
-
-    async def client_events(self) -> AsyncIterator[JsonDict]:
-        """Events not tied to a session (e.g. a rejected request)."""
-        while True:
-            yield await self._client_events.get()
-
-    async def _read(self) -> None:
-        async for message in self.mqtt.messages:
-            try:
-                self._route(str(message.topic), bytes(message.payload))
-            except TransportError as exc:
-                self._client_events.put_nowait(error_event(str(exc)))
-            except Exception as exc:  # one bad message must not end the device's connection
-                logger.exception("mqtt message could not be handled", extra={"topic": str(message.topic)})
-                self._client_events.put_nowait(
-                    error_event(f"could not handle a message: {exc!r}", code="internal")
-                )
-
-    def _route(self, topic: str, payload: bytes) -> None:
-        levels = self._topics.parse(topic)
-        if len(levels) == 3 and levels[0] == "w" and levels[2] == "status":
-            status = decode_json_object(payload, what="worker status")
-            if status.get("online") is False:
-                for session in list(self._sessions.values()):
-                    if session.worker_id == levels[1]:
-                        session._on_event(
-                            error_event(
-                                f"worker {levels[1]} went away; open a new session",
-                                code="worker_lost",
-                                fatal=True,
-                            )
-                        )
-        elif len(levels) == 3 and levels[2] == "event":
-            event = decode_json_object(payload, what="event")
-            pending = self._sessions.get(str(event.get("session", "")))
-            if pending is not None and not pending.started.done():
-                pending.started.set_exception(TransportError(str(event.get("message", event))))
-            else:
-                self._client_events.put_nowait(event)
-        elif len(levels) == 6 and levels[2] == "s" and levels[4] == "down":
-            target = self._sessions.get(levels[3])
-            if levels[5] == "audio":
-                if target is not None:
-                    target._on_audio(payload)
-                return
-            event = decode_json_object(payload, what="event")
-            if target is not None:
-                target._on_event(event)
-            elif event.get("type") == "session.started" and levels[3] in self._abandoned:
-                # A late answer to a request we gave up on: release that worker's session. Sessions
-                # of another client of this device (same username) are none of our business.
-                self._abandoned.discard(levels[3])
-                task = asyncio.create_task(self._close_orphan(levels[3]), name="mqtt-close-orphan")
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
-
-    async def _close_orphan(self, session_id: str) -> None:
-        with contextlib.suppress(Exception):
-            await self.mqtt.publish(
-                self._topics.up_control(self.client_id, session_id), encode_json({"type": "close"}), qos=1
-            )
 
 
 if __name__ == "__main__":

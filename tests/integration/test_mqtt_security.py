@@ -143,6 +143,26 @@ async def test_a_full_worker_refuses_new_sessions_with_a_busy_error(broker: Brok
             await task
 
 
+async def test_a_request_a_full_worker_refuses_goes_to_another_worker(broker: Broker) -> None:
+    """The broker hands requests to the pool's workers in turn; a full one answers busy, and the client
+    asks again, so every session opens while the pool has room."""
+    full = MqttWorker(tone_agent, settings_for(broker, "worker"), worker_id="full", max_sessions=1)
+    roomy = MqttWorker(tone_agent, settings_for(broker, "worker"), worker_id="roomy", max_sessions=8)
+    tasks = [asyncio.create_task(w.run()) for w in (full, roomy)]
+    try:
+        async with asyncio.timeout(TIMEOUT_S), MqttClient(settings_for(broker, "dev3")) as client:
+            await asyncio.gather(full.ready.wait(), roomy.ready.wait())
+            sessions = [await client.open_session(codec="pcm16") for _ in range(6)]
+            served = [s.worker_id for s in sessions]
+            assert served.count("full") == 1 and served.count("roomy") == 5, served
+            for session in sessions:
+                await session.close()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def test_the_shipped_broker_setup_starts_without_warnings(broker: Broker) -> None:
     """docs/mosquitto/ with mqtt_acl's file: no ACL warnings (an acl_file ``pattern`` without %c/%u made
     mosquitto warn; the dynamic-security roles name each device's topics)."""
