@@ -13,6 +13,7 @@ import secrets
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 from moss_agent.commands import common
 
@@ -111,6 +112,33 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+async def _until_stopped(app: Any, engine: Any) -> None:
+    """Until SIGINT/SIGTERM or the engine fails; an engine that cannot even start (the app warms it
+    up in the background, /readyz answering 503 meanwhile) raises, so the command exits non-zero."""
+    from moss_agent.service.app import wait_until_warm
+
+    stop = asyncio.create_task(common.wait_for_stop_signal(engine), name="stop-signal")
+    warm = asyncio.create_task(wait_until_warm(app), name="warm-up")
+    try:
+        done, _ = await asyncio.wait({stop, warm}, return_when=asyncio.FIRST_COMPLETED)
+        if warm in done:
+            warm.result()
+            await stop
+    finally:
+        for task in (stop, warm):
+            task.cancel()
+        await asyncio.wait({stop, warm})
+
+
+def load_voices(files: list[tuple[str, Path]], sample_rate: int, config: Any) -> Any:
+    from moss_agent.service import VoiceRegistry
+
+    voices = VoiceRegistry(sample_rate, max_uploaded=config.max_uploaded_voices)
+    for name, path in files:
+        voices.load_file(name, path, max_seconds=config.max_voice_seconds)
+    return voices
+
+
 async def _serve(args: argparse.Namespace) -> int:
     from moss_agent._optional import require
     from moss_agent.errors import ConfigError
@@ -121,7 +149,7 @@ async def _serve(args: argparse.Namespace) -> int:
         )
     for module in ("aiohttp.web", "prometheus_client"):  # before the models load
         require(module, "service")
-    from moss_agent.service import ServiceConfig, VoiceRegistry, create_app, serve
+    from moss_agent.service import ServiceConfig, create_app, serve
     from moss_agent.service.voices import parse_voice_option
 
     if args.log_json:
@@ -137,12 +165,12 @@ async def _serve(args: argparse.Namespace) -> int:
             raise ConfigError(f"--voice {name}={path}: no such file")
     sock = bind(args.host, args.port)
     try:
+        voices = await asyncio.to_thread(load_voices, voice_files, 24000, config)  # bad audio fails now
         engine = await asyncio.to_thread(common.build_engine, args)
-        voices = VoiceRegistry(engine.sample_rate, max_uploaded=config.max_uploaded_voices)
-        for name, path in voice_files:
-            await asyncio.to_thread(voices.load_file, name, path, max_seconds=config.max_voice_seconds)
-        async with engine:
-            app = create_app(engine, config, voices=voices)
+        if engine.sample_rate != voices.sample_rate:  # every MOSS codec is 24 kHz; a custom one may not be
+            voices = await asyncio.to_thread(load_voices, voice_files, engine.sample_rate, config)
+        app = create_app(engine, config, voices=voices)
+        try:
             async with serve(app, sock=sock) as url:
                 print(
                     f"speech server on {url}: {args.slots} slots, voices: {', '.join(voices.names())}",
@@ -152,8 +180,10 @@ async def _serve(args: argparse.Namespace) -> int:
                     print(f"token: {token}", file=sys.stderr, flush=True)
                 elif token is None:
                     print("serving WITHOUT authentication (--no-auth)", file=sys.stderr, flush=True)
-                await common.wait_for_stop_signal(engine)
+                await _until_stopped(app, engine)
                 print("stopping", file=sys.stderr, flush=True)
+        finally:
+            await engine.aclose()
     finally:
         sock.close()
     return common.engine_failed(engine, "speech-server")

@@ -32,6 +32,7 @@ from typing import Any
 
 from aiohttp import web
 
+from moss_agent.errors import EngineError
 from moss_agent.service.config import ServiceConfig
 from moss_agent.service.http import UNAVAILABLE, ApiError
 from moss_agent.service.metrics import CONTENT_TYPE, ServiceMetrics
@@ -55,6 +56,8 @@ class ServiceState:
 
     def __init__(self) -> None:
         self.warm = False  # the engine's start() returned (its first tick was compiled or captured)
+        self.start_error: str | None = None  # why start() failed
+        self.settled = asyncio.Event()  # warm, or failed to start
 
 
 STATE = web.AppKey("moss_service_state", ServiceState)
@@ -77,8 +80,9 @@ def create_app(
     metrics: ServiceMetrics | None = None,
     sessions: bool = True,
 ) -> web.Application:
-    """The server on ``engine`` (a started or not yet started ``RealtimeEngine``; the app starts it
-    and serves ``/readyz`` once it is warm). ``voices``: reference speech by name (default: only the
+    """The server on ``engine`` (a started or not yet started ``RealtimeEngine``: the app starts it
+    in the background, and answers ``/readyz`` and speech with 503 until it is warm; closing the
+    engine stays the caller's business). ``voices``: reference speech by name (default: only the
     model's own voice). ``sessions``: also serve the speech session WebSocket.
 
     Run it with :func:`serve`, or with an ``AppRunner(app, handler_cancellation=True)``: a client
@@ -196,19 +200,41 @@ async def _engine_lifecycle(app: web.Application) -> AsyncIterator[None]:
 
     if hasattr(engine, "on_failure"):
         engine.on_failure(failed)
-    start = getattr(engine, "start", None)
-    if start is not None:
-        await start()
-    state.warm = True
-    sampler = asyncio.create_task(
-        _sample(metrics, app[CONFIG].metrics_interval_s), name="moss-metrics-sampler"
-    )
+
+    async def warm_up() -> None:
+        # In the background: the server answers /healthz, and /readyz with 503, while the engine
+        # compiles or captures its step (a minute with --compile on a CPU).
+        start = getattr(engine, "start", None)
+        try:
+            if start is not None:
+                await start()
+        except Exception as exc:
+            state.start_error = f"{type(exc).__name__}: {exc}"
+            metrics.error("engine_start")
+            log.exception("the engine could not start; /readyz reports why")
+        else:
+            state.warm = True
+            log.info("the engine is warm; /readyz reports ready")
+        state.settled.set()
+
+    tasks = [
+        asyncio.create_task(warm_up(), name="moss-engine-warm-up"),
+        asyncio.create_task(_sample(metrics, app[CONFIG].metrics_interval_s), name="moss-metrics-sampler"),
+    ]
     try:
         yield
     finally:
-        sampler.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sampler
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+
+
+async def wait_until_warm(app: web.Application) -> None:
+    """Return once the app's engine is warm; raise EngineError if it could not start."""
+    state = app[STATE]
+    await state.settled.wait()
+    if state.start_error is not None:
+        raise EngineError(f"the engine could not start: {state.start_error}")
 
 
 async def _sample(metrics: ServiceMetrics, interval_s: float) -> None:
@@ -230,6 +256,8 @@ def unready_reason(app: web.Application) -> str | None:
     failure = getattr(engine, "failure", None)
     if failure is not None:
         return f"the engine failed: {failure}"
+    if app[STATE].start_error is not None:
+        return f"the engine could not start: {app[STATE].start_error}"
     if not getattr(engine, "healthy", True):
         return "the engine is closed"
     if not app[STATE].warm:

@@ -88,10 +88,17 @@ async def test_serves_speech_with_a_voice_and_stops_cleanly_on_sigterm(cache: Pa
         assert "speech server on http://127.0.0.1:" in line, line + (proc.stderr.read() if proc.poll() else "")
         base = re.search(r"http://[0-9.]+:[0-9]+", line).group(0)  # type: ignore[union-attr]
         async with aiohttp.ClientSession() as http:
-            async with http.get(base + "/readyz", headers={"Authorization": "Bearer cli-token"}) as ready:
-                assert ready.status == 200
+            async with http.get(base + "/healthz") as alive:
+                assert alive.status == 200  # at once, while the engine may still be warming up
             async with http.get(base + "/readyz") as refused:
                 assert refused.status == 401
+            for _ in range(600):  # ready once warm
+                async with http.get(base + "/readyz", headers={"Authorization": "Bearer cli-token"}) as ready:
+                    if ready.status == 200:
+                        break
+                    assert ready.status == 503 and "warming up" in (await ready.json())["error"]["message"]
+                await asyncio.sleep(0.1)
+            assert ready.status == 200
         api = openai.AsyncOpenAI(base_url=base + "/v1", api_key="cli-token", max_retries=0)
         async with api.audio.speech.with_streaming_response.create(
             model="moss-tts-realtime", voice="hello", input="Hi there.", response_format="pcm",
