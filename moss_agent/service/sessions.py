@@ -36,6 +36,7 @@ from aiohttp import WSMsgType, web
 from moss_agent import speech_protocol as sp
 from moss_agent.errors import ConfigError, MossError, OverloadError, SessionClosedError, TransportError
 from moss_agent.events import FloatArray
+from moss_agent.service.app import request_id
 from moss_agent.streaming.tts import SpeechBackend, UserTurn
 from moss_agent.wire import decode_json_object
 
@@ -120,7 +121,7 @@ class SessionServer:
             heartbeat=limits.heartbeat_s, max_msg_size=limits.max_message_bytes, compress=False
         )
         await ws.prepare(request)
-        sock = _Socket(self, ws, str(request.get("request_id", "")))
+        sock = _Socket(self, ws, request_id(request))
         self.sockets.add(sock)
         try:
             await sock.run()
