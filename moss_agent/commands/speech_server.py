@@ -54,11 +54,37 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         "--voice", action="append", default=[], metavar="NAME=PATH", dest="voices",
         help="register a voice: reference speech (wav, flac, mp3, ...) clients name in 'voice' (repeatable)",
     )  # fmt: skip
+    ray = parser.add_argument_group(
+        'scale-out on Ray Serve (pip install "moss-agent[ray]"; docs/ray-serve.md)'
+    )
+    ray.add_argument("--ray", action="store_true",
+                     help="deploy on Ray Serve instead: one engine per replica (one GPU each), Serve's "
+                          "proxy on --host:--port routes requests and sessions")  # fmt: skip
+    ray.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                     help="the Ray cluster to deploy on (e.g. auto, ray://head:10001; default: a local Ray instance)")  # fmt: skip
+    ray.add_argument("--replicas", default="1", metavar="MIN[:MAX]",
+                     help="replicas, autoscaled on ongoing requests between MIN and MAX (default 1)")  # fmt: skip
     parser.set_defaults(handler=run, voice=None)  # the engine options' single --voice is replaced
 
 
 def run(args: argparse.Namespace) -> int:
     return asyncio.run(_serve(args))
+
+
+def parse_replicas(text: str) -> tuple[int, int]:
+    """``--replicas MIN[:MAX]`` -> (min, max)."""
+    from moss_agent.errors import ConfigError
+
+    low, _, high = text.partition(":")
+    try:
+        bounds = (int(low), int(high or low))
+    except ValueError:
+        raise ConfigError(
+            f"--replicas {text!r}: expected MIN or MIN:MAX, e.g. --replicas 2 or --replicas 1:4"
+        ) from None
+    if not 1 <= bounds[0] <= bounds[1]:
+        raise ConfigError(f"--replicas {text!r}: need 1 <= MIN <= MAX")
+    return bounds
 
 
 def read_token(args: argparse.Namespace) -> tuple[str | None, bool]:
@@ -149,6 +175,10 @@ async def _serve(args: argparse.Namespace) -> int:
         )
     for module in ("aiohttp.web", "prometheus_client"):  # before the models load
         require(module, "service")
+    if args.ray:
+        return await _serve_on_ray(args)
+    if args.ray_address is not None or args.replicas != "1":
+        raise ConfigError("--ray-address and --replicas deploy on Ray Serve: add --ray")
     from moss_agent.service import ServiceConfig, create_app, serve
     from moss_agent.service.voices import parse_voice_option
 
@@ -187,3 +217,48 @@ async def _serve(args: argparse.Namespace) -> int:
     finally:
         sock.close()
     return common.engine_failed(engine, "speech-server")
+
+
+async def _serve_on_ray(args: argparse.Namespace) -> int:
+    """Deploy on Ray Serve (replicas load their own engines), then hold until SIGINT/SIGTERM."""
+    from moss_agent import options
+    from moss_agent._optional import require
+    from moss_agent.errors import ConfigError
+
+    replicas = parse_replicas(args.replicas)
+    require("ray.serve", "ray")  # before anything loads
+    from moss_agent.service import ray_serve
+    from moss_agent.service.voices import parse_voice_option
+
+    token, made_up = read_token(args)
+    # The device is the replicas' business on a cluster; on a local instance it is this machine's.
+    options.check_engine_options(
+        argparse.Namespace(**{**vars(args), "device": None}) if args.ray_address else args
+    )
+    for text in args.voices:  # names and files checked before Ray starts; decoded for the replicas
+        name, path = parse_voice_option(text)
+        if not path.is_file():
+            raise ConfigError(f"--voice {name}={path}: no such file")
+    if args.port == 0:  # Serve's proxy wants a real port: take a free one
+        with bind(args.host, 0) as probe:
+            args.port = probe.getsockname()[1]
+    elif args.ray_address is None:  # a local instance: the proxy binds here, so a taken port fails now
+        common.check_port(args.host, args.port)
+    voices = await asyncio.to_thread(ray_serve.read_voices, args.voices, args.max_voice_seconds)
+    deployment = ray_serve.options_from_cli(args, token, replicas, voices)
+    if args.tiny:
+        print(options.untrained_notice(args), file=sys.stderr, flush=True)
+    url = await asyncio.to_thread(ray_serve.deploy, deployment, args.host, args.port, args.ray_address)
+    try:
+        names = ", ".join(["default", *[name for name, _ in voices]])
+        print(f"speech server on {url} (Ray Serve, {replicas[0]}-{replicas[1]} replicas of {args.slots} slots): "
+              f"voices: {names}", flush=True)  # fmt: skip
+        if made_up:
+            print(f"token: {token}", file=sys.stderr, flush=True)
+        elif token is None:
+            print("serving WITHOUT authentication (--no-auth)", file=sys.stderr, flush=True)
+        await common.wait_for_stop_signal()
+        print("stopping", file=sys.stderr, flush=True)
+    finally:
+        await asyncio.to_thread(ray_serve.shutdown)
+    return 0

@@ -36,13 +36,15 @@ import contextlib
 import logging
 import os
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from moss_agent.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+VOICE_RATE = 24000  # the rate voices travel at to the replicas (every MOSS codec's)
 
 REPLICA_HEADER = "X-Moss-Replica"  # on every response: which replica served it
 _HOP_BY_HOP = frozenset({
@@ -60,6 +62,10 @@ class RayServeOptions:
     the tiny random checkpoints instead, for tests). ``slots``: conversations per engine, and so
     ``max_ongoing_requests`` per replica. ``device``: ``auto`` (one GPU per replica when the cluster
     has GPUs, else CPU), ``cuda`` or ``cpu``. ``token``: the bearer token of every replica.
+    ``voices``: named voices every replica registers, (name, float32 mono speech at
+    ``VOICE_RATE``) pairs decoded once where the deployment is built (``voices=NAME=PATH,...`` for
+    ``serve run``; see :func:`read_voices`), so replicas need no access to the files.
+    ``max_input_chars`` / ``max_voice_seconds``: as ``ServiceConfig``.
     """
 
     model: str | None = None
@@ -77,6 +83,11 @@ class RayServeOptions:
     target_ongoing_requests: float | None = None
     cpus_per_replica: float = 1.0
     name: str = "MossSpeech"
+    dtype: str | None = None
+    compile: bool = False
+    voices: tuple[tuple[str, Any], ...] = field(default=(), compare=False, repr=False)
+    max_input_chars: int = 4096
+    max_voice_seconds: float = 30.0
 
     def __post_init__(self) -> None:
         if not self.tiny and not (self.model and self.codec):
@@ -94,11 +105,14 @@ class RayServeOptions:
     @classmethod
     def from_args(cls, args: dict[str, str]) -> RayServeOptions:
         """From ``serve run`` arguments (``key=value`` strings)."""
+        args = dict(args)
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(args) - set(known))
         if unknown:
             raise ConfigError(f"unknown options {unknown}; known: {sorted(known)}")
         values: dict[str, Any] = {}
+        if "voices" in args:
+            values["voices"] = read_voices([item for item in str(args.pop("voices")).split(",") if item])
         for key, text in args.items():
             kind, _, optional = str(known[key].type).partition(" | ")
             try:
@@ -113,6 +127,19 @@ class RayServeOptions:
             except ValueError as exc:
                 raise ConfigError(f"option {key}={text!r}: {exc}") from None
         return cls(**values)
+
+
+def read_voices(items: list[str], max_seconds: float | None = 30.0) -> tuple[tuple[str, Any], ...]:
+    """``NAME=PATH`` items -> (name, float32 mono speech at ``VOICE_RATE``) pairs; ConfigError or
+    AudioError for a bad name or file, here rather than on every replica."""
+    from moss_agent.audio import load_audio
+    from moss_agent.service.voices import parse_voice_option
+
+    voices = []
+    for item in items:
+        name, path = parse_voice_option(item)
+        voices.append((name, load_audio(path, VOICE_RATE, max_seconds=max_seconds)))
+    return tuple(voices)
 
 
 # -- the replica ----------------------------------------------------------------------------------
@@ -135,12 +162,24 @@ class ReplicaASGI:
         import aiohttp
         from aiohttp import web
 
+        from moss_agent.audio import resample
         from moss_agent.service import ServiceConfig, create_app
+        from moss_agent.service.app import wait_until_warm
+        from moss_agent.service.voices import VoiceRegistry
 
+        opts = self.options
         self.engine = await asyncio.to_thread(self._load_engine)
-        app = create_app(self.engine, ServiceConfig(token=self.options.token))
+        config = ServiceConfig(token=opts.token, max_input_chars=opts.max_input_chars,
+                               max_voice_seconds=opts.max_voice_seconds)  # fmt: skip
+        voices = VoiceRegistry(self.engine.sample_rate, max_uploaded=config.max_uploaded_voices)
+        for name, pcm in opts.voices:
+            voices.add(name, resample(pcm, VOICE_RATE, self.engine.sample_rate))
+        app = create_app(self.engine, config, voices=voices)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-        await self._runner.setup()  # runs the app's startup: starts (warms) the engine
+        await self._runner.setup()  # runs the app's startup: starts warming the engine up
+        # The replica takes requests (Serve routes to it) once warm; an engine that cannot start
+        # fails the replica's startup, so Serve reports it and tries a new one.
+        await wait_until_warm(app)
         self._folder = tempfile.TemporaryDirectory(prefix="moss-replica-")
         self._socket = Path(self._folder.name) / "speech.sock"
         await web.UnixSite(self._runner, str(self._socket)).start()
@@ -178,8 +217,11 @@ class ReplicaASGI:
             max_frames_per_turn=max(1, round(opts.max_seconds / 0.08)),
             sampling=SamplingConfig(greedy=opts.greedy, min_frames=round(opts.min_seconds / 0.08)),
             seed=opts.seed,
+            compile=opts.compile,
         )
-        return RealtimeEngine.load(model, codec, device="cuda" if cuda else "cpu", config=config)
+        return RealtimeEngine.load(
+            model, codec, device="cuda" if cuda else "cpu", dtype=opts.dtype, config=config
+        )
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         kind = scope["type"]
@@ -365,10 +407,13 @@ def build_app(args: dict[str, str]) -> Any:
     return deployment(RayServeOptions.from_args(dict(args)))
 
 
-def options_from_cli(args: Any, token: str | None, replicas: tuple[int, int] = (1, 1)) -> RayServeOptions:
+def options_from_cli(
+    args: Any, token: str | None, replicas: tuple[int, int] = (1, 1), voices: tuple[tuple[str, Any], ...] = ()
+) -> RayServeOptions:
     """RayServeOptions from ``moss-agent speech-server``'s engine options (``--model``, ``--codec``,
     ``--tiny``, ``--slots``, ``--max-seconds``, ``--min-seconds``, ``--greedy``, ``--seed``,
-    ``--device``) and its token; ``replicas``: (min, max)."""
+    ``--device``, ``--dtype``, ``--compile``, ``--max-input-chars``, ``--max-voice-seconds``) and its
+    token; ``replicas``: (min, max); ``voices``: from :func:`read_voices`."""
     device = str(getattr(args, "device", None) or "auto")
     return RayServeOptions(
         model=None if args.tiny else args.model,
@@ -383,6 +428,11 @@ def options_from_cli(args: Any, token: str | None, replicas: tuple[int, int] = (
         token=token,
         min_replicas=replicas[0],
         max_replicas=replicas[1],
+        dtype=getattr(args, "dtype", None),
+        compile=bool(getattr(args, "compile", False)),
+        voices=voices,
+        max_input_chars=int(getattr(args, "max_input_chars", 4096)),
+        max_voice_seconds=float(getattr(args, "max_voice_seconds", 30.0)),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import re
@@ -17,7 +18,7 @@ import openai
 import pytest
 
 from moss_agent.cli import build_parser, main
-from moss_agent.commands.speech_server import read_token
+from moss_agent.commands.speech_server import parse_replicas, read_token
 
 REPO = Path(__file__).resolve().parents[2]
 HELLO = REPO / "examples" / "hello.wav"
@@ -49,6 +50,8 @@ def test_the_token_comes_from_a_file_a_variable_or_is_made_up(tmp_path: Path, mo
     assert read_token(parser.parse_args(["speech-server", "--no-auth"])) == (None, False)
     args = parser.parse_args(["speech-server", "--voice", "a=x.wav", "--voice", "b=y.wav"])
     assert args.voices == ["a=x.wav", "b=y.wav"] and args.voice is None
+    args = parser.parse_args(["speech-server", "--ray", "--ray-address", "auto", "--replicas", "1:4"])
+    assert (args.ray, args.ray_address, parse_replicas(args.replicas), parse_replicas("2")) == (True, "auto", (1, 4), (2, 2))
 
 
 @pytest.mark.parametrize(
@@ -60,6 +63,13 @@ def test_the_token_comes_from_a_file_a_variable_or_is_made_up(tmp_path: Path, mo
         (["--voice", "alice=missing.wav"], "no such file"),
         (["--token-env", "SURELY_UNSET_VARIABLE"], "not set or empty"),
         (["--engine-url", "ws://127.0.0.1:1"], "loads its own engine"),
+        (["--replicas", "2"], "add --ray"),
+        (["--ray", "--replicas", "3:1"], "need 1 <= MIN <= MAX"),
+        (["--ray", "--replicas", "two"], "expected MIN or MIN:MAX"),
+        pytest.param(
+            ["--ray", "--replicas", "1:2"], 'pip install "moss-agent[ray]"',
+            marks=pytest.mark.skipif(importlib.util.find_spec("ray") is not None, reason="ray is installed here"),
+        ),  # fmt: skip
     ],
 )
 def test_mistakes_fail_in_a_second_before_any_model_loads(

@@ -23,9 +23,10 @@ import pytest
 import pytest_asyncio
 
 from moss_agent import speech_protocol as sp
-from moss_agent.service.ray_serve import REPLICA_HEADER, RayServeOptions, ReplicaASGI
+from moss_agent.service.ray_serve import REPLICA_HEADER, RayServeOptions, ReplicaASGI, read_voices
 
 TOKEN = "ray-token"
+HELLO = Path(__file__).resolve().parents[2] / "examples" / "hello.wav"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SLOTS = 2
 # Long greedy turns of the tiny model (20 s, never an earlier stop), so a stream is still
@@ -58,8 +59,13 @@ def test_options_from_serve_run_and_cli_arguments() -> None:
         RayServeOptions.from_args({"tiny": "true", "slots": "many"})
     args = argparse.Namespace(tiny=False, model="m", codec="c", slots=8, max_seconds=30.0, min_seconds=None,
                               greedy=False, seed=1, device="cuda:0")  # fmt: skip
-    options = options_from_cli(args, "tok", (1, 4))
+    options = options_from_cli(args, "tok", (1, 4), read_voices([f"hello={HELLO}"]))
     assert (options.model, options.device, options.token, options.max_replicas) == ("m", "cuda", "tok", 4)
+    assert [name for name, _ in options.voices] == ["hello"] and options.voices[0][1].dtype.name == "float32"
+    options = RayServeOptions.from_args({"tiny": "true", "voices": f"a={HELLO},b={HELLO}", "dtype": "float32"})
+    assert [name for name, _ in options.voices] == ["a", "b"] and options.dtype == "float32"
+    with pytest.raises(ConfigError, match="NAME=PATH"):
+        RayServeOptions.from_args({"tiny": "true", "voices": str(HELLO)})
 
 
 # -- the ASGI adapter without Ray -----------------------------------------------------------------
@@ -98,8 +104,9 @@ def tiny(model: Path, codec: Path, **fields: Any) -> RayServeOptions:
 
 @pytest_asyncio.fixture
 async def replica(tiny_realtime_dir: Path, tiny_codec_dir: Path) -> AsyncIterator[ReplicaASGI]:
-    app = ReplicaASGI(tiny(tiny_realtime_dir, tiny_codec_dir, slots=1, greedy=True, max_seconds=0.8, token=TOKEN, device="cpu"),
-                      replica="r1")  # fmt: skip
+    options = tiny(tiny_realtime_dir, tiny_codec_dir, slots=1, greedy=True, max_seconds=0.8, token=TOKEN,
+                   device="cpu", voices=read_voices([f"hello={HELLO}"]))  # fmt: skip
+    app = ReplicaASGI(options, replica="r1")
     await app.start()
     try:
         yield app
@@ -113,6 +120,10 @@ async def test_replica_adapter_forwards_http_and_websocket(replica: ReplicaASGI)
     assert status == 200 and headers[REPLICA_HEADER.lower()] == "r1", (status, body)
     status, _, body = await client.http("POST", "/v1/audio/speech", json.dumps(SPEECH).encode())
     assert status == 200 and len(body) > 0 and len(body) % 2 == 0
+    status, _, body = await client.http("GET", "/v1/audio/voices")  # the voice given to the deployment
+    assert status == 200 and {voice["id"] for voice in json.loads(body)["data"]} == {"default", "hello"}
+    status, _, body = await client.http("POST", "/v1/audio/speech", json.dumps(dict(SPEECH, voice="hello")).encode())
+    assert status == 200 and len(body) > 0, body[:200]
     status, _, body = await client.http("POST", "/v1/audio/speech", b'{"model": "tts-1"}')
     assert status == 400 and json.loads(body)["error"]["param"] == "input"
 
@@ -169,7 +180,8 @@ def ray_url(tiny_realtime_endless_dir: Path, tiny_codec_dir: Path) -> Iterator[s
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        options = tiny(tiny_realtime_endless_dir, tiny_codec_dir, **RAY_OPTIONS)
+        voices = read_voices([f"hello={HELLO}"])  # decoded here, shipped to every replica
+        options = tiny(tiny_realtime_endless_dir, tiny_codec_dir, voices=voices, **RAY_OPTIONS)
         serve.run(deployment(options), name="speech", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -258,6 +270,8 @@ async def test_two_replicas_share_the_load_and_survive_a_killed_one(ray_url: str
         response, replica = await open_speech(http, ray_url)
         assert replica != victim
         response.close()
+        async with http.get(ray_url + "/v1/audio/voices", headers=AUTH) as response:  # the deployment's voice
+            assert {voice["id"] for voice in (await response.json())["data"]} == {"default", "hello"}
         backend, _conversation, session_stream = await open_session(ray_url)  # a new session works too
         await session_stream.aclose()
         await backend.aclose()
