@@ -17,6 +17,7 @@ This module and the CLI are the only places that read the environment (``OPENAI_
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -35,6 +36,7 @@ UNTRAINED_NOTICE = (
 MAX_SLOTS = 256
 MAX_REPLY_SECONDS = 600.0
 MAX_SEED = 2**62
+MAX_WAITING = 4096  # conversations queued for a slot (--max-waiting, where a command offers it)
 # The longest voice prompt: it stays in every turn's context (4096 rows of 80 ms), so a long one
 # leaves no room for the conversation; 5 to 20 s of clean speech is what the model needs.
 MAX_VOICE_SECONDS = 60.0
@@ -144,6 +146,9 @@ def check_engine_options(args: argparse.Namespace) -> None:
     min_frames(args)  # --min-seconds in [0, --max-seconds]
     if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
         raise ConfigError(f"--seed must be from 0 to {MAX_SEED}, got {args.seed}")
+    waiting = getattr(args, "max_waiting", None)
+    if waiting is not None and not 0 <= waiting <= MAX_WAITING:
+        raise ConfigError(f"--max-waiting must be from 0 to {MAX_WAITING}, got {waiting}")
     if args.voice is not None:
         check_voice(args.voice)
 
@@ -268,7 +273,9 @@ def ensure_tiny_batch_checkpoint(folder: Path | None = None) -> Path:
 
 def build_engine(args: argparse.Namespace) -> Any:
     """A RealtimeEngine from the engine options (loads weights: call off the event loop), or with
-    ``--engine-url`` a RemoteSpeechBackend on a speech server's engine."""
+    ``--engine-url`` a RemoteSpeechBackend on a speech server's engine. ``args.max_waiting``
+    (``--max-waiting``, where a command has it): the engine's queue of conversations waiting for a
+    slot (default: the engine's)."""
     if getattr(args, "engine_url", None):
         return build_remote_engine(args)
     from moss_agent.engine.realtime import RealtimeEngine, RealtimeEngineConfig
@@ -290,6 +297,8 @@ def build_engine(args: argparse.Namespace) -> Any:
         seed=args.seed,
         compile=args.compile,
     )
+    if getattr(args, "max_waiting", None) is not None:
+        config = dataclasses.replace(config, max_waiting=args.max_waiting)
     return RealtimeEngine.load(model, codec, device=args.device, dtype=args.dtype, config=config)
 
 
