@@ -49,6 +49,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     limits.add_argument("--max-voice-seconds", type=float, default=30.0,
                         help="longest voice sample (given or uploaded) in seconds; it stays in every turn's "
                              "context (default 30; 5 to 20 s of clean speech is best)")  # fmt: skip
+    limits.add_argument("--max-waiting", type=int, default=None, metavar="N",
+                        help="requests and conversations that may queue for a busy engine's slot; one more "
+                             "is answered 503 / 'busy' at once (default 32; 0: never queue)")  # fmt: skip
     common.add_engine_options(parser, slots=8)
     parser.add_argument(
         "--voice", action="append", default=[], metavar="NAME=PATH", dest="voices",

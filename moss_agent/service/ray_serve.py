@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import tempfile
@@ -88,6 +89,7 @@ class RayServeOptions:
     voices: tuple[tuple[str, Any], ...] = field(default=(), compare=False, repr=False)
     max_input_chars: int = 4096
     max_voice_seconds: float = 30.0
+    max_waiting: int | None = None  # the engine's queue for a slot (None: the engine's default)
 
     def __post_init__(self) -> None:
         if not self.tiny and not (self.model and self.codec):
@@ -219,6 +221,8 @@ class ReplicaASGI:
             seed=opts.seed,
             compile=opts.compile,
         )
+        if opts.max_waiting is not None:
+            config = dataclasses.replace(config, max_waiting=opts.max_waiting)
         return RealtimeEngine.load(
             model, codec, device="cuda" if cuda else "cpu", dtype=opts.dtype, config=config
         )
@@ -433,6 +437,7 @@ def options_from_cli(
         voices=voices,
         max_input_chars=int(getattr(args, "max_input_chars", 4096)),
         max_voice_seconds=float(getattr(args, "max_voice_seconds", 30.0)),
+        max_waiting=getattr(args, "max_waiting", None),
     )
 
 

@@ -35,6 +35,17 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_realtime_dir: Pa
     return root
 
 
+def test_max_waiting_sizes_the_engines_queue(tiny_realtime_dir: Path, tiny_codec_dir: Path) -> None:
+    from moss_agent.options import build_engine
+    from moss_agent.service.ray_serve import options_from_cli
+
+    argv = ["speech-server", "--model", str(tiny_realtime_dir), "--codec", str(tiny_codec_dir), "--device", "cpu"]
+    args = build_parser().parse_args([*argv, "--max-waiting", "3"])
+    engine = build_engine(args)  # loaded, not started
+    assert engine.config.max_waiting == 3 and options_from_cli(args, None).max_waiting == 3
+    assert build_engine(build_parser().parse_args(argv)).config.max_waiting == 32  # the engine's default
+
+
 def test_the_token_comes_from_a_file_a_variable_or_is_made_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     parser = build_parser()
     secret = tmp_path / "token"
@@ -64,6 +75,7 @@ def test_the_token_comes_from_a_file_a_variable_or_is_made_up(tmp_path: Path, mo
         (["--token-env", "SURELY_UNSET_VARIABLE"], "not set or empty"),
         (["--engine-url", "ws://127.0.0.1:1"], "loads its own engine"),
         (["--replicas", "2"], "add --ray"),
+        (["--max-waiting", "-1"], "--max-waiting must be from 0"),
         (["--ray", "--replicas", "3:1"], "need 1 <= MIN <= MAX"),
         (["--ray", "--replicas", "two"], "expected MIN or MIN:MAX"),
         pytest.param(
