@@ -227,8 +227,9 @@ def silero_vad() -> Any:
 
 async def build_speech_stack(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """(engine, recognizer, voice prompt) from the options; the slow loading runs off the event loop."""
-    engine = await asyncio.to_thread(build_engine, args)
-    stt = await asyncio.to_thread(build_stt, args)
+    async with progress("loading the models"):
+        engine = await asyncio.to_thread(build_engine, args)
+        stt = await asyncio.to_thread(build_stt, args)
     return engine, stt, load_voice(args)
 
 

@@ -40,7 +40,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         "--max-input-seconds",
         type=float,
         default=DEFAULT_MAX_INPUT_SECONDS,
-        help=f"longest --input accepted, up to {MAX_INPUT_SECONDS:g} (default {DEFAULT_MAX_INPUT_SECONDS:g})",
+        help=f"longest --input accepted, up to {MAX_INPUT_SECONDS:g} (default {DEFAULT_MAX_INPUT_SECONDS:g}); "
+        f"all of it is transcribed, the model hears its last {CONTEXT_AUDIO_SECONDS:g} s",
     )
     common.add_engine_options(parser, slots=1)
     common.add_llm_options(parser)
