@@ -57,6 +57,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         "--voice", action="append", default=[], metavar="NAME=PATH", dest="voices",
         help="register a voice: reference speech (wav, flac, mp3, ...) clients name in 'voice' (repeatable)",
     )  # fmt: skip
+    parser.add_argument(
+        "--batch-model", action="append", default=[], metavar="[NAME=]PATH", dest="batch_models",
+        help="also serve a MOSS-TTS batch model (Delay or Local folder or hub id; 'tiny' with --tiny: the tiny "
+             "Delay) as 'model' NAME in /v1/audio/speech (default name moss-tts): it shares the codec and "
+             "device; its audio streams once made (repeatable)",
+    )  # fmt: skip
     ray = parser.add_argument_group(
         'scale-out on Ray Serve (pip install "moss-agent[ray]"; docs/ray-serve.md)'
     )
@@ -88,6 +94,51 @@ def parse_replicas(text: str) -> tuple[int, int]:
     if not 1 <= bounds[0] <= bounds[1]:
         raise ConfigError(f"--replicas {text!r}: need 1 <= MIN <= MAX")
     return bounds
+
+
+def parse_batch_models(items: list[str], tiny: bool) -> list[tuple[str, str]]:
+    """``--batch-model [NAME=]PATH`` items -> [(name, path or hub id)]; ``tiny`` (with --tiny) is the tiny Delay."""
+    from moss_agent.errors import ConfigError
+    from moss_agent.service.config import OPENAI_MODEL_ALIASES, REALTIME_MODEL
+    from moss_agent.service.voices import check_name
+
+    models: list[tuple[str, str]] = []
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = ("moss-tts" if not models else f"moss-tts-{len(models) + 1}"), item
+        try:
+            check_name(name)
+        except ConfigError:
+            raise ConfigError(
+                f"--batch-model {item!r}: the name must be 1-64 letters, digits, '_', '-' or '.'"
+            ) from None
+        if not path:
+            raise ConfigError(f"--batch-model {item!r}: expected [NAME=]PATH")
+        if name in (REALTIME_MODEL, *OPENAI_MODEL_ALIASES) or name in dict(models):
+            raise ConfigError(f"--batch-model {item!r}: the name {name!r} is already taken")
+        if path == "tiny" and not tiny:
+            raise ConfigError("--batch-model tiny is the tiny random Delay model: it goes with --tiny")
+        if path != "tiny" and tiny:
+            raise ConfigError(
+                f"--batch-model {item!r}: with --tiny, only the tiny model fits the tiny codec (use 'tiny')"
+            )
+        models.append((name, path))
+    return models
+
+
+def build_batch_engines(models: list[tuple[str, str]], engine: Any, dtype: str | None) -> dict[str, Any]:
+    """Load the batch models on the realtime engine's device, sharing its codec and device thread."""
+    from moss_agent.engine.batch import BatchEngine
+    from moss_agent.models.tts_loading import load_tts
+    from moss_agent.options import ensure_tiny_batch_checkpoint
+
+    engines = {}
+    for name, path in models:
+        folder = ensure_tiny_batch_checkpoint() if path == "tiny" else path
+        tts = load_tts(folder, device=engine.codec.device, dtype=dtype)
+        engines[name] = BatchEngine(tts, engine.codec, device_thread=engine.device_thread)
+    return engines
 
 
 def read_token(args: argparse.Namespace) -> tuple[str | None, bool]:
@@ -178,7 +229,10 @@ async def _serve(args: argparse.Namespace) -> int:
         )
     for module in ("aiohttp.web", "prometheus_client"):  # before the models load
         require(module, "service")
+    batch_models = parse_batch_models(args.batch_models, args.tiny)
     if args.ray:
+        if batch_models:
+            raise ConfigError("--batch-model is not served on Ray Serve yet: drop --ray or --batch-model")
         return await _serve_on_ray(args)
     if args.ray_address is not None or args.replicas != "1":
         raise ConfigError("--ray-address and --replicas deploy on Ray Serve: add --ray")
@@ -203,10 +257,19 @@ async def _serve(args: argparse.Namespace) -> int:
         if engine.sample_rate != voices.sample_rate:  # every MOSS codec is 24 kHz; a custom one may not be
             voices = await asyncio.to_thread(load_voices, voice_files, engine.sample_rate, config)
         app = create_app(engine, config, voices=voices)
+        if batch_models:
+            from moss_agent.service.batch_speech import add_batch_engines
+
+            add_batch_engines(
+                app, await asyncio.to_thread(build_batch_engines, batch_models, engine, args.dtype)
+            )
         try:
             async with serve(app, sock=sock) as url:
+                batch = (
+                    f", batch models: {', '.join(name for name, _ in batch_models)}" if batch_models else ""
+                )
                 print(
-                    f"speech server on {url}: {args.slots} slots, voices: {', '.join(voices.names())}",
+                    f"speech server on {url}: {args.slots} slots, voices: {', '.join(voices.names())}{batch}",
                     flush=True,
                 )
                 if made_up:

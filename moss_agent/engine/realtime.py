@@ -266,6 +266,12 @@ class RealtimeEngine:
         self._health.add_callback(callback)
 
     @property
+    def device_thread(self) -> DeviceThread:
+        """The thread that owns this device's models: give it to other engines that share the codec
+        (``BatchEngine(tts, engine.codec, device_thread=engine.device_thread)``)."""
+        return self._device
+
+    @property
     def free_slots(self) -> int:
         return len(self._free_slots)
 

@@ -6,7 +6,10 @@
   16-bit little-endian mono at 24 kHz like OpenAI's. ``speed`` (0.25-4) changes the tempo, not the
   pitch (FFmpeg's atempo, a WSOLA time stretch). ``stream_format: "sse"`` sends
   ``speech.audio.delta`` events (base64 audio in the response format) and one ``speech.audio.done``.
-- ``GET /v1/models``: the model names served, with the formats and voices they take.
+  A ``model`` naming a batch engine (``batch_speech.add_batch_engines``; ``speech-server
+  --batch-model``) is generated whole on it, then streamed the same way.
+- ``GET /v1/models``: the model names served (batch ones with ``"engine": "batch"``), with the
+  formats and voices they take.
 - ``POST /v1/audio/voices`` (also ``/v1/voices``): upload a voice (OpenAI's multipart form: ``name``
   and ``audio_sample``; or a raw audio body with ``?name=NAME``); ``GET`` lists voices; ``DELETE
   /v1/audio/voices/{voice_id}`` forgets an uploaded one.
@@ -42,6 +45,8 @@ from moss_agent.errors import (
 )
 from moss_agent.limiter import PeakLimiter
 from moss_agent.service.app import CONFIG, ENGINE, METRICS, SENT, VOICES, request_id, unready_reason
+from moss_agent.service.batch_speech import batch_engines, batch_speech
+from moss_agent.service.batch_speech import describe as describe_batch_models
 from moss_agent.service.config import ServiceConfig
 from moss_agent.service.encoding import (
     FORMATS,
@@ -78,7 +83,13 @@ def add_openai_routes(app: web.Application) -> None:
 class SpeechRequest:
     """A validated speech request; every check answers as OpenAI would (400 naming the parameter)."""
 
-    def __init__(self, body: dict[str, Any], config: ServiceConfig, voices: VoiceRegistry) -> None:
+    def __init__(
+        self,
+        body: dict[str, Any],
+        config: ServiceConfig,
+        voices: VoiceRegistry,
+        batch_models: tuple[str, ...] = (),
+    ) -> None:
         unknown = sorted(set(body) - _FIELDS)
         if unknown:
             raise _bad(
@@ -87,9 +98,10 @@ class SpeechRequest:
                 "unknown_parameter",
             )
         self.model = _required_str(body, "model")
-        if self.model not in config.model_names:
+        if self.model not in config.model_names and self.model not in batch_models:
+            served = ", ".join((*config.model_names, *batch_models))
             raise ApiError(
-                404, f"the model {self.model!r} is not served here; served models: {', '.join(config.model_names)}",
+                404, f"the model {self.model!r} is not served here; served models: {served}",
                 param="model", code="model_not_found",
             )  # fmt: skip
         text = body.get("input")
@@ -172,7 +184,10 @@ async def speech(request: web.Request) -> web.StreamResponse:
     app = request.app
     config, engine, metrics = app[CONFIG], app[ENGINE], app[METRICS]
     body = await read_json(request, config.max_body_bytes)
-    spec = SpeechRequest(body, config, app[VOICES])
+    batch = batch_engines(app)
+    spec = SpeechRequest(body, config, app[VOICES], tuple(batch))
+    if spec.model in batch:  # a batch engine (moss_agent.service.batch_speech): made whole, then streamed
+        return await batch_speech(request, spec, batch[spec.model], received)
     reason = unready_reason(app)
     if reason is not None:
         metrics.rejected("unready")
@@ -413,6 +428,7 @@ async def models(request: web.Request) -> web.Response:
          "alias_of": None if name == config.model else config.model, **details}
         for name in config.model_names
     ]  # fmt: skip
+    data += describe_batch_models(request.app, details)
     return web.json_response({"object": "list", "data": data})
 
 

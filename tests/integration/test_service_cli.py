@@ -76,12 +76,15 @@ def test_the_token_comes_from_a_file_a_variable_or_is_made_up(tmp_path: Path, mo
         (["--engine-url", "ws://127.0.0.1:1"], "loads its own engine"),
         (["--replicas", "2"], "add --ray"),
         (["--max-waiting", "-1"], "--max-waiting must be from 0"),
+        (["--batch-model", "/ckpt/MOSS-TTS"], "only the tiny model fits"),
+        (["--batch-model", "tiny", "--batch-model", "moss-tts=tiny"], "already taken"),
+        (["--ray", "--batch-model", "tiny"], "not served on Ray Serve"),
         (["--ray", "--replicas", "3:1"], "need 1 <= MIN <= MAX"),
         (["--ray", "--replicas", "two"], "expected MIN or MIN:MAX"),
         pytest.param(
             ["--ray", "--replicas", "1:2"], 'pip install "moss-agent[ray]"',
             marks=pytest.mark.skipif(importlib.util.find_spec("ray") is not None, reason="ray is installed here"),
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_mistakes_fail_in_a_second_before_any_model_loads(
@@ -102,7 +105,7 @@ async def test_serves_speech_with_a_voice_and_stops_cleanly_on_sigterm(cache: Pa
     secret = tmp_path / "token"
     secret.write_text("cli-token\n")
     command = [sys.executable, "-m", "moss_agent.cli", "speech-server", "--tiny", "--slots", "1", "--port", "0",
-               "--token-file", str(secret), "--voice", f"hello={HELLO}", "--max-seconds", "0.4", "--greedy", "--log-json", "-v"]  # fmt: skip
+               "--token-file", str(secret), "--voice", f"hello={HELLO}", "--max-seconds", "0.4", "--greedy", "--log-json", "-v", "--batch-model", "tiny"]  # fmt: skip
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
     try:
         assert proc.stdout is not None
@@ -129,6 +132,10 @@ async def test_serves_speech_with_a_voice_and_stops_cleanly_on_sigterm(cache: Pa
             assert response.headers["X-Request-Id"] == "cli-request-1"
             audio = await response.read()
         assert 0 < len(audio) <= 5 * 1920 * 2 and len(audio) % (1920 * 2) == 0  # whole frames, capped at 0.4 s
+        async with api.audio.speech.with_streaming_response.create(  # the tiny Delay, streamed once made
+            model="moss-tts", voice="hello", input="Hi there.", response_format="pcm"
+        ) as response:
+            assert len(await response.read()) >= 1920 * 2
         voices = await api.get("/audio/voices", cast_to=object)
         assert {voice["id"] for voice in voices["data"]} == {"default", "hello"}  # type: ignore[index]
         proc.send_signal(signal.SIGTERM)

@@ -31,10 +31,12 @@ from moss_agent.engine.stitch import split_text
 from moss_agent.errors import TransportError
 from moss_agent.models.realtime import SamplingConfig
 from moss_agent.service import ServiceConfig, VoiceRegistry, create_app, serve
+from moss_agent.service.batch_speech import CHUNK_SECONDS
 from moss_agent.service.openai_speech import TURN_CHARS
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
+BATCH_MODEL = "moss-tts-tiny"
 CAP = 10  # frames per turn: the endless tiny model always speaks exactly this many
 FRAME = 1920  # samples per frame at 24 kHz
 TOKEN = "s3cret-token"
@@ -96,11 +98,19 @@ async def engine(tiny_realtime_endless_dir: Path, tiny_codec_dir: Path) -> Async
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def server(engine: RealtimeEngine) -> AsyncIterator[tuple[str, Any]]:
+async def server(engine: RealtimeEngine, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[str, Any]]:
+    from moss_agent.engine.batch import BatchEngine
+    from moss_agent.models.tts_loading import load_tts
+    from moss_agent.options import ensure_tiny_batch_checkpoint
+    from moss_agent.service.batch_speech import add_batch_engines
+
     voices = VoiceRegistry(engine.sample_rate, max_uploaded=2)
     voices.add("alice", ALICE)
     app = create_app(engine, ServiceConfig(token=TOKEN, max_voice_bytes=200_000, max_voice_seconds=5.0),
                      voices=voices)  # fmt: skip
+    # The tiny Delay model on the realtime engine's codec and device thread, as speech-server --batch-model does.
+    tts = await asyncio.to_thread(load_tts, ensure_tiny_batch_checkpoint(tmp_path_factory.mktemp("batch")), "cpu")
+    add_batch_engines(app, {BATCH_MODEL: BatchEngine(tts, engine.codec, device_thread=engine.device_thread)})
     async with serve(app) as url:
         yield url, app
 
@@ -215,6 +225,28 @@ async def test_models_and_voices_are_listed(url: str) -> None:
     status, _, text = await get(url, "/v1/audio/voices")
     assert status == 200
     assert {voice["id"] for voice in json.loads(text)["data"]} == {"default", "alice"}
+
+
+async def test_a_batch_model_is_listed_and_streams_its_audio_once_made(url: str) -> None:
+    models = await client(url).models.list()
+    batch = [model for model in models.data if (model.model_extra or {}).get("engine") == "batch"]
+    assert [model.id for model in batch] == [BATCH_MODEL]
+    async with client(url).audio.speech.with_streaming_response.create(
+        model=BATCH_MODEL, voice="alice", input=TEXT, response_format="wav"
+    ) as response:
+        assert response.headers["content-type"] == "audio/wav"
+        audio = decode_audio_bytes(await response.read(), 24000)
+    assert audio.size >= FRAME  # whole codec frames of the tiny Delay model
+    body = {"model": BATCH_MODEL, "voice": "default", "input": TEXT, "response_format": "pcm", "stream_format": "sse"}
+    async with aiohttp.ClientSession() as http, http.post(
+        url + "/v1/audio/speech", json=body, headers={"Authorization": f"Bearer {TOKEN}"}
+    ) as response:
+        status, text = response.status, await response.text()
+    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+    assert status == 200 and events[-1]["type"] == "speech.audio.done" and len(events) >= 2
+    sizes = [len(base64.b64decode(event["audio"])) for event in events[:-1]]
+    assert max(sizes) <= 2 * round(CHUNK_SECONDS * 24000)  # sent in chunks, not as one body
+    assert sum(sizes) == 2 * round(events[-1]["usage"]["audio_seconds"] * 24000)
 
 
 async def test_an_uploaded_voice_speaks_and_can_be_deleted(url: str, engine: RealtimeEngine) -> None:
