@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import struct
 import subprocess
 import sys
@@ -50,6 +51,8 @@ def _answer(stream: IO[bytes], **message: Any) -> None:
 
 def main() -> int:
     """The child: load the model, then decode utterances until stdin closes."""
+    # Ctrl-C reaches the whole process group; the parent decides when to stop (it closes stdin).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     requests, answers = sys.stdin.buffer, sys.stdout.buffer
     try:
         import pocketsphinx
