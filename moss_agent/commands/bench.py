@@ -42,6 +42,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
 def check(args: argparse.Namespace) -> None:
     from moss_agent.errors import ConfigError
 
+    if getattr(args, "engine_url", None):
+        raise ConfigError("bench measures an engine it loads itself; --engine-url is not for bench "
+                          "(benchmarks/service.py measures a speech server)")
     bad = [count for count in args.sessions if not 1 <= count <= MAX_SLOTS]
     if bad:
         raise ConfigError(f"--sessions takes session counts from 1 to {MAX_SLOTS}, got {bad[0]}")

@@ -293,6 +293,7 @@ def cuda_device_this_machine_lacks() -> str:
         (["tts", "hi", "--tokens", "0"], "--tokens must be a whole number of 12.5 Hz frames from 1 to 7500"),
         (["bench", "--sessions", "1", "0"], "--sessions takes session counts from 1 to 256, got 0"),
         (["bench", "--frames", "0"], "--frames must be from 1 to 7500"),
+        (["bench", "--engine-url", "ws://127.0.0.1:9"], "--engine-url is not for bench"),
         (["say", "hi", "--slots", "0"], "--slots must be from 1 to 256, got 0"),
         (["say", "hi", "--max-seconds", "nan"], "--max-seconds must be seconds in (0, 600], got nan"),
         (["say", "hi", "--voice", "missing.wav"], "--voice missing.wav is not a file"),
