@@ -6,7 +6,9 @@ run there as low-priority work between realtime ticks, one job at a time in subm
 audio is not incremental: the whole request is generated, then sent as a stream of chunks
 (``CHUNK_SECONDS`` each) through the same output path as the realtime model (formats, ``speed``,
 the limiter, SSE). The voice's reference speech is cloned as the Delay / Local models do.
-A client that goes away while its audio is made stops the job at its next step.
+A client that goes away while its audio is made stops the job at its next step. At most
+``max_pending`` batch requests are made or queued at once; one more is answered 503 (busy) with
+``Retry-After``, as a full realtime engine answers.
 """
 
 from __future__ import annotations
@@ -15,29 +17,45 @@ import base64
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from aiohttp import web
 
 from moss_agent.errors import ConfigError, MossError
-from moss_agent.service.app import METRICS, SENT, request_id
+from moss_agent.service.app import CONFIG, METRICS, SENT, request_id
 from moss_agent.service.http import UNAVAILABLE, ApiError
 
 log = logging.getLogger(__name__)
 
-BATCH_ENGINES = web.AppKey("moss_batch_engines", dict)
 CHUNK_SECONDS = 0.2
 
 
-def add_batch_engines(app: web.Application, engines: Mapping[str, Any]) -> None:
+@dataclass
+class BatchModels:
+    """The batch engines an app serves, and its bound on batch requests in flight."""
+
+    engines: dict[str, Any]
+    max_pending: int = 8
+    pending: int = 0
+
+
+BATCH_MODELS = web.AppKey("moss_batch_models", BatchModels)
+
+
+def add_batch_engines(app: web.Application, engines: Mapping[str, Any], *, max_pending: int = 8) -> None:
     """Serve ``engines`` (name -> ``BatchEngine``) under their names in ``/v1/audio/speech`` and
-    ``/v1/models``; before the app starts. Closing them stays the caller's business."""
-    app[BATCH_ENGINES] = dict(engines)
+    ``/v1/models``; before the app starts. ``max_pending``: batch requests made or queued at once
+    (their jobs run one at a time). Closing the engines stays the caller's business."""
+    if max_pending < 1:
+        raise ConfigError(f"max_pending must be >= 1, got {max_pending}")
+    app[BATCH_MODELS] = BatchModels(dict(engines), max_pending)
 
 
 def batch_engines(app: web.Application) -> dict[str, Any]:
-    return app.get(BATCH_ENGINES) or {}
+    models = app.get(BATCH_MODELS)
+    return models.engines if models is not None else {}
 
 
 def describe(app: web.Application, details: dict[str, Any]) -> list[dict[str, Any]]:
@@ -56,10 +74,16 @@ async def batch_speech(request: web.Request, spec: Any, engine: Any, received: f
     from moss_agent.engine.batch import Waveform
     from moss_agent.service.openai_speech import OUTPUT_RATE, _Output, _sse
 
-    metrics = request.app[METRICS]
+    metrics, models = request.app[METRICS], request.app[BATCH_MODELS]
     item: dict[str, Any] = {"kind": "tts", "text": spec.input}
     if spec.voice is not None:
         item["reference"] = Waveform(spec.voice, engine.sample_rate)
+    if models.pending >= models.max_pending:
+        metrics.rejected("busy")
+        retry = str(request.app[CONFIG].retry_after_s)
+        raise ApiError(503, f"the batch models are busy: {models.pending} requests are being made or queued",
+                       type=UNAVAILABLE, code="engine_busy", headers={"Retry-After": retry})  # fmt: skip
+    models.pending += 1
     try:
         results = await engine.agenerate([item], progress=False)
     except ConfigError as exc:
@@ -71,6 +95,8 @@ async def batch_speech(request: web.Request, spec: Any, engine: Any, received: f
         raise ApiError(
             503, f"the batch engine failed: {exc}", type=UNAVAILABLE, code="engine_unavailable"
         ) from None
+    finally:
+        models.pending -= 1
     pcm = results[0].pcm
     output = _Output(spec.response_format, engine.sample_rate, spec.speed)
     sse = spec.stream_format == "sse"

@@ -31,7 +31,7 @@ from moss_agent.engine.stitch import split_text
 from moss_agent.errors import TransportError
 from moss_agent.models.realtime import SamplingConfig
 from moss_agent.service import ServiceConfig, VoiceRegistry, create_app, serve
-from moss_agent.service.batch_speech import CHUNK_SECONDS
+from moss_agent.service.batch_speech import BATCH_MODELS, CHUNK_SECONDS
 from moss_agent.service.openai_speech import TURN_CHARS
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -227,7 +227,7 @@ async def test_models_and_voices_are_listed(url: str) -> None:
     assert {voice["id"] for voice in json.loads(text)["data"]} == {"default", "alice"}
 
 
-async def test_a_batch_model_is_listed_and_streams_its_audio_once_made(url: str) -> None:
+async def test_a_batch_model_is_listed_and_streams_its_audio_once_made(url: str, server: tuple[str, Any]) -> None:
     models = await client(url).models.list()
     batch = [model for model in models.data if (model.model_extra or {}).get("engine") == "batch"]
     assert [model.id for model in batch] == [BATCH_MODEL]
@@ -247,6 +247,17 @@ async def test_a_batch_model_is_listed_and_streams_its_audio_once_made(url: str)
     sizes = [len(base64.b64decode(event["audio"])) for event in events[:-1]]
     assert max(sizes) <= 2 * round(CHUNK_SECONDS * 24000)  # sent in chunks, not as one body
     assert sum(sizes) == 2 * round(events[-1]["usage"]["audio_seconds"] * 24000)
+
+    # Batch requests in flight are bounded: one more is answered 503 busy with Retry-After.
+    models = server[1][BATCH_MODELS]
+    models.pending = models.max_pending  # as if that many were being made
+    try:
+        with pytest.raises(openai.InternalServerError) as refused:
+            await client(url).audio.speech.create(model=BATCH_MODEL, voice="default", input=TEXT)
+    finally:
+        models.pending = 0
+    assert refused.value.status_code == 503 and refused.value.response.headers["retry-after"] == "1"
+    assert refused.value.code == "engine_busy"
 
 
 async def test_an_uploaded_voice_speaks_and_can_be_deleted(url: str, engine: RealtimeEngine) -> None:
