@@ -17,16 +17,6 @@ REPO = Path(__file__).resolve().parents[2]
 HELLO = REPO / "examples" / "hello.wav"
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch, tiny_realtime_dir, tiny_codec_dir):
-    """Point the CLI's cache at the session's tiny checkpoints instead of making new ones."""
-    root = tmp_path / "cache"
-    (root / "tiny").mkdir(parents=True)
-    (root / "tiny" / "realtime").symlink_to(tiny_realtime_dir)
-    (root / "tiny" / "codec").symlink_to(tiny_codec_dir)
-    monkeypatch.setenv("MOSS_AGENT_CACHE", str(root))
-    return root
-
 
 def test_reply_runs_the_whole_pipeline_offline(cache, tmp_path, capsys):
     out = tmp_path / "reply.wav"

@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pytest
 import soundfile as sf
 
 from moss_agent.cli import main
@@ -18,16 +17,6 @@ REPO = Path(__file__).resolve().parents[2]
 HELLO = REPO / "examples" / "hello.wav"
 CEILING_PCM16 = 29204  # -1 dBFS rounded down to a whole PCM16 step
 
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch, tiny_realtime_dir, tiny_codec_dir):
-    """Point the CLI's cache at the session's tiny checkpoints instead of making new ones."""
-    root = tmp_path / "cache"
-    (root / "tiny").mkdir(parents=True)
-    (root / "tiny" / "realtime").symlink_to(tiny_realtime_dir)
-    (root / "tiny" / "codec").symlink_to(tiny_codec_dir)
-    monkeypatch.setenv("MOSS_AGENT_CACHE", str(root))
-    return root
 
 
 def test_reply_tiny_writes_a_wav_under_the_ceiling_and_reports_the_limiting(cache, tmp_path, caplog):

@@ -24,16 +24,6 @@ REPO = Path(__file__).resolve().parents[2]
 HELLO = REPO / "examples" / "hello.wav"
 
 
-@pytest.fixture
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_realtime_dir: Path, tiny_codec_dir: Path) -> Path:
-    """The CLI's cache, holding the session's tiny checkpoints (none are made anew)."""
-    root = tmp_path / "cache"
-    (root / "tiny").mkdir(parents=True)
-    (root / "tiny" / "realtime").symlink_to(tiny_realtime_dir)
-    (root / "tiny" / "codec").symlink_to(tiny_codec_dir)
-    monkeypatch.setenv("MOSS_AGENT_CACHE", str(root))
-    return root
-
 
 def test_max_waiting_sizes_the_engines_queue(tiny_realtime_dir: Path, tiny_codec_dir: Path) -> None:
     from moss_agent.options import build_engine
