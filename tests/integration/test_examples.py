@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_cli import cache  # noqa: F401  (the CLI cache pointed at the session's tiny checkpoints)
 
 from moss_agent.audio import load_audio, write_wav
 
@@ -77,7 +76,7 @@ def test_every_example_has_help(name: str, capsys: pytest.CaptureFixture[str]) -
         assert "OpenMOSS-Team/MOSS-TTS-Realtime" in "".join(out.split()) and "--tiny" in out
 
 
-def test_llm_chat_offline_prints_the_reply_and_writes_its_audio(cache: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_llm_chat_offline_prints_the_reply_and_writes_its_audio(cache: Path, tmp_path: Path) -> None:
     result = run_example(
         "llm_chat.py", "--tiny", "--device", "cpu", "--seed", "0", "--max-seconds", "0.8", "--out-dir", str(tmp_path),
         stdin="good evening\n",
@@ -89,7 +88,7 @@ def test_llm_chat_offline_prints_the_reply_and_writes_its_audio(cache: Path, tmp
     assert 0 < len(load_audio(wav, 24000)) <= int(0.8 * 24000)
 
 
-def test_local_assistant_offline_hears_the_recording_and_answers(cache: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_local_assistant_offline_hears_the_recording_and_answers(cache: Path, tmp_path: Path) -> None:
     out = tmp_path / "assistant.wav"
     result = run_example(
         "local_assistant.py", "--tiny", "--device", "cpu", "--seed", "0", "--max-seconds", "0.8", "-v",
@@ -104,7 +103,7 @@ def test_local_assistant_offline_hears_the_recording_and_answers(cache: Path, tm
     assert out.exists() and len(load_audio(out, 24000)) <= int(0.8 * 24000)
 
 
-async def test_webrtc_bot_greets_a_peer_and_answers_typed_text(cache: Path) -> None:  # noqa: F811
+async def test_webrtc_bot_greets_a_peer_and_answers_typed_text(cache: Path) -> None:
     pytest.importorskip("aiortc")
     from moss_agent.transports.webrtc_client import WebRTCClient
 
@@ -136,7 +135,7 @@ def stop(proc: subprocess.Popen[str]) -> None:
 
 
 async def test_mqtt_device_example_fails_over_to_another_worker_and_says_what_went_wrong(
-    cache: Path, tmp_path: Path  # noqa: F811
+    cache: Path, tmp_path: Path
 ) -> None:
     """Two ``moss-agent mqtt-worker --tiny`` processes behind a real mosquitto. The device example's
     worker is killed while it speaks: it opens a new session, the other worker answers its speech.
