@@ -258,10 +258,12 @@ async def _serve(args: argparse.Namespace) -> int:
             voices = await asyncio.to_thread(load_voices, voice_files, engine.sample_rate, config)
         app = create_app(engine, config, voices=voices)
         if batch_models:
+            from moss_agent.options import min_frames
             from moss_agent.service.batch_speech import add_batch_engines
 
             add_batch_engines(
-                app, await asyncio.to_thread(build_batch_engines, batch_models, engine, args.dtype)
+                app, await asyncio.to_thread(build_batch_engines, batch_models, engine, args.dtype),
+                min_frames=min_frames(args),  # --min-seconds (1 s with --tiny)
             )
         try:
             async with serve(app, sock=sock) as url:

@@ -14,6 +14,7 @@ A client that goes away while its audio is made stops the job at its next step. 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -38,19 +39,25 @@ class BatchModels:
 
     engines: dict[str, Any]
     max_pending: int = 8
+    min_frames: int = 0  # the shortest audio a request may get (the tiny random models may stop at once)
     pending: int = 0
 
 
 BATCH_MODELS = web.AppKey("moss_batch_models", BatchModels)
 
 
-def add_batch_engines(app: web.Application, engines: Mapping[str, Any], *, max_pending: int = 8) -> None:
+def add_batch_engines(
+    app: web.Application, engines: Mapping[str, Any], *, max_pending: int = 8, min_frames: int = 0
+) -> None:
     """Serve ``engines`` (name -> ``BatchEngine``) under their names in ``/v1/audio/speech`` and
     ``/v1/models``; before the app starts. ``max_pending``: batch requests made or queued at once
-    (their jobs run one at a time). Closing the engines stays the caller's business."""
+    (their jobs run one at a time). ``min_frames``: codec frames every answer has at least (the
+    sampling minimum; 0 leaves the model's own end). Closing the engines stays the caller's business."""
     if max_pending < 1:
         raise ConfigError(f"max_pending must be >= 1, got {max_pending}")
-    app[BATCH_MODELS] = BatchModels(dict(engines), max_pending)
+    if min_frames < 0:
+        raise ConfigError(f"min_frames must be >= 0, got {min_frames}")
+    app[BATCH_MODELS] = BatchModels(dict(engines), max_pending, min_frames)
 
 
 def batch_engines(app: web.Application) -> dict[str, Any]:
@@ -85,7 +92,10 @@ async def batch_speech(request: web.Request, spec: Any, engine: Any, received: f
                        type=UNAVAILABLE, code="engine_busy", headers={"Retry-After": retry})  # fmt: skip
     models.pending += 1
     try:
-        results = await engine.agenerate([item], progress=False)
+        params = None
+        if models.min_frames:
+            params = dataclasses.replace(engine.default_params("tts"), min_frames=models.min_frames)
+        results = await engine.agenerate([item], progress=False, params=params)
     except ConfigError as exc:
         raise ApiError(
             400, f"the model cannot speak this input: {exc}", param="input", code="invalid_value"

@@ -110,7 +110,9 @@ async def server(engine: RealtimeEngine, tmp_path_factory: pytest.TempPathFactor
                      voices=voices)  # fmt: skip
     # The tiny Delay model on the realtime engine's codec and device thread, as speech-server --batch-model does.
     tts = await asyncio.to_thread(load_tts, ensure_tiny_batch_checkpoint(tmp_path_factory.mktemp("batch")), "cpu")
-    add_batch_engines(app, {BATCH_MODEL: BatchEngine(tts, engine.codec, device_thread=engine.device_thread)})
+    # the tiny random Delay may end at once: every answer gets at least 12 frames, as with --tiny
+    engines = {BATCH_MODEL: BatchEngine(tts, engine.codec, device_thread=engine.device_thread)}
+    add_batch_engines(app, engines, min_frames=12)
     async with serve(app) as url:
         yield url, app
 
