@@ -27,7 +27,7 @@ from moss_agent.transports.mqtt import MqttClient, MqttClientSession
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENTS = [f"dev{i}" for i in range(6)]
-TIMEOUT_S = 45
+TIMEOUT_S = 120  # a bound on a hang: two worker processes start (torch import, tiny models) on a busy 2-core machine
 
 
 @pytest.fixture(scope="module")
