@@ -113,16 +113,21 @@ def check_output_folder(folder: Path, option: str) -> None:
         raise ConfigError(f"{option} {folder} cannot be created: {ancestor} is not a writable folder")
 
 
-def check_port(host: str, port: int, option: str = "--port") -> None:
-    """A server can listen on ``host``:``port`` (0: any free port): bound once and released, as the
-    server will bind it (SO_REUSEADDR), so a port in use fails now rather than after the models load."""
+def listen_addresses(host: str, port: int, option: str = "--port") -> list[Any]:
+    """``getaddrinfo`` for a listening socket on host:port; ConfigError for a port out of range or a
+    host that does not resolve."""
     if not 0 <= port <= 65535:
         raise ConfigError(f"{option} must be from 0 to 65535 (0 picks a free one), got {port}")
     try:
-        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise ConfigError(f"--host {host!r} cannot be resolved ({exc.strerror})") from None
-    for family, kind, proto, _name, address in addresses:
+
+
+def check_port(host: str, port: int, option: str = "--port") -> None:
+    """A server can listen on ``host``:``port`` (0: any free port): bound once and released, as the
+    server will bind it (SO_REUSEADDR), so a port in use fails now rather than after the models load."""
+    for family, kind, proto, _name, address in listen_addresses(host, port, option):
         with socket.socket(family, kind, proto) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:

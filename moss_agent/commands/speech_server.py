@@ -170,13 +170,7 @@ def bind(host: str, port: int) -> socket.socket:
     """A listening socket on host:port, bound before any model loads, so a taken port fails in a second."""
     from moss_agent.errors import ConfigError
 
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"--port must be 0 to 65535, got {port}")
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise ConfigError(f"--host {host}: cannot resolve it ({exc.strerror})") from None
-    family, kind, proto, _, address = infos[0]
+    family, kind, proto, _, address = common.listen_addresses(host, port)[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
