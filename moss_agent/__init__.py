@@ -36,6 +36,8 @@ from moss_agent.events import (
     TurnStarted,
     UserStartedSpeaking,
     UserStoppedSpeaking,
+    WordTimes,
+    WordTiming,
 )
 from moss_agent.model_ids import (
     CODEC_MODEL_ID,
@@ -163,6 +165,8 @@ __all__ = [
     "UserTurn",
     "WebRTCServer",
     "WebRtcEchoCanceller",
+    "WordTimes",
+    "WordTiming",
     "__version__",
     "converse",
     "load_audio",

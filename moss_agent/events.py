@@ -78,6 +78,28 @@ class Interrupted:
 
 
 @dataclass(frozen=True, slots=True)
+class WordTiming:
+    """When a word of an agent turn is spoken: seconds from the turn's first audio sample."""
+
+    word: str  # as written in the text, punctuation attached, no spaces
+    start_s: float
+    end_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class WordTimes:
+    """Words of an agent turn and when they are spoken (``moss_agent.streaming.word_timing``).
+
+    While the turn speaks, each event carries the words newly settled (each word once, in order);
+    the ``final`` one, after its speech ended, carries every word's final timing.
+    """
+
+    turn_id: int
+    words: tuple[WordTiming, ...]
+    final: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Metrics:
     """Per-turn figures in seconds; None where a stage did not run."""
 
@@ -103,6 +125,7 @@ Event = (
     | TurnStarted
     | TurnEnded
     | Interrupted
+    | WordTimes
     | Metrics
     | ErrorEvent
 )

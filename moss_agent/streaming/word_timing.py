@@ -1,0 +1,363 @@
+"""When each word of an agent turn is spoken, estimated from the turn's text and audio as they stream.
+
+Why not from the model's text feed: MOSS-TTS-Realtime reads its text ahead of its speech (a 12-token
+lead, then one token per 80 ms frame, about three times faster than anyone speaks), so the frame at
+which a token is fed only bounds when it is spoken from below, and the lead grows through a turn.
+What the audio itself says is more useful, and it needs no model internals, so the same estimate
+works on the in-process engine, the remote service and the fake:
+
+1. **Voice activity.** The audio is cut into 10 ms hops; a hop is voiced when its RMS is above an
+   absolute floor (-50 dBFS) and within 35 dB of the loudest hop so far. Voiced blips shorter than
+   30 ms between silences are clicks, not speech.
+2. **Speaking-rate model.** Each word weighs its letters (digits count 3: "42" is "forty-two"; a CJK
+   character counts 3, a syllable) plus one for the junction with the next, and is spoken at
+   ``rate`` weight units per second of *voiced* time. A word's place in voiced time, mapped back to
+   the clock, never straddles a pause.
+3. **Anchors at pauses.** A silence of 150 ms or more inside speech is a phrase boundary: nobody
+   pauses inside a word. While streaming, each pause is tied to the word end nearest the rate
+   model's estimate (one after punctuation preferred), and the rate is re-estimated from the
+   anchored span, shrunk towards the prior. Words behind the estimate by a safety margin, or behind
+   an anchor, are *settled*: reported once, in order.
+4. **Final alignment.** When the speech ended by itself the model has spoken all its text, so the
+   total weight spans the total voiced time exactly; every pause is then matched to a word end by a
+   small dynamic programme (cost: distance from the uniform-rate position, plus a penalty for a word
+   without punctuation, or for leaving a pause unmatched), and the words are spread linearly between
+   anchors.
+
+``benchmarks/word_timing.py`` measures the error against synthetic speech with known word boundaries.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+
+import numpy as np
+
+from moss_agent.events import FloatArray, WordTiming
+
+__all__ = ["WordTimer", "WordTiming", "split_words"]
+
+HOP_S = 0.01
+FLOOR_RMS = 10 ** (-50 / 20)
+RELATIVE_DB = 35.0
+MIN_BLIP_HOPS = 3  # voiced runs shorter than this between silences are clicks
+MIN_PAUSE_HOPS = 15  # 150 ms of silence inside speech is a phrase boundary
+PRIOR_RATE = 15.0  # weight units per voiced second: ~15 letters/s is conversational English
+PRIOR_SECONDS = 2.0  # how much voiced time the prior rate is worth when re-estimating it
+RATE_RANGE = (PRIOR_RATE / 2.5, PRIOR_RATE * 2.5)
+SETTLE_MARGIN_S = 0.25  # a word is reported once the estimate is this far (voiced time) past its end
+NO_PUNCTUATION_COST = 4.0  # weight units: a pause after a word without punctuation is less likely
+UNMATCHED_PAUSE_COST = 12.0
+_PHRASE_END = re.compile(r"[,.;:!?\u2026\u2014\u3001\u3002\uff0c\uff01\uff1f\uff1b\uff1a)\"'\u201d]$")
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]")
+
+
+def split_words(text: str) -> list[tuple[int, int]]:
+    """Character spans [start, end) of the spoken words of ``text``: runs between spaces, with each
+    CJK character a word of its own (those languages write no spaces); punctuation stays on its word."""
+    spans: list[tuple[int, int]] = []
+    for match in re.finditer(r"\S+", text):
+        start, end = match.span()
+        if not _CJK.search(match.group()):
+            spans.append((start, end))
+            continue
+        for i in range(start + 1, end):
+            if _CJK.match(text[i]):
+                spans.append((start, i))
+                start = i
+        spans.append((start, end))
+    return spans
+
+
+def word_weight(word: str) -> float:
+    """Relative speaking time of ``word`` (see the module docstring); 0 for bare punctuation."""
+    weight = 0.0
+    for ch in word:
+        if _CJK.match(ch) or ch.isdigit():
+            weight += 3.0
+        elif ch.isalpha() or unicodedata.category(ch) == "Mn":
+            weight += 1.0
+    return weight + 1.0 if weight else 0.0
+
+
+class WordTimer:
+    """Word timings of one turn; feed it the text sent to the speech engine and the audio it made.
+
+    ``push_audio`` returns the words settled by that audio (each word once, in order, with start
+    times never going back); after the speech ended by itself ``finish`` returns the rest with their
+    final times, and ``words`` then holds every word's final timing. Not thread-safe; cheap enough
+    for the event loop (a few hundred microseconds per 80 ms chunk).
+    """
+
+    def __init__(self, sample_rate: int) -> None:
+        self.sample_rate = sample_rate
+        self._hop = max(1, round(sample_rate * HOP_S))
+        self._rms: list[float] = []
+        self._residual = np.zeros(0, dtype=np.float32)
+        self._samples = 0
+        self._peak = 0.0
+        self.text = ""
+        self._text_ended = False
+        self._finished = False
+        self._voiced_now = np.zeros(0, dtype=bool)  # voice activity of every hop, as of the last push
+        self._settled: list[WordTiming] = []
+        self._final: list[WordTiming] | None = None
+
+    # ------------------------------------------------------------------ input
+
+    def push_text(self, delta: str) -> None:
+        self.text += delta
+
+    def end_text(self) -> None:
+        self._text_ended = True
+
+    def push_audio(self, pcm: FloatArray) -> list[WordTiming]:
+        """Add the turn's next audio (float32 mono at ``sample_rate``) -> words settled by it."""
+        if self._finished:
+            return []
+        self._samples += len(pcm)
+        samples = np.concatenate([self._residual, np.asarray(pcm, dtype=np.float32)])
+        whole = len(samples) // self._hop * self._hop
+        if whole:
+            hops = samples[:whole].reshape(-1, self._hop).astype(np.float64)
+            rms = np.sqrt(np.mean(hops * hops, axis=1))
+            self._rms.extend(rms.tolist())
+            self._peak = max(self._peak, float(rms.max()))
+        self._residual = samples[whole:]
+        self._voiced_now = self._voiced(self._peak)
+        return self._settle(self._streaming_words())
+
+    def finish(self) -> list[WordTiming]:
+        """The speech ended by itself (all the text was spoken): the words not reported yet, final."""
+        if self._finished:
+            return []
+        self._finished = True
+        self._text_ended = True
+        self._final = self._final_words()
+        return self._settle(self._final, everything=True)
+
+    # ------------------------------------------------------------------ output
+
+    @property
+    def audio_s(self) -> float:
+        return self._samples / self.sample_rate
+
+    @property
+    def words(self) -> list[WordTiming]:
+        """The current best timing of every word of the text (the final one after ``finish``)."""
+        if self._final is not None:
+            return list(self._final)
+        return self._streaming_words()
+
+    def heard_text(self, heard_s: float) -> str:
+        """The text up to the last word spoken by ``heard_s`` seconds (as written, spaces kept)."""
+        end = 0
+        for word, (_, char_end) in zip(self.words, self._spans(), strict=False):
+            if word.end_s > heard_s + 1e-6:
+                break
+            end = char_end
+        return self.text[:end]
+
+    # ------------------------------------------------------------------ estimation
+
+    def _spans(self) -> list[tuple[int, int]]:
+        """Spans of the complete words: the last one waits for a space or the end of the text."""
+        spans = split_words(self.text)
+        if spans and not self._text_ended and spans[-1][1] == len(self.text) and not _CJK.match(self.text[-1]):
+            spans.pop()
+        return spans
+
+    def _weights(self, spans: list[tuple[int, int]]) -> tuple[np.ndarray, list[bool]]:
+        """Cumulative weight at each word's end, and whether the word ends a phrase."""
+        words = [self.text[a:b] for a, b in spans]
+        cumulative = np.cumsum([word_weight(w) for w in words]) if words else np.zeros(0)
+        return cumulative, [bool(_PHRASE_END.search(w)) for w in words]
+
+    def _voiced(self, peak: float) -> np.ndarray:
+        rms = np.asarray(self._rms)
+        voiced = rms > max(FLOOR_RMS, peak * 10 ** (-RELATIVE_DB / 20))
+        # clicks between silences are not speech
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], voiced.astype(np.int8), [0]])))
+        for start, end in zip(edges[::2], edges[1::2], strict=True):
+            if end - start < MIN_BLIP_HOPS and start > 0 and end < len(voiced):
+                voiced[start:end] = False
+        return voiced
+
+    @staticmethod
+    def _pauses(voiced: np.ndarray) -> list[float]:
+        """Voiced-time positions (s) of the silences of MIN_PAUSE_HOPS or more inside speech; a
+        silence still running at the end counts once it is long enough."""
+        if not voiced.any():
+            return []
+        edges = np.flatnonzero(np.diff(np.concatenate([[1], voiced.astype(np.int8), [1]])))
+        starts, ends = edges[::2], edges[1::2]  # silent runs [start, end)
+        long_inside = (ends - starts >= MIN_PAUSE_HOPS) & (starts > np.argmax(voiced))
+        voiced_before = np.cumsum(voiced)  # voiced hops up to and including each hop
+        return [float(voiced_before[start - 1]) * HOP_S for start in starts[long_inside]]
+
+    def _streaming_words(self) -> list[WordTiming]:
+        """Rate model anchored greedily at each pause, extrapolated past the last one."""
+        spans = self._spans()
+        if not spans:
+            return []
+        cumulative, phrase_end = self._weights(spans)
+        voiced = self._voiced(self._peak)
+        penalty = np.where(phrase_end, 0.0, NO_PUNCTUATION_COST)
+        anchors = [(0.0, 0.0)]
+        rate = PRIOR_RATE
+        known = float(cumulative[-1])
+        for pause in self._pauses(voiced):
+            at_v, at_w = anchors[-1]
+            expected = at_w + (pause - at_v) * rate
+            cost = np.abs(cumulative - expected) + penalty
+            cost[(cumulative <= at_w) | (cumulative > known)] = math.inf
+            best = int(np.argmin(cost))
+            if not cost[best] <= max(8.0, 0.5 * (expected - at_w)) + NO_PUNCTUATION_COST:
+                continue  # no word end near: a hesitation the text does not mark
+            anchors.append((pause, float(cumulative[best])))
+            # re-estimate from everything anchored so far, shrunk towards the prior
+            rate = (anchors[-1][1] + PRIOR_RATE * PRIOR_SECONDS) / (pause + PRIOR_SECONDS)
+            rate = min(max(rate, RATE_RANGE[0]), RATE_RANGE[1])
+        return self._timings(spans, cumulative, anchors, rate, voiced)
+
+    def _final_words(self) -> list[WordTiming]:
+        """All the text over all the voiced audio, pauses matched to word ends by dynamic programming."""
+        spans = self._spans()
+        if not spans:
+            return []
+        cumulative, phrase_end = self._weights(spans)
+        voiced = self._voiced(self._peak)
+        if not voiced.any():  # silence or constant noise: spread the words over the whole turn
+            voiced = np.ones(len(self._rms), dtype=bool)
+        total_v = float(voiced.sum()) * HOP_S
+        total_w = float(cumulative[-1])
+        if total_v <= 0 or total_w <= 0:
+            return [WordTiming(self.text[a:b], 0.0, 0.0) for a, b in spans]
+        anchors = [(0.0, 0.0)]
+        pauses = [p for p in self._pauses(voiced) if p < total_v - 1e-6]  # not the silence after the end
+        for pause, k in _match_pauses(pauses, cumulative, phrase_end, total_w / total_v):
+            anchors.append((pause, float(cumulative[k])))
+        anchors.append((total_v, total_w))
+        return self._timings(spans, cumulative, anchors, total_w / total_v, voiced)
+
+    def _timings(
+        self,
+        spans: list[tuple[int, int]],
+        cumulative: np.ndarray,
+        anchors: list[tuple[float, float]],
+        rate: float,
+        voiced: np.ndarray,
+    ) -> list[WordTiming]:
+        """Map each word's weight span to voiced time (piecewise linear through ``anchors``, at
+        ``rate`` past the last), then to the clock: a start after a silence, an end before it."""
+        anchor_v = np.array([v for v, _ in anchors])
+        anchor_w = np.array([w for _, w in anchors])
+        ends_w = cumulative
+        starts_w = np.concatenate([[0.0], cumulative[:-1]])
+
+        def to_voiced(weights: np.ndarray) -> np.ndarray:
+            inside = np.interp(weights, anchor_w, anchor_v)
+            beyond = anchor_v[-1] + (weights - anchor_w[-1]) / rate
+            return np.where(weights > anchor_w[-1], beyond, inside)
+
+        voiced_hops = np.flatnonzero(voiced)
+        count = len(voiced_hops)
+        voiced_s = count * HOP_S
+        # past the voiced audio so far (words not spoken yet): after its last voiced hop, same rate
+        last = (voiced_hops[-1] + 1) * HOP_S if count else len(self._rms) * HOP_S
+
+        def to_clock(v: np.ndarray, *, start: bool) -> np.ndarray:
+            if not count:
+                return last + v
+            if start:  # a start on a pause boundary is after the silence
+                index = np.floor((v + 1e-9) / HOP_S).astype(np.int64)
+                beyond = index >= count
+            else:  # an end on a pause boundary is before it
+                index = np.maximum(0, np.ceil((v - 1e-9) / HOP_S).astype(np.int64) - 1)
+                beyond = v > voiced_s + 1e-9
+            inside = voiced_hops[np.minimum(index, count - 1)] * HOP_S + (v - index * HOP_S)
+            return np.where(beyond, last + (v - voiced_s), inside)
+
+        starts = to_clock(to_voiced(starts_w), start=True)
+        ends = np.maximum(starts, to_clock(to_voiced(ends_w), start=False))
+        return [
+            WordTiming(self.text[a:b], round(float(start), 4), round(float(end), 4))
+            for (a, b), start, end in zip(spans, starts, ends, strict=True)
+        ]
+
+    def _settle(self, words: list[WordTiming], *, everything: bool = False) -> list[WordTiming]:
+        """The words newly settled, start times never before the last reported one."""
+        done = len(self._settled)
+        if everything:
+            ready = len(words)
+        else:
+            horizon = self._voiced_clock_horizon()
+            ready = done
+            while ready < len(words) and words[ready].end_s <= horizon:
+                ready += 1
+        floor = self._settled[-1].start_s if self._settled else 0.0
+        new = []
+        for word in words[done:ready]:
+            start = max(word.start_s, floor)
+            word = WordTiming(word.word, start, max(word.end_s, start))
+            new.append(word)
+            floor = start
+        self._settled.extend(new)
+        return new
+
+    def _voiced_clock_horizon(self) -> float:
+        """Clock time before which estimates are considered firm: SETTLE_MARGIN_S of voiced time
+        before the latest voiced audio (a word cannot end in audio not made yet)."""
+        voiced_hops = np.flatnonzero(self._voiced_now)
+        margin_hops = round(SETTLE_MARGIN_S / HOP_S)
+        if len(voiced_hops) <= margin_hops:
+            return -1.0
+        return float(voiced_hops[-1 - margin_hops] * HOP_S)
+
+
+def _match_pauses(
+    pauses: list[float], cumulative: np.ndarray, phrase_end: list[bool], rate: float
+) -> list[tuple[float, int]]:
+    """Match pauses (voiced-time positions) to word ends, in order, at least cost -> (pause, word)."""
+    ends = len(cumulative) - 1  # the last word's end is the end of the speech, not a pause
+    if not pauses or ends <= 0:
+        return []
+    weights = cumulative[:ends]
+    penalty = np.array([0.0 if p else NO_PUNCTUATION_COST for p in phrase_end[:ends]])
+    # best[k + 1]: least cost so far with the last matched word end k (best[0]: none matched yet)
+    best = np.concatenate([[0.0], np.full(ends, math.inf)])
+    choices: list[np.ndarray] = []
+    for pause in pauses:
+        cost = np.abs(weights - pause * rate) + penalty
+        before = np.minimum.accumulate(best[:-1])  # least cost with the last match before word k
+        arg_before = _running_argmin(best[:-1])
+        matched = before + cost
+        unmatched = best + UNMATCHED_PAUSE_COST
+        new = unmatched.copy()
+        take = matched < new[1:]
+        new[1:] = np.where(take, matched, new[1:])
+        choices.append(np.where(np.concatenate([[False], take]), np.concatenate([[-1], arg_before]), -2))
+        best = new
+    # walk back from the cheapest final state
+    state = int(np.argmin(best))
+    matches: list[tuple[float, int]] = []
+    for pause, choice in zip(reversed(pauses), reversed(choices), strict=True):
+        previous = int(choice[state])
+        if previous == -2:  # this pause stayed unmatched
+            continue
+        matches.append((pause, state - 1))
+        state = previous
+    return matches[::-1]
+
+
+def _running_argmin(values: np.ndarray) -> np.ndarray:
+    """Index of the minimum of values[:i + 1] for each i."""
+    out = np.zeros(len(values), dtype=np.int64)
+    best = 0
+    for i in range(len(values)):
+        if values[i] < values[best]:
+            best = i
+        out[i] = best
+    return out
