@@ -27,7 +27,16 @@ from typing import Any
 
 from moss_agent.config import SessionConfig
 from moss_agent.errors import EngineError, MossError, TransportError
-from moss_agent.events import AudioChunk, ErrorEvent, Interrupted, Metrics, TextDelta, TurnEnded, TurnStarted
+from moss_agent.events import (
+    AudioChunk,
+    ErrorEvent,
+    Interrupted,
+    Metrics,
+    TextDelta,
+    TurnEnded,
+    TurnStarted,
+    WordTimes,
+)
 from moss_agent.limiter import LimiterStats, PeakLimiter, log_limited
 from moss_agent.streaming.clock import Clock
 from moss_agent.streaming.fanout import EventHub, EventStream
@@ -35,6 +44,7 @@ from moss_agent.streaming.history import History
 from moss_agent.streaming.llm import LLM
 from moss_agent.streaming.metrics import SessionSummary, TurnTimeline
 from moss_agent.streaming.tts import Conversation, HeardResult, SpeechStream, UserTurn
+from moss_agent.streaming.word_timing import WordTimer
 from moss_agent.transports.base import AudioOutput
 
 log = logging.getLogger(__name__)
@@ -76,9 +86,11 @@ class Turn:
     user: UserTurn | None = None
     phase: TurnPhase = TurnPhase.QUEUED
     cut_at_s: float = 0.0  # the playback position when it was interrupted
+    settled_at_s: float = 0.0  # the playback position the stream was settled at
     parts: list[str] = field(default_factory=list)  # text sent to the speech stream
     error: str | None = None  # the first failure; later ones are only logged
     pumps: list[asyncio.Task[None]] = field(default_factory=list)
+    words: WordTimer | None = None  # when each word is spoken, from the text sent and the audio played
     timeline: TurnTimeline = field(init=False)
     future: asyncio.Future[TurnResult] = field(init=False)
 
@@ -172,6 +184,7 @@ class TurnRunner:
                 return
             if turn.phase is TurnPhase.STARTING:
                 turn.phase = TurnPhase.SPEAKING
+                turn.words = WordTimer(self.conversation.sample_rate)
                 async with asyncio.TaskGroup() as tg:
                     turn.pumps = [
                         tg.create_task(self._pump_text(turn, stream), name=f"{self.name}-turn{turn.id}-text"),
@@ -209,6 +222,7 @@ class TurnRunner:
     async def _settle(self, turn: Turn, stream: SpeechStream) -> HeardResult:
         """Cut the stream to what was heard, for every ending (the engine reports the text covered)."""
         heard_s = turn.cut_at_s if turn.phase is TurnPhase.INTERRUPTING else self.played_s(turn)
+        turn.settled_at_s = heard_s
         try:
             async with asyncio.timeout(self.config.audio_stall_timeout_s):
                 return await stream.interrupt(heard_s)
@@ -224,7 +238,7 @@ class TurnRunner:
         tl.end = self.clock.now()
         text = "".join(turn.parts)
         interrupted = turn.phase is TurnPhase.INTERRUPTING
-        heard_text = heard.text if heard is not None else ""
+        heard_text = self._heard_words(turn, heard, text, interrupted)
         heard_s = heard.audio_s if heard is not None else 0.0
         if interrupted:
             tl.interrupted = True
@@ -244,6 +258,24 @@ class TurnRunner:
             turn.future.set_result(
                 TurnResult(turn.id, text, heard_text, heard_s, tl.audio_s, interrupted, turn.error, metrics)
             )
+
+    def _heard_words(self, turn: Turn, heard: HeardResult | None, text: str, interrupted: bool) -> str:
+        """The text of the words the listener heard, from the word timings and where playback was
+        settled; never more than the engine says its kept frames covered. Emits the final timings."""
+        model_text = heard.text if heard is not None else ""
+        words = turn.words
+        if words is None:
+            return model_text
+        spoke_everything = (
+            not interrupted and turn.error is None and "".join(model_text.split()) == "".join(text.split())
+        )
+        if spoke_everything:  # the model's own stop: all the text was spoken, so the fit is exact
+            words.finish()
+        limit = len("".join(model_text.split()))
+        timings = words.words if spoke_everything else words.heard_words(turn.settled_at_s, max_chars=limit)
+        if timings:
+            self.hub.emit(WordTimes(turn.id, tuple(timings), final=True))
+        return words.heard_text(turn.settled_at_s, max_chars=limit)
 
     # ------------------------------------------------------------------ failures
 
@@ -298,11 +330,15 @@ class TurnRunner:
                     if turn.timeline.tts_first_text is None:
                         turn.timeline.tts_first_text = self.clock.now()
                     turn.parts.append(delta)
+                    if turn.words is not None:
+                        turn.words.push_text(delta)
                     self.hub.emit(TextDelta(delta, turn.id))
                     await stream.push_text(delta)  # waits while the stream's text budget is full
         except Exception as exc:  # LLM, user token source or engine: end the turn with what was spoken
             self._record_error(turn, exc, "text failed", kind=getattr(exc, "kind", None))
         self.hub.emit(TextDelta("", turn.id, final=True))
+        if turn.words is not None:
+            turn.words.end_text()
         try:
             await stream.end_input()
         except Exception as exc:
@@ -379,6 +415,10 @@ class TurnRunner:
             await self.hub.emit_audio(chunk)
         if turn.timeline.first_output is None:
             turn.timeline.first_output = self.clock.now()
+        if turn.words is not None:
+            settled = turn.words.push_audio(chunk.pcm)
+            if settled:
+                self.hub.emit(WordTimes(turn.id, tuple(settled)))
 
     async def _send_tail(self, turn: Turn, limiter: PeakLimiter | None) -> None:
         """The limiter's held look-ahead, once the turn's speech has ended (not after a cut)."""

@@ -151,14 +151,24 @@ class WordTimer:
             return list(self._final)
         return self._streaming_words()
 
-    def heard_text(self, heard_s: float) -> str:
-        """The text up to the last word spoken by ``heard_s`` seconds (as written, spaces kept)."""
-        end = 0
-        for word, (_, char_end) in zip(self.words, self._spans(), strict=False):
-            if word.end_s > heard_s + 1e-6:
+    def heard_words(self, heard_s: float, *, max_chars: int | None = None) -> list[WordTiming]:
+        """The words spoken by ``heard_s`` seconds, in order; with ``max_chars``, no more than that
+        many non-space characters of text (what the speech engine says its kept audio covered)."""
+        return self.words[: self._heard_count(heard_s, max_chars)[0]]
+
+    def heard_text(self, heard_s: float, *, max_chars: int | None = None) -> str:
+        """The text of ``heard_words``, as written (spaces kept)."""
+        return self.text[: self._heard_count(heard_s, max_chars)[1]]
+
+    def _heard_count(self, heard_s: float, max_chars: int | None) -> tuple[int, int]:
+        """(words heard, the character index in ``text`` just past the last of them)."""
+        count, end, chars = 0, 0, 0
+        for word, (start, char_end) in zip(self.words, self._spans(), strict=False):
+            chars += char_end - start
+            if word.end_s > heard_s + 1e-6 or (max_chars is not None and chars > max_chars):
                 break
-            end = char_end
-        return self.text[:end]
+            count, end = count + 1, char_end
+        return count, end
 
     # ------------------------------------------------------------------ estimation
 

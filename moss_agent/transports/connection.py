@@ -141,6 +141,16 @@ def event_to_json(event: Event) -> JsonDict:
     kind = "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
     body: JsonDict = {"type": kind}
     for field in dataclasses.fields(event):
-        value = getattr(event, field.name)
-        body[field.name] = value.tolist() if isinstance(value, np.ndarray) else value
+        body[field.name] = _json_value(getattr(event, field.name))
     return body
+
+
+def _json_value(value: Any) -> Any:
+    """Arrays as lists, nested dataclasses (``WordTiming``) as dicts, tuples as lists."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _json_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple | list):
+        return [_json_value(item) for item in value]
+    return value

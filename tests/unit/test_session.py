@@ -238,9 +238,15 @@ async def test_interrupt_while_the_last_audio_is_still_playing_cuts_the_context(
         assert speaker.played_s(handle.id) < 1.0
         result = await handle.interrupt()
         assert result.interrupted and result.error is None
-        assert 0 < len(result.heard_text) < len("generated fast, heard slowly")
-        assert conversation.context == [("assistant", result.heard_text)]  # type: ignore[attr-defined]
-        assert session.history[-1] == {"role": "assistant", "content": result.heard_text.strip()}
+        # The model's context is cut to the frames played (the fake: one character each) ...
+        [(role, kept)] = conversation.context  # type: ignore[attr-defined]
+        assert role == "assistant" and 0 < len(kept) < len("generated fast, heard slowly")
+        assert kept == "generated fast, heard slowly"[: round(result.heard_s / backend.frame_s)]
+        # ... and the history to the whole words spoken by then, which the context covers.
+        assert kept.startswith(result.heard_text)
+        assert result.heard_text in ("", "generated", "generated fast,")
+        expected = [{"role": "assistant", "content": result.heard_text}] if result.heard_text else []
+        assert [m for m in session.history if m["role"] == "assistant"] == expected
     await speaker.aclose()
 
 
@@ -252,7 +258,8 @@ async def test_an_engine_failure_mid_turn_keeps_what_was_heard(
         events = session.events()
         failed = await asyncio.wait_for(session.say("this breaks after five"), 5)
         assert failed.error is not None and "injected" in failed.error
-        assert failed.interrupted and failed.heard_text == "this "  # the five frames made were played
+        # the five frames made ("this ") were played: the word "this" was heard
+        assert failed.interrupted and failed.heard_text == "this"
         assert [e.detail["kind"] for e in events.drain() if isinstance(e, ErrorEvent)] == ["EngineError"]
         backend.fail_at_frame = None
         assert (await asyncio.wait_for(session.say("fine again"), 5)).heard_text == "fine again"
@@ -261,7 +268,7 @@ async def test_an_engine_failure_mid_turn_keeps_what_was_heard(
 
 async def test_a_turn_ends_with_its_speech_and_hears_only_what_was_spoken(clock: ScaledClock) -> None:
     """At the frame cap the turn ends, the endless LLM stream is closed, and only the spoken text
-    (one character per frame here) joins the history."""
+    (one character per frame here: "never endi") joins the history, as whole words."""
     backend = FakeSpeechBackend(clock=clock, max_frames_per_turn=10)
     closed = asyncio.Event()
 
@@ -276,7 +283,7 @@ async def test_a_turn_ends_with_its_speech_and_hears_only_what_was_spoken(clock:
         result = await asyncio.wait_for(session.respond(endless()), 5)
         assert closed.is_set(), "the LLM stream was left open after the speech ended"
         assert not result.interrupted and result.error is None
-        assert result.heard_text == "never endi" and result.heard_s == pytest.approx(0.8)
+        assert result.heard_text == "never" and result.heard_s == pytest.approx(0.8)
         # backpressure: the text budget, what was spoken, the delta that waited and one more
         assert len(result.text) <= backend.text_buffer_chars + 10 + 2 * len("never ending text ")
-        assert session.history[-1] == {"role": "assistant", "content": "never endi"}
+        assert session.history[-1] == {"role": "assistant", "content": "never"}
