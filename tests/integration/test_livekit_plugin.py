@@ -13,6 +13,7 @@ import asyncio
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,9 +24,11 @@ pytest.importorskip(
     "livekit.agents", reason="livekit-agents is not installed (pip install 'moss-agent[livekit]')"
 )
 
-from livekit.agents import APIConnectionError, APIConnectOptions, APIStatusError
+from livekit import rtc
+from livekit.agents import Agent, AgentSession, APIConnectionError, APIConnectOptions, APIStatusError
 from livekit.agents.tts import SynthesizedAudio
 from livekit.agents.types import USERDATA_TIMED_TRANSCRIPT, TimedString
+from livekit.agents.voice import io
 
 from moss_agent.audio import float_to_pcm16
 from moss_agent.client import RemoteSpeechBackend
@@ -191,6 +194,83 @@ async def test_a_turn_played_to_its_end_is_kept_in_full() -> None:
         assert conversation.context == [("assistant", "Short.")]
     finally:
         await tts.aclose()
+
+
+class Speaker(io.AudioOutput):
+    """An audio sink that takes frames at once; a flush plays the segment out, a clear cuts it."""
+
+    def __init__(self) -> None:
+        super().__init__(label="speaker", capabilities=io.AudioOutputCapabilities(pause=False))
+        self.frames: list[rtc.AudioFrame] = []
+        self.got_audio = asyncio.Event()
+        self._segment_s: float | None = None
+
+    async def capture_frame(self, frame: rtc.AudioFrame) -> None:
+        await super().capture_frame(frame)
+        if self._segment_s is None:
+            self._segment_s = 0.0
+            self.on_playback_started(created_at=time.time())
+        self._segment_s += frame.duration
+        self.frames.append(frame)
+        self.got_audio.set()
+
+    def flush(self) -> None:
+        super().flush()
+        self._finish(interrupted=False)
+
+    def clear_buffer(self) -> None:
+        self._finish(interrupted=True)
+
+    def _finish(self, *, interrupted: bool) -> None:
+        if self._segment_s is not None:
+            played, self._segment_s = self._segment_s, None
+            self.on_playback_finished(playback_position=played, interrupted=interrupted)
+
+
+class Captions(io.TextOutput):
+    def __init__(self) -> None:
+        super().__init__(label="captions", next_in_chain=None)
+        self.parts: list[str] = []
+
+    async def capture_text(self, text: str) -> None:
+        self.parts.append(text)
+
+    def flush(self) -> None:
+        return None
+
+
+async def test_an_agent_session_speaks_with_word_captions_and_a_barge_in_rolls_back() -> None:
+    """LiveKit's own pipeline: AgentSession.say() runs its tts_node on the plugin."""
+    fake = FakeSpeechBackend(**FAST)
+    tts = MossTTS(backend=fake)
+    session: AgentSession[None] = AgentSession(tts=tts, use_tts_aligned_transcript=True)
+    speaker, captions = Speaker(), Captions()
+    session.output.audio, session.output.transcription = speaker, captions
+    await session.start(agent=Agent(instructions="Be brief."))
+    try:
+        await asyncio.wait_for(session.say("Hello there.").wait_for_playout(), 20)
+        played = np.concatenate([np.frombuffer(f.data, dtype=np.int16) for f in speaker.frames])
+        assert np.array_equal(played, reference_pcm("Hello there."))
+        assert "".join(captions.parts) == "Hello there."  # from the plugin's timed words
+        conversation = only_conversation(fake)
+        assert conversation.context == [("assistant", "Hello there.")]
+
+        long_text = "A long answer that the user cuts short, and it would go on. " * 2
+        speaker.got_audio.clear()
+        handle = session.say(long_text)
+        await asyncio.wait_for(speaker.got_audio.wait(), 20)
+        handle.interrupt()  # the user barged in just after the audio started (of 10 s made at once)
+        await asyncio.wait_for(handle.wait_for_playout(), 20)
+        for _ in range(100):  # the stream is closed as the speech winds down
+            if len(conversation.context) == 2:
+                break
+            await asyncio.sleep(0.02)
+        role, kept = conversation.context[-1]
+        assert role == "assistant" and long_text.startswith(kept) and len(kept) < len(long_text)
+    finally:
+        await session.aclose()
+        await tts.aclose()
+    assert not fake.active
 
 
 # -- errors ----------------------------------------------------------------------------------------
