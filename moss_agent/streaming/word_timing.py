@@ -82,36 +82,95 @@ def word_weight(word: str) -> float:
     return weight + 1.0 if weight else 0.0
 
 
+class _VoiceTrack:
+    """Voice activity of a turn as its audio streams, decided hop by hop (nothing is recomputed).
+
+    Keeps the voiced hops and the pauses found so far (as voiced-time positions); a hop's decision
+    uses the loudest hop heard before it, and a click is taken back once its run ends.
+    """
+
+    def __init__(self) -> None:
+        self.voiced_hops = np.zeros(1024, dtype=np.int64)
+        self.count = 0  # voiced hops so far
+        self.hops = 0  # hops so far
+        self.pauses: list[float] = []
+        self._peak = 0.0
+        self._run = 0  # the current voiced run, in hops
+        self._silent = 0  # the current silence, in hops (before the current voiced run, if any)
+        self._paused = False  # the current silence has its pause already
+
+    def add(self, rms: np.ndarray) -> None:
+        for value in rms.tolist():
+            self._peak = max(self._peak, value)
+            if value > max(FLOOR_RMS, self._peak * 10 ** (-RELATIVE_DB / 20)):
+                self._voiced()
+            else:
+                self._silence()
+            self.hops += 1
+
+    def _voiced(self) -> None:
+        if self.count == len(self.voiced_hops):
+            self.voiced_hops = np.concatenate([self.voiced_hops, np.zeros_like(self.voiced_hops)])
+        self.voiced_hops[self.count] = self.hops
+        self.count += 1
+        self._run += 1
+        if self._run >= MIN_BLIP_HOPS:  # speech again: the next silence may be a new pause
+            self._silent, self._paused = 0, False
+
+    def _silence(self) -> None:
+        if 0 < self._run < MIN_BLIP_HOPS and self.count > self._run:
+            # a click inside a silence: take it back, the silence goes on through it
+            self.count -= self._run
+            self._silent += self._run
+        elif self._run:
+            self._silent = 0
+        self._run = 0
+        self._silent += 1
+        if self._silent >= MIN_PAUSE_HOPS and self.count and not self._paused:
+            self.pauses.append(self.count * HOP_S)
+            self._paused = True
+
+    @property
+    def voiced(self) -> np.ndarray:
+        return self.voiced_hops[: self.count]
+
+
 class WordTimer:
     """Word timings of one turn; feed it the text sent to the speech engine and the audio it made.
 
     ``push_audio`` returns the words settled by that audio (each word once, in order, with start
     times never going back); after the speech ended by itself ``finish`` returns the rest with their
-    final times, and ``words`` then holds every word's final timing. Not thread-safe; cheap enough
-    for the event loop (a few hundred microseconds per 80 ms chunk).
+    final times, and ``words`` then holds every word's final timing. Not thread-safe. Each push
+    costs the same however long the turn (tens of microseconds per 80 ms chunk).
     """
 
     def __init__(self, sample_rate: int) -> None:
         self.sample_rate = sample_rate
         self._hop = max(1, round(sample_rate * HOP_S))
-        self._rms: list[float] = []
+        self._rms: list[float] = []  # every hop's level, for the final alignment
         self._residual = np.zeros(0, dtype=np.float32)
         self._samples = 0
-        self._peak = 0.0
+        self._track = _VoiceTrack()
         self.text = ""
         self._text_ended = False
         self._finished = False
-        self._voiced_now = np.zeros(0, dtype=bool)  # voice activity of every hop, as of the last push
+        self._layout: tuple[list[tuple[int, int]], np.ndarray, list[bool]] | None = None
+        self._anchors = [(0.0, 0.0)]  # (voiced s, weight) pinned at pauses while streaming
+        self._anchored = 0  # pauses considered for anchors so far
+        self._rate = PRIOR_RATE
         self._settled: list[WordTiming] = []
         self._final: list[WordTiming] | None = None
 
     # ------------------------------------------------------------------ input
 
     def push_text(self, delta: str) -> None:
-        self.text += delta
+        if delta:
+            self.text += delta
+            self._layout = None
 
     def end_text(self) -> None:
         self._text_ended = True
+        self._layout = None
 
     def push_audio(self, pcm: FloatArray) -> list[WordTiming]:
         """Add the turn's next audio (float32 mono at ``sample_rate``) -> words settled by it."""
@@ -124,19 +183,23 @@ class WordTimer:
             hops = samples[:whole].reshape(-1, self._hop).astype(np.float64)
             rms = np.sqrt(np.mean(hops * hops, axis=1))
             self._rms.extend(rms.tolist())
-            self._peak = max(self._peak, float(rms.max()))
+            self._track.add(rms)
         self._residual = samples[whole:]
-        self._voiced_now = self._voiced(self._peak)
-        return self._settle(self._streaming_words())
+        self._anchor_new_pauses()
+        horizon = self._horizon()
+        done = len(self._settled)
+        if horizon < 0 or done >= len(self._word_layout()[0]):
+            return []
+        return self._settle(self._streaming_words(first=done, horizon=horizon), horizon)
 
     def finish(self) -> list[WordTiming]:
         """The speech ended by itself (all the text was spoken): the words not reported yet, final."""
         if self._finished:
             return []
         self._finished = True
-        self._text_ended = True
+        self.end_text()
         self._final = self._final_words()
-        return self._settle(self._final, everything=True)
+        return self._settle(self._final[len(self._settled) :], math.inf)
 
     # ------------------------------------------------------------------ output
 
@@ -149,7 +212,7 @@ class WordTimer:
         """The current best timing of every word of the text (the final one after ``finish``)."""
         if self._final is not None:
             return list(self._final)
-        return self._streaming_words()
+        return self._streaming_words(first=0)
 
     def heard_words(self, heard_s: float, *, max_chars: int | None = None) -> list[WordTiming]:
         """The words spoken by ``heard_s`` seconds, in order; with ``max_chars``, no more than that
@@ -163,7 +226,7 @@ class WordTimer:
     def _heard_count(self, heard_s: float, max_chars: int | None) -> tuple[int, int]:
         """(words heard, the character index in ``text`` just past the last of them)."""
         count, end, chars = 0, 0, 0
-        for word, (start, char_end) in zip(self.words, self._spans(), strict=False):
+        for word, (start, char_end) in zip(self.words, self._word_layout()[0], strict=False):
             chars += char_end - start
             if word.end_s > heard_s + 1e-6 or (max_chars is not None and chars > max_chars):
                 break
@@ -172,73 +235,56 @@ class WordTimer:
 
     # ------------------------------------------------------------------ estimation
 
-    def _spans(self) -> list[tuple[int, int]]:
-        """Spans of the complete words: the last one waits for a space or the end of the text."""
-        spans = split_words(self.text)
-        if spans and not self._text_ended and spans[-1][1] == len(self.text) and not _CJK.match(self.text[-1]):
-            spans.pop()
-        return spans
+    def _word_layout(self) -> tuple[list[tuple[int, int]], np.ndarray, list[bool]]:
+        """The complete words' spans (the last one waits for a space or the end of the text), the
+        cumulative weight at each word's end, and whether each word ends a phrase."""
+        if self._layout is None:
+            spans = split_words(self.text)
+            last = self.text[-1:] if self.text else ""
+            if spans and not self._text_ended and spans[-1][1] == len(self.text) and not _CJK.match(last):
+                spans.pop()
+            words = [self.text[a:b] for a, b in spans]
+            cumulative = np.cumsum([word_weight(w) for w in words]) if words else np.zeros(0)
+            self._layout = (spans, cumulative, [bool(_PHRASE_END.search(w)) for w in words])
+        return self._layout
 
-    def _weights(self, spans: list[tuple[int, int]]) -> tuple[np.ndarray, list[bool]]:
-        """Cumulative weight at each word's end, and whether the word ends a phrase."""
-        words = [self.text[a:b] for a, b in spans]
-        cumulative = np.cumsum([word_weight(w) for w in words]) if words else np.zeros(0)
-        return cumulative, [bool(_PHRASE_END.search(w)) for w in words]
-
-    def _voiced(self, peak: float) -> np.ndarray:
-        rms = np.asarray(self._rms)
-        voiced = rms > max(FLOOR_RMS, peak * 10 ** (-RELATIVE_DB / 20))
-        # clicks between silences are not speech
-        edges = np.flatnonzero(np.diff(np.concatenate([[0], voiced.astype(np.int8), [0]])))
-        for start, end in zip(edges[::2], edges[1::2], strict=True):
-            if end - start < MIN_BLIP_HOPS and start > 0 and end < len(voiced):
-                voiced[start:end] = False
-        return voiced
-
-    @staticmethod
-    def _pauses(voiced: np.ndarray) -> list[float]:
-        """Voiced-time positions (s) of the silences of MIN_PAUSE_HOPS or more inside speech; a
-        silence still running at the end counts once it is long enough."""
-        if not voiced.any():
-            return []
-        edges = np.flatnonzero(np.diff(np.concatenate([[1], voiced.astype(np.int8), [1]])))
-        starts, ends = edges[::2], edges[1::2]  # silent runs [start, end)
-        long_inside = (ends - starts >= MIN_PAUSE_HOPS) & (starts > np.argmax(voiced))
-        voiced_before = np.cumsum(voiced)  # voiced hops up to and including each hop
-        return [float(voiced_before[start - 1]) * HOP_S for start in starts[long_inside]]
-
-    def _streaming_words(self) -> list[WordTiming]:
-        """Rate model anchored greedily at each pause, extrapolated past the last one."""
-        spans = self._spans()
-        if not spans:
-            return []
-        cumulative, phrase_end = self._weights(spans)
-        voiced = self._voiced(self._peak)
+    def _anchor_new_pauses(self) -> None:
+        """Tie each new pause to the word end nearest the rate model's estimate (one after
+        punctuation preferred) and re-estimate the rate from the anchored span."""
+        pauses = self._track.pauses
+        if self._anchored == len(pauses):
+            return
+        _, cumulative, phrase_end = self._word_layout()
         penalty = np.where(phrase_end, 0.0, NO_PUNCTUATION_COST)
-        anchors = [(0.0, 0.0)]
-        rate = PRIOR_RATE
-        known = float(cumulative[-1])
-        for pause in self._pauses(voiced):
-            at_v, at_w = anchors[-1]
-            expected = at_w + (pause - at_v) * rate
+        known = float(cumulative[-1]) if len(cumulative) else 0.0
+        for pause in pauses[self._anchored :]:
+            at_v, at_w = self._anchors[-1]
+            expected = at_w + (pause - at_v) * self._rate
+            if not len(cumulative):
+                continue
             cost = np.abs(cumulative - expected) + penalty
             cost[(cumulative <= at_w) | (cumulative > known)] = math.inf
             best = int(np.argmin(cost))
             if not cost[best] <= max(8.0, 0.5 * (expected - at_w)) + NO_PUNCTUATION_COST:
                 continue  # no word end near: a hesitation the text does not mark
-            anchors.append((pause, float(cumulative[best])))
+            self._anchors.append((pause, float(cumulative[best])))
             # re-estimate from everything anchored so far, shrunk towards the prior
-            rate = (anchors[-1][1] + PRIOR_RATE * PRIOR_SECONDS) / (pause + PRIOR_SECONDS)
-            rate = min(max(rate, RATE_RANGE[0]), RATE_RANGE[1])
-        return self._timings(spans, cumulative, anchors, rate, voiced)
+            rate = (self._anchors[-1][1] + PRIOR_RATE * PRIOR_SECONDS) / (pause + PRIOR_SECONDS)
+            self._rate = min(max(rate, RATE_RANGE[0]), RATE_RANGE[1])
+        self._anchored = len(pauses)
+
+    def _streaming_words(self, first: int, horizon: float = math.inf) -> list[WordTiming]:
+        """Words ``first``.. by the rate model through the anchors so far, extrapolated past them;
+        only those ending by ``horizon``."""
+        spans, cumulative, _ = self._word_layout()
+        return self._timings(spans, cumulative, self._anchors, self._rate, self._track.voiced, first, horizon)
 
     def _final_words(self) -> list[WordTiming]:
         """All the text over all the voiced audio, pauses matched to word ends by dynamic programming."""
-        spans = self._spans()
+        spans, cumulative, phrase_end = self._word_layout()
         if not spans:
             return []
-        cumulative, phrase_end = self._weights(spans)
-        voiced = self._voiced(self._peak)
+        voiced = _voice_activity(np.asarray(self._rms))
         if not voiced.any():  # silence or constant noise: spread the words over the whole turn
             voiced = np.ones(len(self._rms), dtype=bool)
         total_v = float(voiced.sum()) * HOP_S
@@ -246,11 +292,11 @@ class WordTimer:
         if total_v <= 0 or total_w <= 0:
             return [WordTiming(self.text[a:b], 0.0, 0.0) for a, b in spans]
         anchors = [(0.0, 0.0)]
-        pauses = [p for p in self._pauses(voiced) if p < total_v - 1e-6]  # not the silence after the end
+        pauses = [p for p in _pauses(voiced) if p < total_v - 1e-6]  # not the silence after the end
         for pause, k in _match_pauses(pauses, cumulative, phrase_end, total_w / total_v):
             anchors.append((pause, float(cumulative[k])))
         anchors.append((total_v, total_w))
-        return self._timings(spans, cumulative, anchors, total_w / total_v, voiced)
+        return self._timings(spans, cumulative, anchors, total_w / total_v, np.flatnonzero(voiced), 0)
 
     def _timings(
         self,
@@ -258,21 +304,25 @@ class WordTimer:
         cumulative: np.ndarray,
         anchors: list[tuple[float, float]],
         rate: float,
-        voiced: np.ndarray,
+        voiced_hops: np.ndarray,
+        first: int,
+        horizon: float = math.inf,
     ) -> list[WordTiming]:
-        """Map each word's weight span to voiced time (piecewise linear through ``anchors``, at
-        ``rate`` past the last), then to the clock: a start after a silence, an end before it."""
+        """Words ``first``..: each word's weight span mapped to voiced time (piecewise linear through
+        ``anchors``, at ``rate`` past the last), then to the clock: a start after a silence, an end
+        before it. Only the leading words that end by ``horizon``."""
+        if first >= len(spans):
+            return []
         anchor_v = np.array([v for v, _ in anchors])
         anchor_w = np.array([w for _, w in anchors])
-        ends_w = cumulative
-        starts_w = np.concatenate([[0.0], cumulative[:-1]])
+        ends_w = cumulative[first:]
+        starts_w = np.concatenate([cumulative[first - 1 : first] if first else [0.0], cumulative[first:-1]])
 
         def to_voiced(weights: np.ndarray) -> np.ndarray:
             inside = np.interp(weights, anchor_w, anchor_v)
             beyond = anchor_v[-1] + (weights - anchor_w[-1]) / rate
             return np.where(weights > anchor_w[-1], beyond, inside)
 
-        voiced_hops = np.flatnonzero(voiced)
         count = len(voiced_hops)
         voiced_s = count * HOP_S
         # past the voiced audio so far (words not spoken yet): after its last voiced hop, same rate
@@ -292,39 +342,58 @@ class WordTimer:
 
         starts = to_clock(to_voiced(starts_w), start=True)
         ends = np.maximum(starts, to_clock(to_voiced(ends_w), start=False))
+        late = np.flatnonzero(ends > horizon)
+        if len(late):
+            starts, ends = starts[: late[0]], ends[: late[0]]
         return [
             WordTiming(self.text[a:b], round(float(start), 4), round(float(end), 4))
-            for (a, b), start, end in zip(spans, starts, ends, strict=True)
+            for (a, b), start, end in zip(spans[first:], starts, ends, strict=False)
         ]
 
-    def _settle(self, words: list[WordTiming], *, everything: bool = False) -> list[WordTiming]:
-        """The words newly settled, start times never before the last reported one."""
-        done = len(self._settled)
-        if everything:
-            ready = len(words)
-        else:
-            horizon = self._voiced_clock_horizon()
-            ready = done
-            while ready < len(words) and words[ready].end_s <= horizon:
-                ready += 1
+    def _settle(self, words: list[WordTiming], horizon: float) -> list[WordTiming]:
+        """The leading ``words`` that end by ``horizon``, start times never before the last reported."""
         floor = self._settled[-1].start_s if self._settled else 0.0
         new = []
-        for word in words[done:ready]:
+        for word in words:
+            if word.end_s > horizon:
+                break
             start = max(word.start_s, floor)
-            word = WordTiming(word.word, start, max(word.end_s, start))
-            new.append(word)
+            new.append(WordTiming(word.word, start, max(word.end_s, start)))
             floor = start
         self._settled.extend(new)
         return new
 
-    def _voiced_clock_horizon(self) -> float:
-        """Clock time before which estimates are considered firm: SETTLE_MARGIN_S of voiced time
-        before the latest voiced audio (a word cannot end in audio not made yet)."""
-        voiced_hops = np.flatnonzero(self._voiced_now)
+    def _horizon(self) -> float:
+        """Clock time before which estimates are firm: SETTLE_MARGIN_S of voiced time before the
+        latest voiced audio (a word cannot end in audio not made yet)."""
         margin_hops = round(SETTLE_MARGIN_S / HOP_S)
-        if len(voiced_hops) <= margin_hops:
+        voiced = self._track.voiced
+        if len(voiced) <= margin_hops:
             return -1.0
-        return float(voiced_hops[-1 - margin_hops] * HOP_S)
+        return float(voiced[-1 - margin_hops] * HOP_S)
+
+
+def _voice_activity(rms: np.ndarray) -> np.ndarray:
+    """Voiced flags of every hop against the turn's loudest hop, clicks between silences removed."""
+    peak = float(rms.max()) if len(rms) else 0.0
+    voiced = rms > max(FLOOR_RMS, peak * 10 ** (-RELATIVE_DB / 20))
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], voiced.astype(np.int8), [0]])))
+    for start, end in zip(edges[::2], edges[1::2], strict=True):
+        if end - start < MIN_BLIP_HOPS and start > 0 and end < len(voiced):
+            voiced[start:end] = False
+    return voiced
+
+
+def _pauses(voiced: np.ndarray) -> list[float]:
+    """Voiced-time positions (s) of the silences of MIN_PAUSE_HOPS or more inside speech; a silence
+    still running at the end counts once it is long enough."""
+    if not voiced.any():
+        return []
+    edges = np.flatnonzero(np.diff(np.concatenate([[1], voiced.astype(np.int8), [1]])))
+    starts, ends = edges[::2], edges[1::2]  # silent runs [start, end)
+    long_inside = (ends - starts >= MIN_PAUSE_HOPS) & (starts > np.argmax(voiced))
+    voiced_before = np.cumsum(voiced)  # voiced hops up to and including each hop
+    return [float(voiced_before[start - 1]) * HOP_S for start in starts[long_inside]]
 
 
 def _match_pauses(
@@ -363,11 +432,6 @@ def _match_pauses(
 
 
 def _running_argmin(values: np.ndarray) -> np.ndarray:
-    """Index of the minimum of values[:i + 1] for each i."""
-    out = np.zeros(len(values), dtype=np.int64)
-    best = 0
-    for i in range(len(values)):
-        if values[i] < values[best]:
-            best = i
-        out[i] = best
-    return out
+    """An index of the minimum of values[:i + 1] for each i (the latest one on ties)."""
+    at_minimum = values == np.minimum.accumulate(values)
+    return np.maximum.accumulate(np.where(at_minimum, np.arange(len(values)), 0))
