@@ -63,7 +63,7 @@ async def entrypoint(ctx: Any) -> None:
     from livekit.agents import Agent, AgentSession
 
     tts = speech_tts()
-    session = AgentSession(
+    session: AgentSession[None] = AgentSession(
         stt=os.environ.get("LIVEKIT_STT", "deepgram/nova-3"),
         llm=os.environ.get("LIVEKIT_LLM", "openai/gpt-4.1-mini"),
         tts=tts,

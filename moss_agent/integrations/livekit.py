@@ -124,7 +124,7 @@ def _raise_mapped(exc: BaseException) -> NoReturn:
     raise exc
 
 
-class MossTTS(tts.TTS):
+class MossTTS(tts.TTS[None]):
     """LiveKit TTS on MOSS-TTS-Realtime; see the module docstring for conversations and errors.
 
     ``url`` / ``token`` / ``voice`` / ``encoding``: the speech server (``voice``: a voice registered

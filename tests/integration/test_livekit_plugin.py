@@ -335,6 +335,27 @@ async def test_the_frameworks_retry_gets_the_slot_once_it_is_free() -> None:
         await tts.aclose()
 
 
+async def test_a_restarted_speech_server_is_reached_again_by_the_frameworks_retry() -> None:
+    fake = FakeSpeechBackend(**FAST)
+    port = free_port()
+    tts = MossTTS(url=f"ws://127.0.0.1:{port}", hold_until_played=False)
+    try:
+        async with session_server(fake, port=port):
+            await speak(tts, ["Before."])
+        assert not fake.active  # the server went away, and the conversation with it
+        async with session_server(fake, port=port):
+            retry = APIConnectOptions(max_retry=1, retry_interval=0.05, timeout=5.0)
+            async with tts.stream(conn_options=retry) as stream:
+                stream.push_text("After.")
+                stream.end_input()
+                events = [ev async for ev in stream]
+            # the lost conversation failed the first try; the retry opened a new one (a new slot)
+            assert np.array_equal(pcm_of(events), reference_pcm("After.", slot=1))
+            assert only_conversation(fake).context == [("assistant", "After.")]
+    finally:
+        await tts.aclose()
+
+
 async def test_an_engine_failure_mid_turn_raises_and_the_next_turn_works() -> None:
     fake = FakeSpeechBackend(**FAST, fail_at_frame=4)
     tts = MossTTS(backend=fake, hold_until_played=False)
