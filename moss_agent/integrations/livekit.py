@@ -267,7 +267,8 @@ class MossTTS(tts.TTS[None]):
                 return await conversation.start_turn(user, turn_id)
         except (MossError, TimeoutError):
             # a conversation that cannot start a turn (lost connection, a failed slot) is of no more
-            # use; the framework's retry opens a fresh one
+            # use; the framework's retry opens a fresh one, and the user's words go with that try
+            self._user = self._user or user
             await self._drop_conversation()
             raise
 

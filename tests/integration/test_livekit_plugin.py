@@ -395,6 +395,20 @@ async def test_the_default_remote_backend_through_the_speech_service() -> None:
             await speak(tts, ["After close."])
 
 
+def test_the_plugin_imports_no_torch() -> None:
+    """A bot process on a remote engine installs no torch (DESIGN: integrations never import it)."""
+    code = (
+        "import sys\n"
+        "from moss_agent.integrations.livekit import MossTTS\n"
+        "MossTTS(url='ws://127.0.0.1:1')\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "False", out.stderr
+
+
 def test_without_livekit_the_import_names_the_extra() -> None:
     code = (
         "import sys\n"
