@@ -492,6 +492,7 @@ class RealtimeEngine:
                 chunk = AudioChunk(wav[slot].copy(), self.sample_rate, stream.turn_id, int(out.frame_index[slot]))
                 deliveries.append((stream, chunk))
             if bool(out.finished[slot]):
+                stream.stopped_by_model = not bool(out.capped[slot])
                 deliveries.append((stream, _END))
                 self._streams[slot] = None
         return deliveries
@@ -653,6 +654,7 @@ class EngineStream:
         self._heard: HeardResult | None = None
         self.done = False  # no more audio will be delivered
         self.completed = False  # the model finished the turn by itself (EOS or frame cap)
+        self.stopped_by_model = False  # it ended at the model's own stop (all its text spoken), not a cap
 
     @property
     def _engine(self) -> RealtimeEngine:

@@ -38,6 +38,7 @@ from moss_agent.errors import ConfigError, MossError, OverloadError, SessionClos
 from moss_agent.events import FloatArray
 from moss_agent.service.app import request_id
 from moss_agent.streaming.tts import SpeechBackend, UserTurn
+from moss_agent.streaming.word_timing import WordTimer, WordTiming
 from moss_agent.wire import decode_json_object
 
 log = logging.getLogger(__name__)
@@ -237,6 +238,7 @@ class _Turn:
     serial: int
     stream: Any  # SpeechStream
     received_at: float
+    words: WordTimer  # when each word is spoken: sent as ``words`` messages
     credit: int = 0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     settling: bool = False
@@ -594,8 +596,13 @@ class _Socket:
         except Exception as exc:
             await self.reply_error(rid, exc)
             return
+        # the words the listener heard: timed to end by the cut, within the text the kept frames covered
+        words = turn.words.heard_words(
+            heard.audio_s if heard_s is None else heard_s, max_chars=len("".join(heard.text.split()))
+        )
         await self.send({"type": "heard", "id": rid, "conversation": conv.cid, "turn": turn.serial,
-                         "frames": heard.frames, "text": heard.text, "audio_s": heard.audio_s})  # fmt: skip
+                         "frames": heard.frames, "text": heard.text, "audio_s": heard.audio_s,
+                         "words": _words_json(words)})  # fmt: skip
 
     async def _close(self, rid: int, message: dict[str, Any]) -> None:
         conv = self._conversation(message)
@@ -634,6 +641,7 @@ class _Socket:
                         await self.send({"type": "ack", "id": rid, **({"dropped": True} if dropped else {})})
                 else:
                     turn = self._turn(conv, arg)
+                    turn.words.end_text()
                     await turn.stream.end_input()
                     if rid >= 0:
                         await self.send({"type": "ack", "id": rid})
@@ -651,6 +659,7 @@ class _Socket:
         turn = self._turn(conv, serial)
         if turn.settling:
             return True
+        turn.words.push_text(delta)
         await turn.stream.push_text(delta)
         return False
 
@@ -678,7 +687,7 @@ class _Socket:
     async def _start(self, conv: _Conversation, rid: int, serial: int, window: int, user: UserTurn | None,
                      received_at: float) -> None:  # fmt: skip
         stream = await conv.engine.start_turn(user, serial)
-        turn = _Turn(serial, stream, received_at, credit=window)
+        turn = _Turn(serial, stream, received_at, WordTimer(self.server.sample_rate), credit=window)
         # keep the turn before this one: it may still be settled
         for old in [s for s in conv.turns if s != serial][:-1]:
             del conv.turns[old]
@@ -715,6 +724,7 @@ class _Socket:
                     metrics.observe_chunk_gap(now - last)
                 frames, last = frames + 1, now
                 turn.credit -= 1
+                await self._send_words(conv, turn, turn.words.push_audio(chunk.pcm))
         except Exception as exc:
             if not turn.settling:
                 code = sp.error_code(exc)
@@ -724,8 +734,22 @@ class _Socket:
             return
         if not turn.settling:
             completed = bool(getattr(turn.stream, "completed", True))
+            if getattr(turn.stream, "stopped_by_model", completed):  # all the text was spoken: final
+                turn.words.finish()
+                await self._send_words(conv, turn, turn.words.words, final=True)
             await self.send({"type": "turn.end", "conversation": conv.cid, "turn": turn.serial,
                              "frames": frames, "completed": completed})  # fmt: skip
+
+    async def _send_words(
+        self, conv: _Conversation, turn: _Turn, words: list[WordTiming], *, final: bool = False
+    ) -> None:
+        if words:
+            await self.send({"type": "words", "conversation": conv.cid, "turn": turn.serial,
+                             "words": _words_json(words), "final": final})  # fmt: skip
+
+
+def _words_json(words: list[WordTiming]) -> list[dict[str, Any]]:
+    return [{"text": w.word, "start_s": w.start_s, "end_s": w.end_s} for w in words]
 
 
 @dataclass(frozen=True)

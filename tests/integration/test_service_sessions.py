@@ -286,6 +286,44 @@ async def test_a_start_turn_given_up_on_is_settled_before_the_next_turn(
         await conversation.aclose()
 
 
+async def test_word_timings_stream_with_the_audio_and_heard_lists_the_words_heard(url: str) -> None:
+    text = "one two three, four five six. seven eight nine ten eleven twelve"
+    http, ws = await raw(url)
+    await ws.send_json({"type": "open", "id": 1})
+    conversation = (await next_json(ws))["conversation"]
+    turn = {"conversation": conversation, "turn": 1}
+    await ws.send_json({"type": "turn.start", "id": 2, **turn, "window": CAP})
+    assert (await next_json(ws))["type"] == "turn.started"
+    await ws.send_json({"type": "text", "id": 3, **turn, "delta": text})
+    await ws.send_json({"type": "end_input", "id": 4, **turn})
+    streamed, frames = [], 0
+    while True:
+        msg = await asyncio.wait_for(ws.receive(), 10)
+        if msg.type == aiohttp.WSMsgType.BINARY:
+            frames += 1
+            await ws.send_json({"type": "credit", **turn, "frames": 1})
+            continue
+        message = json.loads(msg.data)
+        if message["type"] == "words":
+            assert not message["final"] and message["turn"] == 1
+            streamed += message["words"]
+        elif message["type"] == "turn.end":
+            break
+    # this tiny model never stops by itself: the frame cap ends the turn, with no final timings
+    assert frames == CAP and streamed, "no word was settled while the turn played"
+    assert [w["text"] for w in streamed] == text.split()[: len(streamed)]
+    assert all(w["end_s"] <= frames * FRAME_S for w in streamed)
+    heard_s = 1.0
+    await ws.send_json({"type": "interrupt", "id": 5, **turn, "heard_s": heard_s})
+    heard = await next_json(ws)
+    while heard["type"] != "heard":
+        heard = await next_json(ws)
+    words = [w["text"] for w in heard["words"]]
+    assert words and words == text.split()[: len(words)] and all(w["end_s"] <= heard_s for w in heard["words"])
+    assert len(" ".join(words)) < len(heard["text"])  # the model had read further than it spoke
+    await http.close()
+
+
 async def test_a_slow_reader_holds_the_engine_and_nothing_piles_up(engine: RealtimeEngine, url: str) -> None:
     async with RemoteSpeechBackend(url, token=TOKEN, audio_window=4) as remote:
         conversation = await remote.open_conversation()
