@@ -137,8 +137,9 @@ async def run(args: argparse.Namespace) -> int:
             model=model, system_instruction=args.system_prompt or SYSTEM_PROMPT
         )
         llm = OpenAILLMService(api_key=api_key, base_url=base_url, settings=settings)
-        tts = MossTTSService(engine)  # one engine slot for this pipeline's conversation
         context = LLMContext()
+        # One engine slot for this pipeline's conversation; the context tells it what the user said.
+        tts = MossTTSService(engine, context=context)
         aggregators = LLMContextAggregatorPair(context)
         writer = ReplyWriter(args.out_dir)
         worker = PipelineWorker(

@@ -51,7 +51,7 @@ import numpy as np
 from moss_agent._optional import require
 from moss_agent.errors import ConfigError, MossError
 from moss_agent.events import FloatArray
-from moss_agent.streaming.tts import Conversation, HeardResult, SpeechBackend, SpeechStream
+from moss_agent.streaming.tts import Conversation, HeardResult, SpeechBackend, SpeechStream, UserTurn
 from moss_agent.streaming.word_timing import WordTimer, WordTiming
 
 # The class below subclasses pipecat's, so pipecat is needed at import time; a missing install
@@ -68,6 +68,7 @@ from pipecat.frames.frames import (  # noqa: E402
     TTSAudioRawFrame,
     TTSStoppedFrame,
 )
+from pipecat.processors.aggregators.llm_context import LLMContext  # noqa: E402
 from pipecat.processors.frame_processor import FrameDirection  # noqa: E402
 from pipecat.services.settings import TTSSettings  # noqa: E402
 from pipecat.services.tts_service import TextAggregationMode, TTSService  # noqa: E402
@@ -84,6 +85,21 @@ def pcm16_bytes(pcm: FloatArray) -> bytes:
     scaled = np.clip(np.asarray(pcm, dtype=np.float32), -1.0, 1.0) * 32767.0
     data: bytes = np.rint(scaled).astype("<i2").tobytes()
     return data
+
+
+def _role_of(message: Any) -> str | None:
+    return message.get("role") if isinstance(message, dict) else None
+
+
+def _text_of(message: Any) -> str:
+    """The text of an OpenAI-style message: a string, or the text parts of a list of parts."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, str):
+        return content.strip()
+    if isinstance(content, list):
+        parts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        return " ".join(str(p).strip() for p in parts if p)
+    return ""
 
 
 @dataclass(eq=False)
@@ -115,6 +131,9 @@ class MossTTSService(TTSService):
 
     ``backend``: a ``RealtimeEngine`` (in process; share one among pipelines), a
     ``RemoteSpeechBackend`` (a speech server; see ``from_url``) or a ``FakeSpeechBackend``.
+    ``context``: the pipeline's ``LLMContext`` (the one its aggregators share), so each turn tells
+    the engine what the user said since the last one: MOSS-TTS-Realtime keeps the user's words in its
+    context, and speaks better knowing them. Without it the engine hears only its own replies.
     ``system_prompt`` / ``voice_prompt`` (float32 mono at the backend's rate): set when the
     conversation opens. ``voice``: a voice registered on a speech server (``RemoteSpeechBackend``
     only). ``owns_backend``: close the backend with the service (``from_url`` sets it).
@@ -127,6 +146,7 @@ class MossTTSService(TTSService):
         self,
         backend: SpeechBackend,
         *,
+        context: LLMContext | None = None,
         system_prompt: str | None = None,
         voice_prompt: FloatArray | None = None,
         voice: str | None = None,
@@ -152,6 +172,8 @@ class MossTTSService(TTSService):
             **kwargs,
         )
         self._backend = backend
+        self._context = context
+        self._messages_seen = 0  # messages of ``context`` already passed to the engine (or skipped)
         self._system_prompt = system_prompt
         self._voice_prompt = voice_prompt
         self._voice = voice
@@ -317,11 +339,23 @@ class MossTTSService(TTSService):
             await self._retire(turn)
         conversation = await self._ensure_conversation()
         self._turn_ids += 1
-        stream = await conversation.start_turn(None, self._turn_ids)
+        stream = await conversation.start_turn(self._user_turn(), self._turn_ids)
         turn = _Turn(context_id, stream, WordTimer(conversation.sample_rate), conversation.sample_rate)
         self._turn = turn
         turn.task = self.create_task(self._receive(turn), f"moss-tts-turn-{self._turn_ids}")
         return turn
+
+    def _user_turn(self) -> UserTurn | None:
+        """What the user said since the previous turn, from the shared LLM context (text only)."""
+        if self._context is None:
+            return None
+        messages = self._context.get_messages()
+        if len(messages) < self._messages_seen:  # the context was rewritten (summarized, reset)
+            self._messages_seen = 0
+        said = [_text_of(m) for m in messages[self._messages_seen :] if _role_of(m) == "user"]
+        self._messages_seen = len(messages)
+        text = " ".join(t for t in said if t)
+        return UserTurn(text) if text else None
 
     async def _retire(self, turn: _Turn) -> None:
         """Finish the previous turn before the next starts (one open turn per conversation): its

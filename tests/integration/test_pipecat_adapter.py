@@ -178,9 +178,11 @@ class RecordingConversation:
         self.inner = inner
         self.sample_rate = inner.sample_rate
         self.streams: list[StreamLog] = []
+        self.users: list[UserTurn | None] = []
 
     async def start_turn(self, user: UserTurn | None, turn_id: int) -> RecordingStream:
         stream = await self.inner.start_turn(user, turn_id)
+        self.users.append(user)
         self.streams.append(StreamLog(turn_id))
         return RecordingStream(stream, self.streams[-1])
 
@@ -200,9 +202,9 @@ class RecordingBackend:
 
 
 def pipeline_with_context(
-    llm: LLMService, tts: MossTTSService, *tail: FrameProcessor
+    llm: LLMService, tts: MossTTSService, *tail: FrameProcessor, context: LLMContext | None = None
 ) -> tuple[Pipeline, LLMContext]:
-    context = LLMContext()
+    context = context or LLMContext()
     pair = LLMContextAggregatorPair(context)
     return Pipeline([pair.user(), llm, tts, *tail, pair.assistant()]), context
 
@@ -328,9 +330,12 @@ async def test_an_interruption_rolls_the_engine_back_to_what_was_played_and_the_
     the next reply starts a new turn on the same conversation, which kept the cut reply."""
     long_reply = "Well, I think the weather will be lovely tomorrow, unless the forecast is wrong again."
     backend = RecordingBackend(FakeSpeechBackend())
-    tts = MossTTSService(backend)
+    context = LLMContext()
+    tts = MossTTSService(backend, context=context)  # the user's words go to the engine too
     recorder = Recorder()
-    pipeline, context = pipeline_with_context(ScriptedLLM([long_reply, "Sure."]), tts, Speaker(), recorder)
+    pipeline, _ = pipeline_with_context(
+        ScriptedLLM([long_reply, "Sure."]), tts, Speaker(), recorder, context=context
+    )
     worker = PipelineWorker(pipeline, cancel_on_idle_timeout=False)
 
     async def converse() -> None:
@@ -353,8 +358,13 @@ async def test_an_interruption_rolls_the_engine_back_to_what_was_played_and_the_
     assert len(spoken) == 2
     assert long_reply.startswith(spoken[0]) and 0 < len(spoken[0]) < len(long_reply)
     assert spoken[1] == "Sure."
-    # The engine's context continues from the cut: the heard prefix, then the next reply in full.
-    assert conversation.inner.context == [("assistant", long_reply[: heard.frames]), ("assistant", "Sure.")]
+    # The engine's context continues from the cut (the heard prefix), each turn after the user's words.
+    assert conversation.inner.context == [
+        ("user", "what about tomorrow?"),
+        ("assistant", long_reply[: heard.frames]),
+        ("user", "stop"),
+        ("assistant", "Sure."),
+    ]
     assert second.interrupts == [] and second.text == "Sure."
 
 
@@ -411,10 +421,11 @@ async def test_the_tiny_engine_speaks_two_turns_through_pipecat(
     await engine.start()
     try:
         backend = RecordingBackend(engine)
-        tts = MossTTSService(backend)
+        context = LLMContext()
+        tts = MossTTSService(backend, context=context)
         recorder = Recorder()
         replies = ["Nice to meet you, friend.", "Goodbye for now."]
-        pipeline, context = pipeline_with_context(ScriptedLLM(replies), tts, recorder)
+        pipeline, _ = pipeline_with_context(ScriptedLLM(replies), tts, recorder, context=context)
         worker = PipelineWorker(pipeline, cancel_on_idle_timeout=False)
 
         async def converse() -> None:
@@ -426,6 +437,7 @@ async def test_the_tiny_engine_speaks_two_turns_through_pipecat(
         await run_pipeline(worker, converse, timeout=120)
         [conversation] = backend.conversations
         assert [log.text for log in conversation.streams] == replies
+        assert [user.text if user else None for user in conversation.users] == ["hi", "bye"]
         for start in [i for i, f in enumerate(recorder.frames) if isinstance(f, TTSStartedFrame)]:
             stop = next(
                 i for i, f in enumerate(recorder.frames[start:], start) if isinstance(f, TTSStoppedFrame)
