@@ -9,15 +9,17 @@ works on the in-process engine, the remote service and the fake:
 1. **Voice activity.** The audio is cut into 10 ms hops; a hop is voiced when its RMS is above an
    absolute floor (-50 dBFS) and within 35 dB of the loudest hop so far. Voiced blips shorter than
    30 ms between silences are clicks, not speech.
-2. **Speaking-rate model.** Each word weighs its letters (digits count 3: "42" is "forty-two"; a CJK
-   character counts 3, a syllable) plus one for the junction with the next, and is spoken at
-   ``rate`` weight units per second of *voiced* time. A word's place in voiced time, mapped back to
-   the clock, never straddles a pause.
-3. **Anchors at pauses.** A silence of 150 ms or more inside speech is a phrase boundary: nobody
-   pauses inside a word. While streaming, each pause is tied to the word end nearest the rate
-   model's estimate (one after punctuation preferred), and the rate is re-estimated from the
-   anchored span, shrunk towards the prior. Words behind the estimate by a safety margin, or behind
-   an anchor, are *settled*: reported once, in order.
+2. **Speaking-rate model.** Each word weighs its letters (a digit counts 4: "42" is "forty-two"; a
+   CJK character 3, a syllable) plus one for the junction with the next, and is spoken at ``rate``
+   weight units per second of *voiced* time. A word's place in voiced time, mapped back to the
+   clock, never straddles a pause.
+3. **Correction as audio arrives.** While streaming, the rate comes from the audio itself: syllable
+   nuclei (loudness peaks 3 dB above the valleys around them) are counted and are worth the text's
+   weight per syllable, shrunk towards the rate known before them. Each silence of 150 ms or more
+   inside speech is tied to the word end nearest the estimate (nobody pauses inside a word; one
+   after punctuation is preferred), which pins the position and re-estimates the rate. Words whose
+   estimate ends a safety margin before the latest voiced audio are *settled*: reported once, in
+   order. What was heard at a cut is claimed at 0.9 times the estimated rate: late rather than early.
 4. **Final alignment.** When the speech ended by itself the model has spoken all its text, so the
    total weight spans the total voiced time exactly; every pause is then matched to a word end by a
    small dynamic programme (cost: distance from the uniform-rate position, plus a penalty for a word
@@ -29,6 +31,7 @@ works on the in-process engine, the remote service and the fake:
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 import unicodedata
@@ -50,7 +53,13 @@ RATE_RANGE = (PRIOR_RATE / 2.5, PRIOR_RATE * 2.5)
 SETTLE_MARGIN_S = 0.25  # a word is reported once the estimate is this far (voiced time) past its end
 NO_PUNCTUATION_COST = 4.0  # weight units: a pause after a word without punctuation is less likely
 UNMATCHED_PAUSE_COST = 12.0
+NUCLEUS_DB = 3.0  # a loudness peak this far above the valleys around it is a syllable
+SYLLABLES_PER_NUCLEUS = 0.85  # loudness peaks overcount syllables a little (measured on espeak-ng)
+SYLLABLE_TRUST_S = 1.0
+HEARD_MARGIN_S = 0.0  # seconds a streaming estimate must be past the cut to count as heard
+HEARD_RATE_SCALE = 0.9  # ... and at this fraction of the estimated rate (claim late rather than early)
 _PHRASE_END = re.compile(r"[,.;:!?\u2026\u2014\u3001\u3002\uff0c\uff01\uff1f\uff1b\uff1a)\"'\u201d]$")
+_VOWELS = re.compile(r"[aeiouy\u00e0-\u00ff]+")
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]")
 
 
@@ -71,12 +80,25 @@ def split_words(text: str) -> list[tuple[int, int]]:
     return spans
 
 
+def word_syllables(word: str) -> float:
+    """Syllables of ``word``, roughly: vowel groups (a final silent e aside), 1.4 per digit, one per
+    CJK character."""
+    letters = "".join(ch for ch in word.lower() if ch.isalpha() and not _CJK.match(ch))
+    count = len(_VOWELS.findall(letters))
+    if count > 1 and letters.endswith("e") and not letters.endswith(("le", "ee")):
+        count -= 1
+    count = max(1, count) if letters else 0
+    return count + 1.4 * sum(ch.isdigit() for ch in word) + sum(bool(_CJK.match(ch)) for ch in word)
+
+
 def word_weight(word: str) -> float:
     """Relative speaking time of ``word`` (see the module docstring); 0 for bare punctuation."""
     weight = 0.0
     for ch in word:
-        if _CJK.match(ch) or ch.isdigit():
+        if _CJK.match(ch):
             weight += 3.0
+        elif ch.isdigit():
+            weight += 4.0
         elif ch.isalpha() or unicodedata.category(ch) == "Mn":
             weight += 1.0
     return weight + 1.0 if weight else 0.0
@@ -94,7 +116,11 @@ class _VoiceTrack:
         self.count = 0  # voiced hops so far
         self.hops = 0  # hops so far
         self.pauses: list[float] = []
+        self.nuclei: list[float] = []  # voiced-time positions of syllable nuclei (loudness peaks)
         self._peak = 0.0
+        self._recent = [0.0, 0.0, 0.0]  # the last hops' levels (dB), smoothed before peak picking
+        self._rising = True
+        self._extreme = -200.0  # the highest level since the last valley, or the lowest since the peak
         self._run = 0  # the current voiced run, in hops
         self._silent = 0  # the current silence, in hops (before the current voiced run, if any)
         self._paused = False  # the current silence has its pause already
@@ -104,9 +130,26 @@ class _VoiceTrack:
             self._peak = max(self._peak, value)
             if value > max(FLOOR_RMS, self._peak * 10 ** (-RELATIVE_DB / 20)):
                 self._voiced()
+                self._loudness(20 * math.log10(value))
             else:
                 self._silence()
+                self._rising, self._extreme = True, -200.0
             self.hops += 1
+
+    def _loudness(self, level_db: float) -> None:
+        """Count syllable nuclei: loudness peaks that rise and fall NUCLEUS_DB around them."""
+        self._recent = [*self._recent[1:], level_db]
+        smooth = sum(self._recent) / 3
+        if self._rising:
+            if smooth > self._extreme:
+                self._extreme = smooth
+            elif smooth < self._extreme - NUCLEUS_DB:
+                self.nuclei.append(self.count * HOP_S)
+                self._rising, self._extreme = False, smooth
+        elif smooth < self._extreme:
+            self._extreme = smooth
+        elif smooth > self._extreme + NUCLEUS_DB:
+            self._rising, self._extreme = True, smooth
 
     def _voiced(self) -> None:
         if self.count == len(self.voiced_hops):
@@ -158,6 +201,7 @@ class WordTimer:
         self._anchors = [(0.0, 0.0)]  # (voiced s, weight) pinned at pauses while streaming
         self._anchored = 0  # pauses considered for anchors so far
         self._rate = PRIOR_RATE
+        self._weight_per_syllable = PRIOR_RATE / 4  # of the text so far (set with the layout)
         self._settled: list[WordTiming] = []
         self._final: list[WordTiming] | None = None
 
@@ -226,9 +270,15 @@ class WordTimer:
     def _heard_count(self, heard_s: float, max_chars: int | None) -> tuple[int, int]:
         """(words heard, the character index in ``text`` just past the last of them)."""
         count, end, chars = 0, 0, 0
-        for word, (start, char_end) in zip(self.words, self._word_layout()[0], strict=False):
+        # While streaming the estimate is looser: claim a word only once it is safely past, by a
+        # margin and at a slower rate than the best estimate.
+        if self._final is not None:
+            words, margin = self._final, 0.0
+        else:
+            words, margin = self._streaming_words(0, rate_scale=HEARD_RATE_SCALE), HEARD_MARGIN_S
+        for word, (start, char_end) in zip(words, self._word_layout()[0], strict=False):
             chars += char_end - start
-            if word.end_s > heard_s + 1e-6 or (max_chars is not None and chars > max_chars):
+            if word.end_s > heard_s - margin + 1e-6 or (max_chars is not None and chars > max_chars):
                 break
             count, end = count + 1, char_end
         return count, end
@@ -245,8 +295,22 @@ class WordTimer:
                 spans.pop()
             words = [self.text[a:b] for a, b in spans]
             cumulative = np.cumsum([word_weight(w) for w in words]) if words else np.zeros(0)
+            syllables = sum(word_syllables(w) for w in words)
+            self._weight_per_syllable = float(cumulative[-1]) / syllables if syllables else PRIOR_RATE / 4
             self._layout = (spans, cumulative, [bool(_PHRASE_END.search(w)) for w in words])
         return self._layout
+
+    def _rate_since(self, at_v: float, to_v: float) -> float:
+        """The speaking rate (weight per voiced second) to use after the anchor at ``at_v``: the
+        loudness peaks counted since then, worth the text's weight per syllable, shrunk towards the
+        rate known before them (anchors, else the prior) by SYLLABLE_TRUST_S."""
+        nuclei = self._track.nuclei
+        if len(nuclei) < 2:  # no loudness structure (yet): nothing to count, keep the rate known
+            return self._rate
+        counted = len(nuclei) - bisect.bisect_right(nuclei, at_v + 1e-9)
+        per_nucleus = self._weight_per_syllable * SYLLABLES_PER_NUCLEUS
+        rate = (counted * per_nucleus + self._rate * SYLLABLE_TRUST_S) / (max(0.0, to_v - at_v) + SYLLABLE_TRUST_S)
+        return min(max(rate, RATE_RANGE[0]), RATE_RANGE[1])
 
     def _anchor_new_pauses(self) -> None:
         """Tie each new pause to the word end nearest the rate model's estimate (one after
@@ -259,7 +323,7 @@ class WordTimer:
         known = float(cumulative[-1]) if len(cumulative) else 0.0
         for pause in pauses[self._anchored :]:
             at_v, at_w = self._anchors[-1]
-            expected = at_w + (pause - at_v) * self._rate
+            expected = at_w + (pause - at_v) * self._rate_since(at_v, pause)
             if not len(cumulative):
                 continue
             cost = np.abs(cumulative - expected) + penalty
@@ -273,11 +337,13 @@ class WordTimer:
             self._rate = min(max(rate, RATE_RANGE[0]), RATE_RANGE[1])
         self._anchored = len(pauses)
 
-    def _streaming_words(self, first: int, horizon: float = math.inf) -> list[WordTiming]:
+    def _streaming_words(self, first: int, horizon: float = math.inf, rate_scale: float = 1.0) -> list[WordTiming]:
         """Words ``first``.. by the rate model through the anchors so far, extrapolated past them;
         only those ending by ``horizon``."""
         spans, cumulative, _ = self._word_layout()
-        return self._timings(spans, cumulative, self._anchors, self._rate, self._track.voiced, first, horizon)
+        voiced = self._track.voiced
+        rate = self._rate_since(self._anchors[-1][0], len(voiced) * HOP_S) * rate_scale
+        return self._timings(spans, cumulative, self._anchors, rate, voiced, first, horizon)
 
     def _final_words(self) -> list[WordTiming]:
         """All the text over all the voiced audio, pauses matched to word ends by dynamic programming."""
@@ -325,8 +391,9 @@ class WordTimer:
 
         count = len(voiced_hops)
         voiced_s = count * HOP_S
-        # past the voiced audio so far (words not spoken yet): after its last voiced hop, same rate
-        last = (voiced_hops[-1] + 1) * HOP_S if count else len(self._rms) * HOP_S
+        # past the voiced audio (words not spoken yet): after the audio made so far, at the same
+        # rate; in the final alignment all the words are within the voiced audio
+        last = len(self._rms) * HOP_S
 
         def to_clock(v: np.ndarray, *, start: bool) -> np.ndarray:
             if not count:

@@ -1,7 +1,8 @@
 """Word timings from a turn's text and audio (moss_agent.streaming.word_timing), without a model.
 
 The audio here is made of tone bursts, one per word, as long as the word's weight at a chosen
-speaking rate, with a pause after punctuation: the true boundaries are known exactly. Accuracy on
+speaking rate, with one loudness hump per syllable and a pause after punctuation: the true
+boundaries are known exactly. Accuracy on
 real (synthetic) speech is measured in tests/integration/test_word_timing_truth.py.
 """
 
@@ -15,7 +16,7 @@ import pytest
 from moss_agent.events import WordTimes
 from moss_agent.streaming.clock import ScaledClock
 from moss_agent.streaming.session import Session
-from moss_agent.streaming.word_timing import WordTimer, split_words, word_weight
+from moss_agent.streaming.word_timing import WordTimer, split_words, word_syllables, word_weight
 from moss_agent.testing import FakeSpeechBackend
 
 RATE = 24000
@@ -29,7 +30,10 @@ def burst_speech(text: str, units_per_s: float, pause_s: float = 0.3) -> tuple[n
     for a, b in split_words(text):
         word = text[a:b]
         n = round(word_weight(word) / units_per_s * RATE)
-        tone = 0.3 * np.sin(2 * np.pi * rng.uniform(150, 300) * np.arange(n) / RATE)
+        at = np.arange(n) / RATE
+        # one loudness hump per syllable, as in speech
+        humps = 0.35 + 0.65 * np.abs(np.sin(np.pi * word_syllables(word) * at / (n / RATE)))
+        tone = 0.3 * humps * np.sin(2 * np.pi * rng.uniform(150, 300) * at)
         pieces.append(tone.astype(np.float32))
         truth.append((t, t + n / RATE))
         t += n / RATE
@@ -55,7 +59,7 @@ def stream(timer: WordTimer, text: str, pcm: np.ndarray, chunk_s: float = 0.08) 
 def test_words_are_runs_between_spaces_and_each_cjk_character() -> None:
     text = "Hi, there!  你好，世界。 x"
     assert [text[a:b] for a, b in split_words(text)] == ["Hi,", "there!", "你", "好，", "世", "界。", "x"]
-    assert word_weight("—") == 0 and word_weight("42") == 7 and word_weight("cat.") == 4
+    assert word_weight("—") == 0 and word_weight("42") == 9 and word_weight("cat.") == 4
 
 
 @pytest.mark.parametrize("units_per_s", [9.0, 15.0, 24.0])
