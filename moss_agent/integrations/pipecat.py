@@ -117,7 +117,6 @@ class _Turn:
     closed: asyncio.Event = field(default_factory=asyncio.Event)  # ... and has returned
     samples_pushed: int = 0  # audio of this turn pushed downstream so far
     first_push_ns: int | None = None  # pipeline clock when its first audio frame was pushed
-    words: list[WordTiming] = field(default_factory=list)
 
     def heard_s(self, now_ns: int) -> float:
         """What the listener can have heard: no more than was pushed, no more than real time allows."""
@@ -172,6 +171,7 @@ class MossTTSService(TTSService):
             **kwargs,
         )
         self._backend = backend
+        self._rate = backend.sample_rate  # what pipecat was told this service speaks at
         self._context = context
         self._messages_seen = 0  # messages of ``context`` already passed to the engine (or skipped)
         self._system_prompt = system_prompt
@@ -272,11 +272,11 @@ class MossTTSService(TTSService):
                 elif self._voice is not None:
                     kwargs["voice"] = self._voice
                 conversation = await self._backend.open_conversation(**kwargs)
-                if conversation.sample_rate != self._backend.sample_rate:
+                if conversation.sample_rate != self._rate:
                     await conversation.aclose()
                     raise ConfigError(
-                        f"the conversation speaks at {conversation.sample_rate} Hz, the backend "
-                        f"said {self._backend.sample_rate} Hz"
+                        f"the speech engine speaks at {conversation.sample_rate} Hz, but this service was "
+                        f"built for {self._rate} Hz; pass a backend whose sample_rate is the engine's"
                     )
                 self._conversation = conversation
         return self._conversation
@@ -407,7 +407,6 @@ class MossTTSService(TTSService):
 
     async def _add_words(self, turn: _Turn, words: list[WordTiming]) -> None:
         if words:
-            turn.words.extend(words)
             # Seconds from the turn's first sample: pipecat starts the word clock when the
             # context's first audio frame is pushed, which is that sample.
             await self.add_word_timestamps([(w.word, w.start_s) for w in words], turn.context_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import re
 import subprocess
 import sys
@@ -93,6 +94,7 @@ class Speaker(BaseOutputTransport):
     def __init__(self) -> None:
         super().__init__(TransportParams(audio_out_enabled=True, audio_out_sample_rate=RATE))
         self.played = bytearray()
+        self._progress = asyncio.Event()
 
     async def start(self, frame: StartFrame) -> None:
         await super().start(frame)
@@ -100,8 +102,15 @@ class Speaker(BaseOutputTransport):
 
     async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
         self.played += frame.audio
+        self._progress.set()
         await asyncio.sleep(len(frame.audio) / 2 / frame.sample_rate)
         return True
+
+    async def wait_played(self, seconds: float, timeout: float = 30.0) -> None:
+        async with asyncio.timeout(timeout):
+            while len(self.played) < seconds * RATE * 2:
+                self._progress.clear()
+                await self._progress.wait()
 
 
 class Recorder(FrameProcessor):
@@ -452,6 +461,43 @@ async def test_the_tiny_engine_speaks_two_turns_through_pipecat(
         assert engine.free_slots == 2  # the EndFrame closed the conversation
     finally:
         await engine.aclose()
+
+
+async def test_the_tiny_engine_is_cut_back_to_what_was_played(
+    tiny_realtime_endless_dir: Path, tiny_codec_dir: Path
+) -> None:
+    """An interruption on the real engine: the turn (which would run to its 1.9 s cap) is cut at the
+    played estimate, well short of what the engine had made, and the next turn speaks."""
+    from moss_agent.engine.realtime import RealtimeEngine, RealtimeEngineConfig
+    from moss_agent.models.realtime import SamplingConfig
+
+    config = RealtimeEngineConfig(
+        num_slots=1, max_context=512, max_frames_per_turn=24, max_ahead_s=4.0,
+        sampling=SamplingConfig(greedy=True), cpu_threads=1,
+    )  # fmt: skip
+    engine = RealtimeEngine.load(tiny_realtime_endless_dir, tiny_codec_dir, device="cpu", config=config)
+    async with engine:
+        backend = RecordingBackend(engine)
+        speaker, recorder = Speaker(), Recorder()
+        llm = ScriptedLLM(["This reply goes on and on, far longer than anyone wants to listen.", "Okay."])
+        pipeline, _ = pipeline_with_context(llm, MossTTSService(backend), speaker, recorder)
+        worker = PipelineWorker(pipeline, cancel_on_idle_timeout=False)
+
+        async def converse() -> None:
+            await worker.queue_frame(user_says("talk"))
+            await speaker.wait_played(0.5)
+            await worker.queue_frame(InterruptionFrame())
+            await worker.queue_frame(user_says("stop"))
+            await recorder.wait_for(LLMFullResponseEndFrame, 1, timeout=60)
+            await worker.queue_frame(EndFrame())
+
+        await run_pipeline(worker, converse, timeout=120)
+        first, second = backend.conversations[0].streams
+        [(heard_s, heard)] = first.interrupts
+        assert heard_s is not None and first.made_at_interrupt is not None
+        assert 0.5 <= heard_s < first.made_at_interrupt
+        assert heard.frames == math.ceil(heard_s / 0.08 - 1e-6)  # the engine kept the frames played
+        assert second.text == "Okay." and second.chunks and not second.interrupts
 
 
 def test_the_adapter_needs_pipecat_and_never_torch() -> None:
