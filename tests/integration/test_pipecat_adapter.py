@@ -361,7 +361,8 @@ async def test_an_interruption_rolls_the_engine_back_to_what_was_played_and_the_
     first, second = conversation.streams
     [(heard_s, heard)] = first.interrupts
     assert heard_s is not None and first.made_at_interrupt is not None
-    assert 0 < heard_s < first.made_at_interrupt  # cut at what was played, not at what was made
+    # cut at what was played, not at what was made (the fake makes audio 4x faster than real time)
+    assert 0 < heard_s < first.made_at_interrupt, (heard_s, first.made_at_interrupt)
     assert 0 < heard.frames < len(long_reply)
     spoken = assistant_messages(context)
     assert len(spoken) == 2
@@ -495,8 +496,10 @@ async def test_the_tiny_engine_is_cut_back_to_what_was_played(
         first, second = backend.conversations[0].streams
         [(heard_s, heard)] = first.interrupts
         assert heard_s is not None and first.made_at_interrupt is not None
-        assert 0.5 <= heard_s < first.made_at_interrupt
-        assert heard.frames == math.ceil(heard_s / 0.08 - 1e-6)  # the engine kept the frames played
+        # At most what was made (less, unless a loaded machine kept the engine near real time) and
+        # short of the whole turn: the engine kept the frames played.
+        assert 0.5 <= heard_s <= first.made_at_interrupt, (heard_s, first.made_at_interrupt)
+        assert heard.frames == math.ceil(heard_s / 0.08 - 1e-6) < 24
         assert second.text == "Okay." and second.chunks and not second.interrupts
 
 
