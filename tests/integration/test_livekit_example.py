@@ -1,6 +1,7 @@
 """examples/livekit_agent.py runs as its docstring says, in its offline form (no LiveKit server needed):
-``synthesize`` speaks a text through the LiveKit plugin and writes a wav, on the tiny engine in
-process, and through a ``moss-agent speech-server --tiny`` started first, as a user would."""
+``synthesize`` speaks a text through the LiveKit plugin and writes a wav, through a ``moss-agent
+speech-server --tiny`` started first, as a user would. (Its in-process form, ``synthesize --tiny``,
+runs verbatim from the README in test_readme.py.)"""
 
 from __future__ import annotations
 
@@ -39,11 +40,6 @@ def check_reply(result: subprocess.CompletedProcess[str], wav: Path) -> None:
     ]
     assert [words[2] for words in timings] == TEXT.split()  # one timing per word, in order
     assert f"wrote {wav}" in result.stdout
-
-
-def test_synthesize_on_the_tiny_engine_in_process(cache: Path, tmp_path: Path) -> None:
-    wav = tmp_path / "reply.wav"
-    check_reply(synthesize("--tiny", "--max-seconds", "2", "--whole", "--out", str(wav)), wav)
 
 
 def test_synthesize_through_a_speech_server(cache: Path, tmp_path: Path) -> None:
