@@ -20,6 +20,7 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,10 @@ from moss_agent.events import AudioChunk, FloatArray
 from moss_agent.model_ids import CODEC_MODEL_ID, REALTIME_MODEL_ID
 from moss_agent.models.codec import MossAudioTokenizer
 from moss_agent.models.compiling import compile_step
-from moss_agent.models.realtime import RealtimeGenerator, SamplingConfig, StepOutput
+from moss_agent.models.realtime import EncodedTurn, RealtimeGenerator, SamplingConfig, StepOutput
 from moss_agent.models.realtime.config import DELAY_TOKENS
 from moss_agent.models.realtime.text import GrowingTextTokenizer, TextTokenizer, UpstreamSegmentTokenizer
-from moss_agent.streaming.tts import HeardResult, UserTurn
+from moss_agent.streaming.tts import HeardResult, PastTurn, UserTurn, check_history
 
 log = logging.getLogger(__name__)
 
@@ -283,13 +284,21 @@ class RealtimeEngine:
 
     async def open_conversation(
         self, *, system_prompt: str | None = None, voice_prompt: FloatArray | None = None,
-        voice_sample_rate: int | None = None,
+        voice_sample_rate: int | None = None, history: Sequence[PastTurn] | None = None,
     ) -> EngineConversation:
         """Claim a slot (waiting in a bounded queue when all are busy) and set up its context.
 
         ``voice_prompt``: reference speech (float32 mono, at ``voice_sample_rate``, default the
         codec rate) whose voice the agent should use.
+
+        ``history``: earlier turns, oldest first (``moss_agent.streaming.tts.check_history``). Their
+        audio is encoded by the codec and the turns are fed now, laid out as live turns leave
+        them (``PromptBuilder.assistant_rows``), so the first turn continues as after them. A history
+        that does not fit ``max_context`` less the room a turn reserves (``turn_reserve_rows``)
+        raises ConfigError: it is refused, not trimmed, so the context never silently loses turns
+        the caller's LLM history still holds.
         """
+        turns = check_history(history)
         if self._closed:
             raise SessionClosedError("the engine is closed")
         self._health.check()
@@ -297,7 +306,7 @@ class RealtimeEngine:
         slot = await self._claim_slot()
         try:
             rate = voice_sample_rate or self.sample_rate
-            await self._call(self._open_slot, slot, system_prompt, voice_prompt, rate)
+            await self._call(self._open_slot, slot, system_prompt, voice_prompt, rate, turns)
         except BaseException:
             self._release_slot(slot)
             raise
@@ -352,11 +361,24 @@ class RealtimeEngine:
         codes, lengths = self.codec.encode(wav, num_quantizers=self.rvq)
         return codes[:, 0, : int(lengths[0])].T.cpu()
 
-    def _open_slot(self, slot: int, system_prompt: str | None, voice: FloatArray | None, rate: int) -> None:
+    def _open_slot(
+        self, slot: int, system_prompt: str | None, voice: FloatArray | None, rate: int,
+        history: list[PastTurn],
+    ) -> None:
         voice_codes = None if voice is None else self._encode(voice, rate)
         if voice_codes is not None and voice_codes.shape[0] == 0:
             raise ConfigError("the voice prompt is shorter than one codec frame (80 ms)")
-        self.generator.start_conversation(slot, system_prompt, voice_codes)
+        encoded = []
+        for index, turn in enumerate(history):
+            codes = self._encode(turn.audio, turn.sample_rate) if turn.has_audio else None  # type: ignore[arg-type]
+            if codes is not None and codes.shape[0] == 0:
+                if turn.role == "assistant":
+                    raise ConfigError(f"history[{index}]: the assistant audio is shorter than one codec frame (80 ms)")
+                codes = None  # as a user turn's audio is at start_turn
+            encoded.append(EncodedTurn(turn.role, turn.text, codes))
+        self.generator.start_conversation(
+            slot, system_prompt, voice_codes, encoded, budget_rows=self.config.max_context - self.turn_reserve_rows
+        )
 
     def _start_turn(self, slot: int, stream: EngineStream, user: UserTurn | None) -> None:
         codes = None

@@ -38,10 +38,13 @@ keep it; ``tests/models/test_speech_contract.py`` runs the same tests against ea
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
+import numpy as np
+
+from moss_agent.errors import ConfigError
 from moss_agent.events import AudioChunk, FloatArray
 
 
@@ -52,6 +55,61 @@ class UserTurn:
     text: str
     audio: FloatArray | None = None
     sample_rate: int = 24000
+
+
+@dataclass(frozen=True, slots=True)
+class PastTurn:
+    """An earlier turn of a conversation, to open it with (``open_conversation(history=[...])``).
+
+    ``role``: "user" or "assistant"; ``text``: what was said; ``audio``: the speech (float32 mono at
+    ``sample_rate``), optional for the user, required for the assistant (MOSS-TTS-Realtime has a
+    layout for user text alone, but none for assistant text without its speech: see
+    ``check_history``). For an assistant turn that was cut short, give the words and the audio the
+    listener heard.
+    """
+
+    role: Literal["user", "assistant"]
+    text: str
+    audio: FloatArray | None = None
+    sample_rate: int = 24000
+
+    def __post_init__(self) -> None:
+        if self.role not in ("user", "assistant"):
+            raise ConfigError(f"a past turn's role must be 'user' or 'assistant', got {self.role!r}")
+        if not isinstance(self.text, str):
+            raise ConfigError(f"a past turn's text must be a string, got {type(self.text).__name__}")
+        if not (isinstance(self.sample_rate, int) and self.sample_rate > 0):
+            raise ConfigError(f"a past turn's sample_rate must be a positive integer, got {self.sample_rate!r}")
+
+    @property
+    def has_audio(self) -> bool:
+        return self.audio is not None and np.size(self.audio) > 0
+
+
+def check_history(history: Sequence[PastTurn] | None) -> list[PastTurn]:
+    """The turns of ``history`` as a list, or ConfigError naming the first one no backend can take.
+
+    Every turn must be a ``PastTurn``; an assistant turn needs its audio. Why: the model was trained
+    on assistant turns only as text with its speech (reference section 6.2), and an assistant turn
+    of text alone has no layout it knows; text rows there could teach it, in context, that assistant
+    turns may be silent. A chat that turns into a call can leave the assistant's text turns out of
+    the engine's history (the LLM's history keeps them) or synthesize their audio first.
+    """
+    if history is None:
+        return []
+    if isinstance(history, str | bytes) or not isinstance(history, Sequence):
+        raise ConfigError("history must be a list of PastTurn")
+    turns = list(history)
+    for index, turn in enumerate(turns):
+        if not isinstance(turn, PastTurn):
+            raise ConfigError(f"history[{index}] must be a PastTurn, got {type(turn).__name__}")
+        if turn.role == "assistant" and not turn.has_audio:
+            raise ConfigError(
+                f"history[{index}] is an assistant turn without audio; the model has no layout for "
+                "assistant text without its speech. Give the audio the listener heard, or leave the "
+                "turn out of the engine's history"
+            )
+    return turns
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +169,15 @@ class SpeechBackend(Protocol):
     sample_rate: int
 
     async def open_conversation(
-        self, *, system_prompt: str | None = None, voice_prompt: FloatArray | None = None
+        self,
+        *,
+        system_prompt: str | None = None,
+        voice_prompt: FloatArray | None = None,
+        history: Sequence[PastTurn] | None = None,
     ) -> Conversation:
-        """Claim a slot; may wait in a bounded queue or raise OverloadError when all are busy."""
+        """Claim a slot; may wait in a bounded queue or raise OverloadError when all are busy.
+
+        ``history``: earlier turns the conversation starts with, oldest first (``check_history``
+        says what is accepted); the first ``start_turn`` continues after them. A history that does
+        not fit the backend's context raises ConfigError.
+        """

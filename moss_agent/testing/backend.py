@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
-from moss_agent.errors import EngineError, OverloadError, SessionClosedError
+from moss_agent.errors import ConfigError, EngineError, OverloadError, SessionClosedError
 from moss_agent.events import AudioChunk, FloatArray
 from moss_agent.streaming.clock import Clock, MonotonicClock
-from moss_agent.streaming.tts import HeardResult, UserTurn
+from moss_agent.streaming.tts import HeardResult, PastTurn, UserTurn, check_history
 
 
 class FakeSpeechBackend:
@@ -40,10 +41,13 @@ class FakeSpeechBackend:
         clock: Clock | None = None,
         fail_at_frame: int | None = None,
         max_frames_per_turn: int | None = None,
+        max_history_chars: int | None = None,
     ) -> None:
         """``fail_at_frame``: every stream raises EngineError when it reaches that frame (fault injection).
         ``max_frames_per_turn``: a turn stops after that many frames, whatever text is left (the
-        engine's frame cap)."""
+        engine's frame cap). ``max_history_chars``: the most history text ``open_conversation``
+        takes (the engine's limit is its context), None: no limit."""
+        self.max_history_chars = max_history_chars
         self.sample_rate = sample_rate
         self.fail_at_frame = fail_at_frame
         self.max_frames_per_turn = max_frames_per_turn
@@ -64,17 +68,33 @@ class FakeSpeechBackend:
         return self.base_hz + self.step_hz * slot
 
     async def open_conversation(
-        self, *, system_prompt: str | None = None, voice_prompt: FloatArray | None = None
+        self,
+        *,
+        system_prompt: str | None = None,
+        voice_prompt: FloatArray | None = None,
+        history: Sequence[PastTurn] | None = None,
     ) -> FakeConversation:
+        """``history`` is checked as the engine checks it and starts the conversation's ``context``;
+        a history of more than ``max_history_chars`` characters raises ConfigError, as one over the
+        engine's context does."""
+        turns = check_history(history)
+        chars = sum(len(turn.text) for turn in turns)
+        if self.max_history_chars is not None and chars > self.max_history_chars:
+            raise ConfigError(
+                f"the history holds {chars} characters; this fake takes at most {self.max_history_chars}"
+            )
         if len(self.active) >= self.max_slots:
             raise OverloadError(f"all {self.max_slots} fake engine slots are busy; close a session first")
         conversation = FakeConversation(self, next(self._slot_ids), system_prompt, voice_prompt)
+        conversation.history = turns
+        conversation.context.extend((turn.role, turn.text) for turn in turns if turn.text)
         self.active.add(conversation)
         return conversation
 
 
 class FakeConversation:
-    """One slot: keeps ``context`` [(role, text)] and every ``UserTurn`` it was given."""
+    """One slot: keeps ``context`` [(role, text)] (starting with its history's turns), the
+    ``history`` it was opened with and every ``UserTurn`` it was given."""
 
     def __init__(
         self, backend: FakeSpeechBackend, slot: int, system_prompt: str | None, voice_prompt: FloatArray | None
@@ -86,6 +106,7 @@ class FakeConversation:
         self.system_prompt = system_prompt
         self.voice_prompt = voice_prompt
         self.context: list[tuple[str, str]] = []
+        self.history: list[PastTurn] = []
         self.user_turns: list[UserTurn] = []
         self.turn_ids: list[int] = []
         self.closed = False

@@ -11,7 +11,7 @@ from __future__ import annotations
 from moss_agent.models.realtime.config import DELAY_TOKENS, LocalConfig, RealtimeConfig
 from moss_agent.models.realtime.generator import RealtimeGenerator, StepOutput
 from moss_agent.models.realtime.model import BackboneCache, MossTTSRealtime, load_realtime
-from moss_agent.models.realtime.prompt import PromptBuilder
+from moss_agent.models.realtime.prompt import EncodedTurn, PromptBuilder
 from moss_agent.models.realtime.state import ContextLayout, GenerationState
 from moss_agent.models.realtime.text import GrowingTextTokenizer, UpstreamSegmentTokenizer
 from moss_agent.models.realtime.tiny import save_tiny_realtime
@@ -21,6 +21,7 @@ __all__ = [
     "DELAY_TOKENS",
     "BackboneCache",
     "ContextLayout",
+    "EncodedTurn",
     "GenerationState",
     "GrowingTextTokenizer",
     "LocalConfig",

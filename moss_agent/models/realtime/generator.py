@@ -10,6 +10,7 @@ Usage (the engine owns one generator per device, on one thread)::
 
     gen = RealtimeGenerator(model, tokenizer, num_slots=8, max_context=4096)
     gen.start_conversation(slot, system_prompt=None, voice_codes=None)      # resets the slot
+    # or open with earlier turns: history=[EncodedTurn("user", "Hi"), EncodedTurn("assistant", "Hello!", codes)]
     gen.trim_context(slot, budget_rows=3000)  # between turns: drop the oldest turns, keep the prefix
     gen.start_turn(slot, user_text="Hi", user_codes=None, sampling=SamplingConfig(), seed=1)
     gen.push_text(slot, "Hello there")     # any chunking; ids never change at chunk boundaries
@@ -62,6 +63,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,7 +73,7 @@ from moss_agent.errors import ConfigError, EngineError
 from moss_agent.models.realtime.accelerated import CompiledTick, TickGraph
 from moss_agent.models.realtime.config import DELAY_TOKENS
 from moss_agent.models.realtime.model import MossTTSRealtime
-from moss_agent.models.realtime.prompt import PromptBuilder
+from moss_agent.models.realtime.prompt import EncodedTurn, PromptBuilder
 from moss_agent.models.realtime.state import (
     ContextLayout,
     GenerationState,
@@ -194,16 +196,42 @@ class RealtimeGenerator:
         return self.state.slots[slot]
 
     def start_conversation(
-        self, slot: int, system_prompt: str | None = None, voice_codes: torch.Tensor | None = None
+        self,
+        slot: int,
+        system_prompt: str | None = None,
+        voice_codes: torch.Tensor | None = None,
+        history: Sequence[EncodedTurn] = (),
+        *,
+        budget_rows: int | None = None,
     ) -> None:
-        """Reset ``slot`` to an empty context; the system block (upstream text when None) and the
-        voice prompt (codes [frames, nq >= rvq]) are fed with the first turn."""
+        """Reset ``slot`` to a new conversation: the system block (upstream text when None) and the
+        voice prompt (codes [frames, nq >= rvq]) are fed with the first turn.
+
+        ``history``: earlier turns (``PromptBuilder.history_rows`` lays them out); then the system
+        block and the history are fed now, and the first turn continues after them as after live
+        turns (trimming drops history turns like any other). They must fit ``budget_rows`` (default:
+        the whole context less room for one turn to start), else ConfigError and the slot is untouched.
+        """
         self._check_slot(slot)
         rows = self.prompts.system_rows(system_prompt, voice_codes)
+        past, starts = self.prompts.history_rows(history)
+        budget = self.max_context - DELAY_TOKENS - 1 - _END_ROWS if budget_rows is None else budget_rows
+        total = rows.shape[0] + past.shape[0]
+        if past.shape[0] and total > budget:
+            raise ConfigError(
+                f"the history needs {total} rows of context ({rows.shape[0]} for the system and voice "
+                f"prompt, {past.shape[0]} for {len(history)} turns; a row per text token and per 80 ms "
+                f"of audio) but a conversation here may open with at most {budget}; "
+                "leave out the oldest turns, shorten their audio, or raise max_context"
+            )
         record = self._reset(slot)
         record.active = True
-        record.prefix = rows
         record.prefix_rows = rows.shape[0]
+        if not past.shape[0]:
+            record.prefix = rows
+            return
+        self._feed_prompt(slot, torch.cat([rows, past]))
+        record.turn_starts = [rows.shape[0] + start for start in starts]
 
     def start_turn(
         self,

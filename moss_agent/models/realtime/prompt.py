@@ -6,13 +6,18 @@ A row is 1 + rvq ints: a text id, then one id per codebook (a code, or pad 1024 
 - user turn: ``<|im_end|>\\n<|im_start|>user\\n`` + text; the user's own audio, when given, uses the
   12-token delay layout (BOS on the 12th text token, or the last one for shorter text; frames from
   the next row; an EOS row; ``<|text_pad|>`` filling the text channel once the text runs out);
-- assistant header: ``<|im_end|>\\n<|im_start|>assistant\\n``.
+- assistant header: ``<|im_end|>\\n<|im_start|>assistant\\n``;
+- an earlier turn given at open (``history_rows``): a user turn is its user block without the header;
+  an assistant turn is the header, then its text and frames in the same 12-token delay layout,
+  closed by the EOS row, exactly the rows a live turn leaves (see ``assistant_rows``).
 The doubled ``<|im_end|>\\n`` after the system block is upstream's streaming layout, kept on purpose.
 Layout facts from reference/realtime-model.md section 6 (upstream MossTTSRealtimeProcessor).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,6 +35,15 @@ USER_PREFIX = "<|im_end|>\n<|im_start|>user\n"
 ASSISTANT_HEADER = "<|im_end|>\n<|im_start|>assistant\n"
 AUDIO_PAD_TOKEN = "<|audio_pad|>"
 TEXT_PAD_TOKEN = "<|text_pad|>"
+
+
+@dataclass(frozen=True)
+class EncodedTurn:
+    """An earlier turn with its audio as codec codes [frames, nq] (None: no audio)."""
+
+    role: str  # "user" or "assistant"
+    text: str
+    codes: torch.Tensor | None = None
 
 
 class PromptBuilder:
@@ -93,6 +107,9 @@ class PromptBuilder:
             if user_text is None:
                 return self.text_rows(self.encode(ASSISTANT_HEADER))
             return self.text_rows(self.encode(USER_PREFIX + user_text + ASSISTANT_HEADER))
+        return torch.cat([self._user_audio_block(user_text, user_codes), self.text_rows(self.encode(ASSISTANT_HEADER))])
+
+    def _user_audio_block(self, user_text: str | None, user_codes: torch.Tensor) -> torch.Tensor:
         frames = self.check_codes(user_codes, "user_codes")
         text = user_text or ""
         audio_len = frames.shape[0]
@@ -108,7 +125,64 @@ class PromptBuilder:
         rows[bos, 1] = self.config.audio_bos
         rows[bos + 1 : bos + 1 + audio_len, 1:] = frames
         rows[bos + 1 + audio_len, 1] = self.config.audio_eos
-        return torch.cat([rows, self.text_rows(self.encode(ASSISTANT_HEADER))])
+        return rows
+
+    def assistant_rows(self, text: str, codes: torch.Tensor) -> torch.Tensor:
+        """A finished assistant turn: the header, then its text and frames (codes [T, nq]) as a live
+        turn leaves them in the context.
+
+        The text is tokenized on its own (as the engine tokenizes streamed text: the same ids as the
+        whole text at once). BOS sits on the 12th text token (the last one for shorter text), frame
+        f in the row of text token ``prefill + f`` (``<|text_pad|>`` once the text runs out), and
+        the EOS row ``[<|text_pad|>, 1026, pad...]`` closes the turn. That is the 6.2 layout except
+        where a live turn differs from it: text more than 12 tokens beyond the last frame is left
+        out (a live turn that stops before its text ends never reads it), and the EOS row's text
+        channel is always ``<|text_pad|>``.
+        """
+        frames = self.check_codes(codes, "assistant codes")
+        ids = self.encode(text)
+        header = self.encode(ASSISTANT_HEADER)
+        audio_len = frames.shape[0]
+        prefill = min(len(ids), DELAY_TOKENS)
+        spoken = ids[: prefill + audio_len]
+        pads = prefill + audio_len - len(spoken)
+        rows = self.text_rows(header + spoken + [self.config.text_pad_id] * pads)
+        bos = len(header) + prefill - 1
+        rows[bos, 1] = self.config.audio_bos
+        rows[bos + 1 : bos + 1 + audio_len, 1:] = frames
+        return torch.cat([rows, self.eos_row()[None]])
+
+    def history_rows(self, turns: Sequence[EncodedTurn]) -> tuple[torch.Tensor, list[int]]:
+        """Earlier turns -> (rows [L, 1 + rvq], the row where each turn block starts).
+
+        A block is a user turn with the assistant turns after it (or an assistant turn with no user
+        turn before it): the unit a live conversation trims. A user turn leaves out the assistant
+        header, which the next assistant turn (or the next ``user_rows``) brings, so a history that
+        ends with a user turn is answered by ``start_turn(user_text=None)``.
+        """
+        parts: list[torch.Tensor] = []
+        starts: list[int] = []
+        length, previous = 0, None
+        for turn in turns:
+            if turn.role == "user":
+                if turn.codes is not None and turn.codes.shape[0] > 0:
+                    rows = self._user_audio_block(turn.text, turn.codes)
+                else:
+                    rows = self.text_rows(self.encode(USER_PREFIX + turn.text))
+            elif turn.role == "assistant":
+                if turn.codes is None or turn.codes.shape[0] == 0:
+                    raise ConfigError("an assistant turn of the history needs its audio (at least one codec frame)")
+                rows = self.assistant_rows(turn.text, turn.codes)
+            else:
+                raise ConfigError(f"a turn's role must be 'user' or 'assistant', got {turn.role!r}")
+            if turn.role == "user" or previous != "user":
+                starts.append(length)
+            parts.append(rows)
+            length += rows.shape[0]
+            previous = turn.role
+        if not parts:
+            return torch.zeros(0, self.width, dtype=torch.long), []
+        return torch.cat(parts), starts
 
     def audio_row(self, text_id: int, codes: torch.Tensor) -> torch.Tensor:
         """One row [1 + rvq]: a text id with a frame (codes [rvq])."""
