@@ -19,7 +19,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -44,7 +44,7 @@ from moss_agent.streaming.history import ChatMessage, History
 from moss_agent.streaming.listen import EchoCanceller, Listener, Transcriber, Utterance, VoiceActivityModel
 from moss_agent.streaming.llm import LLM
 from moss_agent.streaming.metrics import SessionSummary
-from moss_agent.streaming.tts import Conversation, SpeechBackend, UserTurn
+from moss_agent.streaming.tts import Conversation, PastTurn, SpeechBackend, UserTurn, check_history
 from moss_agent.streaming.turn_runner import TokenSource, Turn, TurnPhase, TurnResult, TurnRunner
 from moss_agent.streaming.turns import BargeIn, SpeechEnd, SpeechStart, TurnSignal
 from moss_agent.transports.base import AudioInput, AudioOutput
@@ -102,6 +102,12 @@ class Session:
 
     Without ``input`` the session is driven by :meth:`say` and :meth:`respond`; without ``output``
     agent audio arrives as ``AudioChunk`` events, paced by the slowest subscriber.
+
+    ``history``: earlier turns (``PastTurn``) to start from, e.g. a resumed call. The engine's
+    conversation opens with them (``open_conversation(history=...)``, which says what it accepts:
+    an assistant turn needs its audio) and the LLM's history gets their text, so both know the same
+    conversation; the LLM's history then trims by its own budget (``SessionConfig.history``). A
+    history ending with a user turn is answered by the next ``respond()``.
     """
 
     def __init__(
@@ -118,8 +124,10 @@ class Session:
         voice_prompt: FloatArray | None = None,
         clock: Clock | None = None,
         name: str = "session",
+        history: Sequence[PastTurn] | None = None,
     ) -> None:
         self.config = config or SessionConfig()
+        self.past_turns = check_history(history)
         if input is not None and vad is None:
             raise ConfigError("a Session with an audio input needs a vad (e.g. moss_agent.speech.vad.SileroVad())")
         if self.config.turns.echo_mode == "aec" and input is not None and echo_canceller is None:
@@ -174,9 +182,12 @@ class Session:
                 f"output runs at {self.output.sample_rate} Hz but the speech backend at "
                 f"{self.backend.sample_rate} Hz; open the output at the backend's rate (transports resample)"
             )
+        past = {"history": self.past_turns} if self.past_turns else {}  # backends of old take no history
         self._conversation = await self.backend.open_conversation(
-            system_prompt=self.config.speech_system_prompt, voice_prompt=self.voice_prompt
+            system_prompt=self.config.speech_system_prompt, voice_prompt=self.voice_prompt, **past
         )
+        for turn in self.past_turns:
+            self._history.add(turn.role, turn.text)
         self._runner = TurnRunner(
             self._conversation,
             config=self.config,
