@@ -112,6 +112,7 @@ class _Turn:
     sample_rate: int
     task: asyncio.Task[None] | None = None
     input_ended: bool = False
+    input_done: asyncio.Event = field(default_factory=asyncio.Event)  # set with input_ended
     generated: bool = False  # its audio iteration ended (last frame, failure or cut)
     settled: bool = False  # interrupt() or aclose() was called
     closed: asyncio.Event = field(default_factory=asyncio.Event)  # ... and has returned
@@ -325,6 +326,7 @@ class MossTTSService(TTSService):
 
     async def _end_input(self, turn: _Turn) -> None:
         turn.input_ended = True
+        turn.input_done.set()
         turn.timer.end_text()
         try:
             await turn.stream.end_input()
@@ -401,6 +403,10 @@ class MossTTSService(TTSService):
             )
         finally:
             turn.generated = True
+        # A turn can end (the model's stop, the frame cap) while the LLM still streams: its context
+        # stays open until the reply's end, or the base would open a new audio context for the
+        # next token of the same context id, which no audio ever fills (a 3 s stall, then an error).
+        await turn.input_done.wait()
         await self.append_to_audio_context(context_id, TTSStoppedFrame(context_id=context_id))
         if self.audio_context_available(context_id):
             await self.remove_audio_context(context_id)

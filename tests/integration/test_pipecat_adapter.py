@@ -26,6 +26,7 @@ pytest.importorskip("pipecat", reason="pipecat-ai is not installed (pip install 
 
 from pipecat.frames.frames import (
     EndFrame,
+    ErrorFrame,
     Frame,
     InterruptionFrame,
     LLMContextFrame,
@@ -288,6 +289,23 @@ async def test_an_announcement_and_a_reply_are_two_turns_of_one_conversation() -
         (2, "Fine, thanks."),
     ]
     assert conversation.inner.context == [("assistant", "Welcome back."), ("assistant", "Fine, thanks.")]
+
+
+async def test_a_turn_that_ends_before_the_reply_keeps_one_audio_context() -> None:
+    """The engine ends the turn (here its frame cap) while the LLM still streams: the rest of the
+    reply goes to the ended turn, not to a new audio context that no audio would ever fill (pipecat
+    would wait 3 s for it, then report an error)."""
+    reply = "A reply much longer than the four frames this engine may speak for it."
+    backend = RecordingBackend(FakeSpeechBackend(max_frames_per_turn=4))  # 4 frames in about 0.1 s
+    down, up = await run_test(
+        Pipeline([ScriptedLLM([reply], token_delay_s=0.03), MossTTSService(backend)]),  # 0.45 s of text
+        frames_to_send=[LLMContextFrame(LLMContext([{"role": "user", "content": "hi"}]))],
+    )
+    kinds = [type(f) for f in down if isinstance(f, (TTSStartedFrame, TTSAudioRawFrame, TTSStoppedFrame))]
+    assert kinds == [TTSStartedFrame, *[TTSAudioRawFrame] * 4, TTSStoppedFrame]
+    assert not [f for f in [*down, *up] if isinstance(f, ErrorFrame)]
+    [log] = backend.conversations[0].streams
+    assert len(log.chunks) == 4
 
 
 async def test_cancelling_the_pipeline_settles_the_turn_and_frees_the_slot() -> None:
