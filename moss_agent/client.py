@@ -36,6 +36,7 @@ import numpy as np
 from moss_agent import speech_protocol as sp
 from moss_agent._optional import require
 from moss_agent.errors import (
+    AudioError,
     ConfigError,
     EngineError,
     MossError,
@@ -44,6 +45,7 @@ from moss_agent.errors import (
     TransportError,
 )
 from moss_agent.events import AudioChunk, FloatArray
+from moss_agent.opus import MAX_BITRATE, MIN_BITRATE, OpusFrameDecoder, opus_available
 from moss_agent.streaming.tts import HeardResult, UserTurn
 from moss_agent.wire import decode_json_object
 
@@ -83,7 +85,9 @@ class RemoteSpeechBackend:
 
     ``token``: the server's bearer token. ``voice``: a voice registered on the server, used when
     ``open_conversation`` gets no voice prompt. ``encoding``: ``pcm_s16le`` (half the bytes) or
-    ``pcm_f32le`` (exactly the engine's samples), both directions. ``audio_window``: frames the
+    ``pcm_f32le`` (exactly the engine's samples), both directions; or ``opus`` (agent audio as Opus
+    at ``opus_bitrate`` bit/s, default the server's 32000: a twelfth of pcm_s16le, decoded here to
+    float32; uploads stay pcm_s16le). ``audio_window``: frames the
     server may send ahead of what this side read. ``text_window_chars``: text that may be in flight
     unacknowledged (0: every ``push_text`` waits for its acknowledgement).
     """
@@ -95,6 +99,7 @@ class RemoteSpeechBackend:
         token: str | None = None,
         voice: str | None = None,
         encoding: str = "pcm_s16le",
+        opus_bitrate: int | None = None,
         audio_window: int = 12,
         text_window_chars: int = 64,
         request_timeout_s: float = 30.0,
@@ -103,12 +108,18 @@ class RemoteSpeechBackend:
     ) -> None:
         if encoding not in sp.ENCODINGS:
             raise ConfigError(f"encoding must be one of {sorted(sp.ENCODINGS)}, got {encoding!r}")
+        if encoding == "opus" and not opus_available():
+            raise ConfigError("encoding opus needs PyAV with libopus (not on this machine); use pcm_s16le")
+        if opus_bitrate is not None and not MIN_BITRATE <= opus_bitrate <= MAX_BITRATE:
+            raise ConfigError(f"opus_bitrate must be from {MIN_BITRATE} to {MAX_BITRATE}, got {opus_bitrate}")
         if audio_window < 1 or text_window_chars < 0:
             raise ConfigError("audio_window must be >= 1 and text_window_chars >= 0")
         self.url = session_url(url)
         self.token = token
         self.voice = voice
         self.encoding = encoding
+        self.upload_encoding = sp.upload_encoding(encoding)
+        self.opus_bitrate = opus_bitrate
         self.audio_window = audio_window
         self.text_window_chars = text_window_chars
         self.request_timeout_s = request_timeout_s
@@ -180,11 +191,13 @@ class RemoteSpeechBackend:
             raise SessionClosedError("the remote speech backend is closed")
         conn = await self._reserve()
         message: dict[str, Any] = {"type": "open", "encoding": self.encoding, "system_prompt": system_prompt}
+        if self.encoding == "opus" and self.opus_bitrate is not None:
+            message["opus_bitrate"] = self.opus_bitrate
         upload = None
         if voice_prompt is not None:
-            upload = sp.encode_pcm(voice_prompt, self.encoding)
+            upload = sp.encode_pcm(voice_prompt, self.upload_encoding)
             message["voice_audio"] = {
-                "samples": len(upload) // sp.sample_bytes(self.encoding),
+                "samples": len(upload) // sp.sample_bytes(self.upload_encoding),
                 "sample_rate": voice_sample_rate or self.sample_rate,
             }
         elif voice or self.voice:
@@ -299,12 +312,11 @@ class _Connection:
             self._pending[rid] = future
         self._outbox.append(json.dumps(message, separators=(",", ":")))
         if upload:
-            step = UPLOAD_CHUNK_SAMPLES * sp.sample_bytes(self.backend.encoding)
+            encoding = self.backend.upload_encoding
+            step = UPLOAD_CHUNK_SAMPLES * sp.sample_bytes(encoding)
             for number, start in enumerate(range(0, len(upload), step)):
                 chunk = upload[start : start + step]
-                self._outbox.append(
-                    sp.pack_frame(sp.KIND_UPLOAD, self.backend.encoding, message["id"], number, 0, chunk)
-                )
+                self._outbox.append(sp.pack_frame(sp.KIND_UPLOAD, encoding, message["id"], number, 0, chunk))
         self._outbox_ready.set()
         return future
 
@@ -415,7 +427,7 @@ class _Connection:
             raise TransportError(f"the speech server sent a binary frame of kind {frame.kind}")
         conversation = self.conversations.get(frame.a)
         if conversation is not None:
-            conversation._audio(frame.b, frame.c, sp.decode_pcm(frame.payload, frame.encoding))
+            conversation._audio(frame)
             stream = conversation._stream
             if stream is not None and len(stream._queue) > stream._window + 1:  # +1: the end marker
                 raise TransportError("the speech server sent more audio than this client gave it credit for")
@@ -485,8 +497,8 @@ class RemoteConversation:
         if user is not None:
             message["user"] = {"text": user.text}
             if user.audio is not None and np.size(user.audio):
-                upload = sp.encode_pcm(user.audio, backend.encoding)
-                samples = len(upload) // sp.sample_bytes(backend.encoding)
+                upload = sp.encode_pcm(user.audio, backend.upload_encoding)
+                samples = len(upload) // sp.sample_bytes(backend.upload_encoding)
                 message["user"]["audio"] = {"samples": samples, "sample_rate": user.sample_rate}
         self._stream = stream  # audio may arrive right behind the reply
         try:
@@ -523,10 +535,16 @@ class RemoteConversation:
 
     # -- from the reader -------------------------------------------------------------------------
 
-    def _audio(self, serial: int, frame_index: int, pcm: FloatArray) -> None:
+    def _audio(self, frame: sp.Frame) -> None:
         stream = self._stream
-        if stream is not None and stream.serial == serial:  # anything else is stale: an earlier turn's
-            stream._receive(AudioChunk(pcm, self.sample_rate, stream.turn_id, frame_index))
+        if stream is None or stream.serial != frame.b or stream._speech_over:
+            return  # stale: an earlier turn's, or a turn that ended (or failed) here
+        try:
+            pcm = stream._decode(frame)
+        except MossError as exc:  # a bad packet fails its turn; the socket and the conversation go on
+            stream._end(exc, False)
+            return
+        stream._receive(AudioChunk(pcm, self.sample_rate, stream.turn_id, frame.c))
 
     def _turn_ended(self, serial: Any, error: MossError | None, completed: bool) -> None:
         stream = self._stream
@@ -559,6 +577,7 @@ class RemoteStream:
         self._input_closed = False
         self._speech_over = False
         self._heard: HeardResult | None = None
+        self._opus: OpusFrameDecoder | None = None  # Opus is stateful: a decoder per turn, fed in order
         self.done = False
         self.completed = False
 
@@ -649,6 +668,17 @@ class RemoteStream:
         self._finish(None)
 
     # -- from the connection ---------------------------------------------------------------------
+
+    def _decode(self, frame: sp.Frame) -> FloatArray:
+        """The frame's samples; AudioError for a malformed Opus packet (about 0.3 ms to decode one)."""
+        if frame.encoding != "opus":
+            return sp.decode_pcm(frame.payload, frame.encoding)
+        if self.conversation.conn.backend.encoding != "opus":
+            raise AudioError("the speech server sent opus audio on a conversation opened for PCM")
+        if self._opus is None:
+            rate = self.conversation.sample_rate
+            self._opus = OpusFrameDecoder(rate, round(self.conversation.conn.backend.frame_s * rate))
+        return self._opus.decode(frame.payload)
 
     def _receive(self, chunk: AudioChunk) -> None:
         if not self.done:

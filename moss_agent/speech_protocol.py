@@ -2,8 +2,9 @@
 and the client (``moss_agent.client``). ``docs/speech-protocol.md`` describes it for other clients.
 
 Here: the version, message names, close codes, error codes and how they map onto our exception
-tree, the binary frame header, PCM encodings, and checked readers for the fields of decoded JSON
-messages. No torch, no aiohttp: both ends import this module.
+tree, the binary frame header, the audio encodings (PCM here, Opus in ``moss_agent.opus``), and
+checked readers for the fields of decoded JSON messages. No torch, no aiohttp: both ends import
+this module.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ KIND_AUDIO = 1
 KIND_UPLOAD = 2
 U32_MAX = 2**32 - 1
 
-ENCODINGS = {"pcm_s16le": 1, "pcm_f32le": 2}
+# opus: one Opus packet per agent-audio frame (moss_agent.opus); its conversations upload pcm_s16le
+ENCODINGS = {"pcm_s16le": 1, "pcm_f32le": 2, "opus": 3}
 _ENCODING_NAMES = {code: name for name, code in ENCODINGS.items()}
 _SAMPLE_BYTES = {"pcm_s16le": 2, "pcm_f32le": 4}
 
@@ -126,13 +128,25 @@ def unpack_frame(data: bytes) -> Frame:
     if encoding is None:
         raise TransportError(f"binary message with unknown encoding {code}")
     payload = memoryview(data)[HEADER.size :]
-    if len(payload) % _SAMPLE_BYTES[encoding]:
+    if encoding != "opus" and len(payload) % _SAMPLE_BYTES[encoding]:  # Opus is checked by its decoder
         raise TransportError(f"{encoding} payload of {len(payload)} bytes is not whole samples")
     return Frame(kind, encoding, a, b, c, payload)
 
 
 def sample_bytes(encoding: str) -> int:
     return _SAMPLE_BYTES[encoding]
+
+
+def upload_encoding(encoding: str) -> str:
+    """The encoding of a conversation's uploads (voice, user audio): its own, pcm_s16le for opus."""
+    return "pcm_s16le" if encoding == "opus" else encoding
+
+
+def encodings_available() -> list[str]:
+    """The encodings this machine can serve (opus needs PyAV's libopus), for ``hello``."""
+    from moss_agent.opus import opus_available
+
+    return sorted(name for name in ENCODINGS if name != "opus" or opus_available())
 
 
 def encode_pcm(pcm: FloatArray, encoding: str) -> bytes:
@@ -202,6 +216,17 @@ def field_encoding(message: dict[str, Any], key: str = "encoding", default: str 
     if value not in ENCODINGS:
         raise TransportError(f"{key!r} must be one of {sorted(ENCODINGS)}")
     return str(value)
+
+
+def field_opus_bitrate(message: dict[str, Any], encoding: str, sample_rate: int, frame_s: float) -> int:
+    """``opus_bitrate`` of an ``open`` (bit/s, default 32000); checks Opus can serve the conversation."""
+    from moss_agent import opus
+
+    if encoding != "opus":
+        return opus.DEFAULT_BITRATE
+    opus.check_opus(sample_rate, frame_s)
+    bitrate = field_int(message, "opus_bitrate", optional=True, low=opus.MIN_BITRATE, high=opus.MAX_BITRATE)
+    return opus.DEFAULT_BITRATE if bitrate is None else int(bitrate)
 
 
 def field_object(message: dict[str, Any], key: str, *, optional: bool = True) -> Any:

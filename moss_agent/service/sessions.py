@@ -36,6 +36,7 @@ from aiohttp import WSMsgType, web
 from moss_agent import speech_protocol as sp
 from moss_agent.errors import ConfigError, MossError, OverloadError, SessionClosedError, TransportError
 from moss_agent.events import FloatArray
+from moss_agent.opus import DEFAULT_BITRATE, OpusFrameEncoder
 from moss_agent.service.app import request_id
 from moss_agent.streaming.tts import SpeechBackend, UserTurn
 from moss_agent.streaming.word_timing import WordTimer, WordTiming
@@ -250,6 +251,7 @@ class _Conversation:
     cid: int
     engine: Any  # Conversation
     encoding: str
+    opus_bitrate: int = DEFAULT_BITRATE  # bit/s of its agent audio, when the encoding is opus
     ops: deque[tuple[str, int, Any]] = field(default_factory=deque)  # (kind, request id, argument)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     queued_chars: int = 0
@@ -287,7 +289,7 @@ class _Socket:
                 self._tg = tg
                 await self.send({
                     "type": "hello", "protocol": sp.PROTOCOL, "sample_rate": self.server.sample_rate,
-                    "frame_s": self.server.frame_s, "encodings": sorted(sp.ENCODINGS),
+                    "frame_s": self.server.frame_s, "encodings": sp.encodings_available(),
                     "voices": self.server.voice_names(), "limits": self._advertised_limits(),
                 })  # fmt: skip
                 await self._read()
@@ -450,6 +452,7 @@ class _Socket:
         system_prompt = sp.field_str(message, "system_prompt", optional=True, max_chars=lim.max_text_chars)
         voice = sp.field_str(message, "voice", optional=True, max_chars=200)
         encoding = sp.field_encoding(message)
+        bitrate = sp.field_opus_bitrate(message, encoding, self.server.sample_rate, self.server.frame_s)
         spec = sp.field_object(message, "voice_audio")
         if voice is not None and spec is not None:
             raise TransportError("give 'voice' (a registered name) or 'voice_audio', not both")
@@ -458,19 +461,20 @@ class _Socket:
 
         def uploaded(audio: _Rated | None) -> None:
             pcm = voice_pcm if audio is None else _at_rate(audio.pcm, audio.rate, self.server.sample_rate)
-            self.spawn(self._open_conversation(rid, system_prompt, pcm, encoding), f"session-open-{rid}")
+            opening = self._open_conversation(rid, system_prompt, pcm, encoding, bitrate)
+            self.spawn(opening, f"session-open-{rid}")
 
         def failed() -> None:
             self.opening -= 1
 
         try:
-            self._expect_audio(rid, spec, encoding, uploaded, failed)
+            self._expect_audio(rid, spec, sp.upload_encoding(encoding), uploaded, failed)
         except BaseException:
             failed()
             raise
 
     async def _open_conversation(
-        self, rid: int, system_prompt: str | None, voice: FloatArray | None, encoding: str
+        self, rid: int, system_prompt: str | None, voice: FloatArray | None, encoding: str, opus_bitrate: int
     ) -> None:
         engine, lim = self.server.engine, self.limits
         try:
@@ -493,14 +497,15 @@ class _Socket:
         self.server.metrics.conversation_opened()
         cid = self.next_cid
         self.next_cid += 1
-        conv = _Conversation(cid, conversation, encoding)
+        conv = _Conversation(cid, conversation, encoding, opus_bitrate)
         if self.closing:
             await self._free(conv)
             return
         self.conversations[cid] = conv
         conv.worker = self.spawn(self._work(conv), f"session-conv{cid}")
-        await self.send({"type": "opened", "id": rid, "conversation": cid,
-                         "sample_rate": self.server.sample_rate, "frame_s": self.server.frame_s})  # fmt: skip
+        opus = {"opus_bitrate": opus_bitrate} if encoding == "opus" else {}
+        await self.send({"type": "opened", "id": rid, "conversation": cid, "sample_rate": self.server.sample_rate,
+                         "frame_s": self.server.frame_s, "encoding": encoding, **opus})  # fmt: skip
 
     def _conversation(self, message: dict[str, Any]) -> _Conversation:
         cid = sp.field_int(message, "conversation")
@@ -551,7 +556,7 @@ class _Socket:
             conv.ops.append(("start", rid, (serial, window, turn_user, received_at)))
             conv.ready.set()
 
-        self._expect_audio(rid, spec, conv.encoding, uploaded)
+        self._expect_audio(rid, spec, sp.upload_encoding(conv.encoding), uploaded)
 
     async def _text(self, rid: int | None, message: dict[str, Any]) -> None:
         conv = self._conversation(message)
@@ -701,6 +706,10 @@ class _Socket:
         frames, last = 0, 0.0
         chunks = aiter(turn.stream)
         try:
+            opus = None  # Opus is stateful: one encoder per turn, whose frames the client decodes in order
+            if conv.encoding == "opus":
+                frame_samples = round(self.server.frame_s * self.server.sample_rate)
+                opus = OpusFrameEncoder(self.server.sample_rate, frame_samples, conv.opus_bitrate)
             while True:
                 while turn.credit <= 0 and not turn.settling:
                     turn.wake.clear()
@@ -711,7 +720,10 @@ class _Socket:
                     chunk = await anext(chunks)
                 except StopAsyncIteration:
                     break
-                payload = sp.encode_pcm(chunk.pcm, conv.encoding)
+                if opus is None:
+                    payload = sp.encode_pcm(chunk.pcm, conv.encoding)
+                else:  # 1-2 ms of libopus (more on a loaded CPU), which releases the GIL: off the loop
+                    payload = await asyncio.to_thread(opus.encode, chunk.pcm)
                 data = sp.pack_frame(
                     sp.KIND_AUDIO, conv.encoding, conv.cid, turn.serial, chunk.frame_index, payload
                 )
