@@ -125,6 +125,22 @@ def test_history_ending_with_a_user_turn_is_answered_like_a_live_user_turn(eos_m
     assert torch.equal(gen.context_rows(0), gen.context_rows(1))
 
 
+def test_history_turns_are_trimmed_later_like_live_turns(eos_model, tokenizer) -> None:
+    gen = RealtimeGenerator(eos_model, tokenizer, num_slots=1, max_context=512)
+    codes = torch.randint(0, 1024, (6, 16))
+    turns = [EncodedTurn("user", "First question?"), EncodedTurn("assistant", "First answer.", codes),
+             EncodedTurn("assistant", "And more.", codes), EncodedTurn("user", "Second?", codes)]  # fmt: skip
+    gen.start_conversation(0, history=turns)
+    layout = gen.context_layout(0)
+    # as live turns: the user turn with its answer, the answer with no user turn, the next user turn
+    assert len(layout.turn_starts) == 3
+    kept = gen.context_rows(0)[layout.turn_starts[1] :].clone()  # a view of the state on the CPU
+    dropped = gen.trim_context(0, layout.length - 1)  # one row too many: the oldest block goes
+    assert dropped == layout.turn_starts[1] - layout.prefix_rows
+    after = gen.context_layout(0)
+    assert after.turn_starts[0] == after.prefix_rows and torch.equal(gen.context_rows(0)[after.prefix_rows :], kept)
+
+
 def test_a_history_over_the_budget_is_refused_and_the_slot_untouched(eos_model, tokenizer) -> None:
     gen = RealtimeGenerator(eos_model, tokenizer, num_slots=1, max_context=256)
     long = [EncodedTurn("user", "word " * 300)]
@@ -170,11 +186,11 @@ async def test_engine_history_continues_as_the_live_conversation(engine: Any) ->
     audio, heard = await _speak(live, UserTurn(USER), TEXT, 1)
     assert heard.frames > 0 and audio.size == heard.frames * 1920
     generator = engine.generator
-    live_rows = generator.context_rows(live.slot)  # the cache rows; the EOS rows wait for the next turn
+    live_rows = generator.context_rows(live.slot).clone()  # the cache rows; the EOS rows wait for the next turn
 
     history = [PastTurn("user", USER), PastTurn("assistant", TEXT, audio, engine.sample_rate)]
     resumed = await engine.open_conversation(system_prompt="Be brief.", history=history)
-    rows = generator.context_rows(resumed.slot)
+    rows = generator.context_rows(resumed.slot).clone()
     codes = engine._encode(audio, engine.sample_rate)  # what any audio given to the engine becomes
     assert codes.shape == (heard.frames, 16)
     # live: the cache ends on the row before the last frame's; its row and the EOS row are pending
