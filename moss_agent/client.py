@@ -27,7 +27,7 @@ import functools
 import json
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -46,7 +46,7 @@ from moss_agent.errors import (
 )
 from moss_agent.events import AudioChunk, FloatArray
 from moss_agent.opus import MAX_BITRATE, MIN_BITRATE, OpusFrameDecoder, opus_available
-from moss_agent.streaming.tts import HeardResult, UserTurn
+from moss_agent.streaming.tts import HeardResult, PastTurn, UserTurn, check_history
 from moss_agent.wire import decode_json_object
 
 log = logging.getLogger(__name__)
@@ -181,12 +181,17 @@ class RemoteSpeechBackend:
         voice_prompt: FloatArray | None = None,
         voice_sample_rate: int | None = None,
         voice: str | None = None,
+        history: Sequence[PastTurn] | None = None,
     ) -> RemoteConversation:
         """Open a conversation on the server. ``voice_prompt`` (float32 mono at ``voice_sample_rate``,
         default the backend's rate) is uploaded; else ``voice`` (or the backend's) names a server voice.
+        ``history``: earlier turns the conversation starts with (the open's ``turns``; their audio
+        is uploaded after the voice's, in the same upload).
 
-        Raises OverloadError when the server has no slot free, SessionClosedError after ``aclose()``.
+        Raises OverloadError when the server has no slot free, SessionClosedError after ``aclose()``,
+        ConfigError for a history the server refuses (over its limits or its engine's context).
         """
+        turns = check_history(history)
         if self._closed:
             raise SessionClosedError("the remote speech backend is closed")
         conn = await self._reserve()
@@ -202,6 +207,9 @@ class RemoteSpeechBackend:
             }
         elif voice or self.voice:
             message["voice"] = voice or self.voice
+        if turns:
+            message["turns"], audio = _turns_message(turns, self.upload_encoding)
+            upload = b"".join([upload or b"", *audio])
         try:
             reply = await conn.request(message, upload, on_abandoned=conn.close_opened)
         except BaseException:
@@ -269,6 +277,19 @@ class RemoteSpeechBackend:
         self.frame_s = float(greeting["frame_s"])
         self.voices = list(greeting.get("voices", []))
         return _Connection(self, ws, greeting)
+
+
+def _turns_message(turns: list[PastTurn], encoding: str) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """The ``turns`` of an open and their audio in ``encoding``, in upload order."""
+    entries, audio = [], []
+    for turn in turns:
+        entry: dict[str, Any] = {"role": turn.role, "text": turn.text}
+        if turn.has_audio:
+            data = sp.encode_pcm(turn.audio, encoding)  # type: ignore[arg-type]
+            entry["audio"] = {"samples": len(data) // sp.sample_bytes(encoding), "sample_rate": turn.sample_rate}
+            audio.append(data)
+        entries.append(entry)
+    return entries, audio
 
 
 class _Connection:

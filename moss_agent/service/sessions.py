@@ -38,7 +38,8 @@ from moss_agent.errors import ConfigError, MossError, OverloadError, SessionClos
 from moss_agent.events import FloatArray
 from moss_agent.opus import DEFAULT_BITRATE, OpusFrameEncoder
 from moss_agent.service.app import request_id
-from moss_agent.streaming.tts import SpeechBackend, UserTurn
+from moss_agent.service.session_history import OpenUpload, read_audio_part, read_turns
+from moss_agent.streaming.tts import PastTurn, SpeechBackend, UserTurn
 from moss_agent.streaming.word_timing import WordTimer, WordTiming
 from moss_agent.wire import decode_json_object
 
@@ -61,6 +62,8 @@ class SessionLimits:
     message_burst: int = 400
     max_upload_s: float = 120.0  # one upload of audio (a user turn or a voice prompt)
     max_uploads: int = 4  # uploads in progress per socket
+    max_history_turns: int = 64  # earlier turns an open may carry (session_history)
+    max_history_audio_s: float = 180.0  # their audio together (the engine's context is the real bound)
     max_queued_chars: int = 65536  # text received for a conversation that its engine stream has not taken
     max_audio_window: int = 256  # credit a client may hold per turn, in frames
     heartbeat_s: float = 0.5
@@ -69,10 +72,12 @@ class SessionLimits:
 
     def __post_init__(self) -> None:
         for name in ("max_sockets", "max_conversations_per_socket", "max_json_bytes", "max_text_chars",
-                     "message_burst", "max_uploads", "max_queued_chars", "max_audio_window"):  # fmt: skip
+                     "message_burst", "max_uploads", "max_queued_chars", "max_audio_window",
+                     "max_history_turns"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"SessionLimits.{name} must be >= 1, got {getattr(self, name)}")
-        if not (self.messages_per_s > 0 and self.heartbeat_s > 0 and self.max_upload_s > 0):
+        if not (self.messages_per_s > 0 and self.heartbeat_s > 0 and self.max_upload_s > 0
+                and self.max_history_audio_s > 0):  # fmt: skip
             raise ConfigError("SessionLimits rates and times must be > 0")
         if self.open_wait_s < 0:
             raise ConfigError(f"SessionLimits.open_wait_s must be >= 0, got {self.open_wait_s}")
@@ -307,6 +312,7 @@ class _Socket:
             "max_conversations": lim.max_conversations_per_socket, "max_message_bytes": lim.max_message_bytes,
             "max_json_bytes": lim.max_json_bytes, "max_text_chars": lim.max_text_chars,
             "messages_per_s": lim.messages_per_s, "max_upload_s": lim.max_upload_s,
+            "max_history_turns": lim.max_history_turns, "max_history_audio_s": lim.max_history_audio_s,
             "max_queued_chars": lim.max_queued_chars, "max_audio_window": lim.max_audio_window,
         }  # fmt: skip
 
@@ -426,12 +432,15 @@ class _Socket:
         if spec is None:
             then(None)
             return
-        rate = sp.field_int(spec, "sample_rate", low=8000, high=192000)
-        samples = sp.field_int(spec, "samples")
-        if samples > self.limits.max_upload_s * rate:
-            raise ConfigError(
-                f"audio of {samples / rate:.1f} s; at most {self.limits.max_upload_s:g} s are accepted"
-            )
+        if isinstance(spec, OpenUpload):  # an open's voice and turn audio: one upload, parts checked when read
+            rate, samples = 0, spec.samples
+        else:
+            rate = sp.field_int(spec, "sample_rate", low=8000, high=192000)
+            samples = sp.field_int(spec, "samples")
+            if samples > self.limits.max_upload_s * rate:
+                raise ConfigError(
+                    f"audio of {samples / rate:.1f} s; at most {self.limits.max_upload_s:g} s are accepted"
+                )
         if samples == 0:
             then(None)
             return
@@ -457,25 +466,32 @@ class _Socket:
         if voice is not None and spec is not None:
             raise TransportError("give 'voice' (a registered name) or 'voice_audio', not both")
         voice_pcm = self.server.voice(voice) if voice is not None else None
+        turns = read_turns(message, lim)
+        upload = OpenUpload(read_audio_part(spec, lim.max_upload_s, "voice_audio"), turns) if turns else spec
         self.opening += 1
 
         def uploaded(audio: _Rated | None) -> None:
+            history: list[PastTurn] = []
+            if isinstance(upload, OpenUpload):
+                voice_part, history = upload.split(None if audio is None else audio.pcm)
+                audio = None if voice_part is None else _Rated(*voice_part)
             pcm = voice_pcm if audio is None else _at_rate(audio.pcm, audio.rate, self.server.sample_rate)
-            opening = self._open_conversation(rid, system_prompt, pcm, encoding, bitrate)
+            opening = self._open_conversation(rid, system_prompt, pcm, encoding, bitrate, history)
             self.spawn(opening, f"session-open-{rid}")
 
         def failed() -> None:
             self.opening -= 1
 
         try:
-            self._expect_audio(rid, spec, sp.upload_encoding(encoding), uploaded, failed)
+            self._expect_audio(rid, upload, sp.upload_encoding(encoding), uploaded, failed)
         except BaseException:
             failed()
             raise
 
     async def _open_conversation(
-        self, rid: int, system_prompt: str | None, voice: FloatArray | None, encoding: str, opus_bitrate: int
-    ) -> None:
+        self, rid: int, system_prompt: str | None, voice: FloatArray | None, encoding: str, opus_bitrate: int,
+        history: list[PastTurn],
+    ) -> None:  # fmt: skip
         engine, lim = self.server.engine, self.limits
         try:
             if lim.open_wait_s == 0 and getattr(engine, "free_slots", 1) == 0:
@@ -483,7 +499,7 @@ class _Socket:
             try:
                 async with asyncio.timeout(lim.open_wait_s or None):
                     conversation = await engine.open_conversation(
-                        system_prompt=system_prompt, voice_prompt=voice
+                        system_prompt=system_prompt, voice_prompt=voice, **({"history": history} if history else {})
                     )
             except TimeoutError:
                 raise OverloadError(
