@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 
 import numpy as np
 import pytest
 
 from moss_agent.errors import AudioError, TransportError
-from moss_agent.events import AudioChunk, TurnEnded
+from moss_agent.events import AudioChunk, TurnEnded, WordTimes, WordTiming
 from moss_agent.transports.base import AudioInput, AudioOutput
 from moss_agent.transports.capture import QueueAudioInput
 from moss_agent.transports.connection import Connection, event_to_json, parse_control
@@ -152,5 +153,10 @@ async def test_connection_control_validation_and_event_encoding() -> None:
     with pytest.raises(TransportError, match="JSON object"):
         parse_control(["interrupt"])
     assert event_to_json(TurnEnded(3, "hi", 1.5)) == {"type": "turn_ended", "turn_id": 3, "text": "hi", "audio_s": 1.5}
+    timed = WordTimes(3, (WordTiming("hi", 0.0, 0.25),), final=True)
+    assert event_to_json(timed) == {
+        "type": "word_times", "turn_id": 3, "words": [{"word": "hi", "start_s": 0.0, "end_s": 0.25}], "final": True
+    }
+    assert json.loads(json.dumps(event_to_json(timed))) == event_to_json(timed)
     await conn.send_event({"type": "late"})
     assert sent == []  # events after the client left are dropped
