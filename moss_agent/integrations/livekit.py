@@ -388,15 +388,22 @@ async def _speak(
     """One agent turn from ``texts`` into ``emitter``, settled on every way out (see the module
     docstring); our errors leave as LiveKit's API errors."""
     async with owner._turns:
+        # The engine turn starts before the first text arrives, so its start (the tick in progress,
+        # the prompt's prefill) overlaps the LLM's time to first token instead of adding to it.
         try:
             speech = await owner._start_turn(timeout_s)
         except (MossError, TimeoutError) as exc:
             _raise_mapped(exc)
         turn = _Turn(speech, emitter, owner.sample_rate)
-        if on_started is not None:
-            on_started()
         try:
-            await turn.run(texts, on_first_text)
+            first = await anext(texts, None)
+            if first is None:  # no text came: nothing was said, the turn leaves nothing behind
+                if not await turn.settle(0.0):
+                    await owner._drop_conversation()
+                return
+            if on_started is not None:
+                on_started()
+            await turn.run(_prepend(first, texts), on_first_text)
             if on_spoken is not None:
                 on_spoken()  # LiveKit gets the segment's end now, the hold below is ours
             if hold and turn.unplayed_s() > 0:
@@ -414,6 +421,12 @@ async def _speak(
         # played to its end (by the estimate): settled as heard in full
         if not await turn.settle(None):
             await owner._drop_conversation()
+
+
+async def _prepend(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
+    yield first
+    async for delta in rest:
+        yield delta
 
 
 class MossSynthesizeStream(tts.SynthesizeStream):
@@ -444,19 +457,8 @@ class MossSynthesizeStream(tts.SynthesizeStream):
             mime_type="audio/pcm",
             stream=True,
         )
-        texts = self._segment_text()
-        # wait for text before claiming the conversation: a stream that gets none makes no turn
-        first = await anext(texts, None)
-        if first is None:
-            return
-
-        async def with_first() -> AsyncIterator[str]:
-            yield first
-            async for delta in texts:
-                yield delta
-
         await _speak(
-            self._moss, output_emitter, with_first(),
+            self._moss, output_emitter, self._segment_text(),
             timeout_s=self._conn_options.timeout, hold=self._moss.hold_until_played,
             on_started=lambda: output_emitter.start_segment(segment_id=request_id),
             on_first_text=self._mark_started, on_spoken=output_emitter.end_segment,

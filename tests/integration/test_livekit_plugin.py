@@ -139,13 +139,14 @@ async def test_turns_share_one_conversation_and_follow_the_users_words(
     first = await speak(tts, ["First answer."])
     tts.add_user_turn("And then?")
     second = await speak(tts, ["Second ", "answer."])
-    async with tts.stream(conn_options=ONCE) as silent:  # no text: no turn
+    # no text: the turn started early (to overlap the LLM's first token) is settled at nothing heard
+    async with tts.stream(conn_options=ONCE) as silent:
         silent.end_input()
         assert [ev async for ev in silent] == []
     conversation = only_conversation(fake)
-    assert conversation.turn_ids == [1, 2]
+    assert conversation.turn_ids == [1, 2, 3]
     assert conversation.context == [
-        ("assistant", "First answer."), ("user", "And then?"), ("assistant", "Second answer.")
+        ("assistant", "First answer."), ("user", "And then?"), ("assistant", "Second answer."), ("assistant", "")
     ]  # fmt: skip
     assert np.array_equal(pcm_of(first), reference_pcm("First answer."))
     assert np.array_equal(pcm_of(second), reference_pcm("Second answer."))  # same slot, same tone
