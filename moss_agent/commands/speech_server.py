@@ -127,20 +127,6 @@ def parse_batch_models(items: list[str], tiny: bool) -> list[tuple[str, str]]:
     return models
 
 
-def build_batch_engines(models: list[tuple[str, str]], engine: Any, dtype: str | None) -> dict[str, Any]:
-    """Load the batch models on the realtime engine's device, sharing its codec and device thread."""
-    from moss_agent.engine.batch import BatchEngine
-    from moss_agent.models.tts_loading import load_tts
-    from moss_agent.options import ensure_tiny_batch_checkpoint
-
-    engines = {}
-    for name, path in models:
-        folder = ensure_tiny_batch_checkpoint() if path == "tiny" else path
-        tts = load_tts(folder, device=engine.codec.device, dtype=dtype)
-        engines[name] = BatchEngine(tts, engine.codec, device_thread=engine.device_thread)
-    return engines
-
-
 def read_token(args: argparse.Namespace) -> tuple[str | None, bool]:
     """(token or None, whether it was made up here and must be shown)."""
     from moss_agent.errors import ConfigError
@@ -225,9 +211,7 @@ async def _serve(args: argparse.Namespace) -> int:
         require(module, "service")
     batch_models = parse_batch_models(args.batch_models, args.tiny)
     if args.ray:
-        if batch_models:
-            raise ConfigError("--batch-model is not served on Ray Serve yet: drop --ray or --batch-model")
-        return await _serve_on_ray(args)
+        return await _serve_on_ray(args, batch_models)
     if args.ray_address is not None or args.replicas != "1":
         raise ConfigError("--ray-address and --replicas deploy on Ray Serve: add --ray")
     from moss_agent.service import ServiceConfig, create_app, serve
@@ -253,10 +237,10 @@ async def _serve(args: argparse.Namespace) -> int:
         app = create_app(engine, config, voices=voices)
         if batch_models:
             from moss_agent.options import min_frames
-            from moss_agent.service.batch_speech import add_batch_engines
+            from moss_agent.service.batch_speech import add_batch_engines, load_batch_engines
 
             add_batch_engines(
-                app, await asyncio.to_thread(build_batch_engines, batch_models, engine, args.dtype),
+                app, await asyncio.to_thread(load_batch_engines, batch_models, engine, args.dtype),
                 min_frames=min_frames(args),  # --min-seconds (1 s with --tiny)
             )
         try:
@@ -281,7 +265,7 @@ async def _serve(args: argparse.Namespace) -> int:
     return common.engine_failed(engine, "speech-server")
 
 
-async def _serve_on_ray(args: argparse.Namespace) -> int:
+async def _serve_on_ray(args: argparse.Namespace, batch_models: list[tuple[str, str]]) -> int:
     """Deploy on Ray Serve (replicas load their own engines), then hold until SIGINT/SIGTERM."""
     from moss_agent import options
     from moss_agent._optional import require
@@ -307,14 +291,15 @@ async def _serve_on_ray(args: argparse.Namespace) -> int:
     elif args.ray_address is None:  # a local instance: the proxy binds here, so a taken port fails now
         common.check_port(args.host, args.port)
     voices = await asyncio.to_thread(ray_serve.read_voices, args.voices, args.max_voice_seconds)
-    deployment = ray_serve.options_from_cli(args, token, replicas, voices)
+    deployment = ray_serve.options_from_cli(args, token, replicas, voices, tuple(batch_models))
     if args.tiny:
         print(options.untrained_notice(args), file=sys.stderr, flush=True)
     url = await asyncio.to_thread(ray_serve.deploy, deployment, args.host, args.port, args.ray_address)
     try:
         names = ", ".join(["default", *[name for name, _ in voices]])
+        batch = f", batch models: {', '.join(name for name, _ in batch_models)}" if batch_models else ""
         print(f"speech server on {url} (Ray Serve, {replicas[0]}-{replicas[1]} replicas of {args.slots} slots): "
-              f"voices: {names}", flush=True)  # fmt: skip
+              f"voices: {names}{batch}", flush=True)  # fmt: skip
         if made_up:
             print(f"token: {token}", file=sys.stderr, flush=True)
         elif token is None:
@@ -322,5 +307,5 @@ async def _serve_on_ray(args: argparse.Namespace) -> int:
         await common.wait_for_stop_signal()
         print("stopping", file=sys.stderr, flush=True)
     finally:
-        await asyncio.to_thread(ray_serve.shutdown)
+        await asyncio.to_thread(ray_serve.shutdown, deployment)
     return 0

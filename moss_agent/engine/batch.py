@@ -334,12 +334,14 @@ class BatchEngine:
         progress: bool = False,
         params: SamplingParams | None = None,
         seed: int | None = None,
+        on_start: Callable[[], object] | None = None,
     ) -> list[AudioResult]:
         """``generate`` for an event loop: the job runs on the device thread, the loop keeps running;
-        cancelling the await stops the job at its next step."""
+        cancelling the await stops the job at its next step. ``on_start`` is called on the device
+        thread when the job leaves the device's queue and begins (for queue figures)."""
         results: list[AudioResult] = []
         stop = threading.Event()
-        future = self._submit(requests, batch_size, progress, params, seed, results.append, stop)
+        future = self._submit(requests, batch_size, progress, params, seed, results.append, stop, on_start)
         try:
             await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -384,6 +386,7 @@ class BatchEngine:
         seed: int | None,
         emit: Callable[[AudioResult], object],
         stop: threading.Event,
+        on_start: Callable[[], object] | None = None,
     ) -> Future[None]:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -393,6 +396,9 @@ class BatchEngine:
         requests = list(requests)
 
         def run(checkpoint: Checkpoint) -> None:
+            if on_start is not None:
+                on_start()
+
             def step() -> None:
                 checkpoint()
                 if stop.is_set():

@@ -36,7 +36,7 @@ from moss_agent.errors import EngineError
 from moss_agent.service.config import ServiceConfig
 from moss_agent.service.http import UNAVAILABLE, ApiError
 from moss_agent.service.metrics import CONTENT_TYPE, ServiceMetrics
-from moss_agent.service.voices import VoiceRegistry
+from moss_agent.service.voices import SharedVoices, VoiceRegistry
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ ENGINE = web.AppKey("moss_engine", Any)
 CONFIG = web.AppKey("moss_service_config", ServiceConfig)
 METRICS = web.AppKey("moss_metrics", ServiceMetrics)
 VOICES = web.AppKey("moss_voices", VoiceRegistry)
+SHARED_VOICES = web.AppKey("moss_shared_voices", SharedVoices)
 
 PUBLIC_PATHS = frozenset({"/healthz"})
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
@@ -79,11 +80,14 @@ def create_app(
     voices: VoiceRegistry | None = None,
     metrics: ServiceMetrics | None = None,
     sessions: bool = True,
+    shared_voices: SharedVoices | None = None,
 ) -> web.Application:
     """The server on ``engine`` (a started or not yet started ``RealtimeEngine``: the app starts it
     in the background, and answers ``/readyz`` and speech with 503 until it is warm; closing the
     engine stays the caller's business). ``voices``: reference speech by name (default: only the
-    model's own voice). ``sessions``: also serve the speech session WebSocket.
+    model's own voice). ``sessions``: also serve the speech session WebSocket. ``shared_voices``:
+    where uploads and deletes go so that other servers see them, mirrored into ``voices`` (the Ray
+    Serve replicas; default: an upload stays in ``voices``).
 
     Run it with :func:`serve`, or with an ``AppRunner(app, handler_cancellation=True)``: a client
     that disconnects must cancel its handler so that its engine slot is freed at once.
@@ -98,6 +102,8 @@ def create_app(
     app[METRICS] = metrics or ServiceMetrics(engine)
     app[VOICES] = voices if voices is not None else VoiceRegistry(engine.sample_rate,
                                                                    max_uploaded=config.max_uploaded_voices)  # fmt: skip
+    if shared_voices is not None:
+        app[SHARED_VOICES] = shared_voices
     app[STATE] = ServiceState()
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)

@@ -12,7 +12,9 @@
   formats and voices they take.
 - ``POST /v1/audio/voices`` (also ``/v1/voices``): upload a voice (OpenAI's multipart form: ``name``
   and ``audio_sample``; or a raw audio body with ``?name=NAME``); ``GET`` lists voices; ``DELETE
-  /v1/audio/voices/{voice_id}`` forgets an uploaded one.
+  /v1/audio/voices/{voice_id}`` forgets an uploaded one. With ``SharedVoices`` (the Ray Serve
+  replicas) uploads and deletes go through it, and a request naming a voice this server does not
+  know yet, and a voice listing, first catch up with it.
 
 Each speech request holds one engine slot from its first byte to its last. A full engine (no free
 slot and its waiting queue full) answers 503 with ``Retry-After``; a client that goes away cancels
@@ -44,7 +46,16 @@ from moss_agent.errors import (
     SessionClosedError,
 )
 from moss_agent.limiter import PeakLimiter
-from moss_agent.service.app import CONFIG, ENGINE, METRICS, SENT, VOICES, request_id, unready_reason
+from moss_agent.service.app import (
+    CONFIG,
+    ENGINE,
+    METRICS,
+    SENT,
+    SHARED_VOICES,
+    VOICES,
+    request_id,
+    unready_reason,
+)
 from moss_agent.service.batch_speech import batch_engines, batch_speech
 from moss_agent.service.batch_speech import describe as describe_batch_models
 from moss_agent.service.config import ServiceConfig
@@ -176,6 +187,26 @@ def _voice(value: Any, voices: VoiceRegistry) -> tuple[str, np.ndarray | None]:
     return entry.name, entry.pcm
 
 
+async def _catch_up_on_voice(app: web.Application, value: Any) -> None:
+    """A voice this server does not know may have been uploaded through another one: sync first."""
+    if isinstance(value, dict) and set(value) == {"id"}:
+        value = value["id"]
+    if isinstance(value, str) and value and app[VOICES].lookup(value) is None:
+        await _sync_shared(app)
+
+
+async def _sync_shared(app: web.Application) -> None:
+    """Catch up with the shared voices, if any; an unreachable store leaves this server's view as it is."""
+    shared = app.get(SHARED_VOICES)
+    if shared is None:
+        return
+    try:
+        await shared.sync()
+    except MossError as exc:
+        log.warning("the shared voices are unreachable; answering from this server's copy",
+                    extra={"error": str(exc)[:300]})  # fmt: skip
+
+
 # -- POST /v1/audio/speech -----------------------------------------------------------------------
 
 
@@ -184,6 +215,7 @@ async def speech(request: web.Request) -> web.StreamResponse:
     app = request.app
     config, engine, metrics = app[CONFIG], app[ENGINE], app[METRICS]
     body = await read_json(request, config.max_body_bytes)
+    await _catch_up_on_voice(app, body.get("voice"))
     batch = batch_engines(app)
     spec = SpeechRequest(body, config, app[VOICES], tuple(batch))
     if spec.model in batch:  # a batch engine (moss_agent.service.batch_speech): made whole, then streamed
@@ -436,6 +468,7 @@ async def models(request: web.Request) -> web.Response:
 
 
 async def list_voices(request: web.Request) -> web.Response:
+    await _sync_shared(request.app)
     voices = request.app[VOICES]
     return web.json_response(
         {"object": "list", "data": [e.describe(voices.sample_rate) for e in voices.entries()]}
@@ -461,13 +494,20 @@ async def upload_voice(request: web.Request) -> web.Response:
     try:
         pcm = await asyncio.to_thread(decode_audio_bytes, data, voices.sample_rate, name=f"voice sample {name!r}",
                                       max_seconds=config.max_voice_seconds)  # fmt: skip
-        entry = voices.add(name, pcm, uploaded=True)
+        shared = request.app.get(SHARED_VOICES)
+        if shared is None:
+            entry = voices.add(name, pcm, uploaded=True)
+        else:
+            voices.check_upload(name)
+            entry = await shared.publish(name, pcm)
     except AudioError as exc:
         request.app[METRICS].rejected("voice")
         raise _bad(str(exc), "audio_sample", "invalid_audio") from None
     except ConfigError as exc:
         request.app[METRICS].rejected("voice")
         raise _bad(str(exc), "name", "invalid_value") from None
+    except EngineError as exc:
+        raise _store_unavailable(exc) from None
     log.info("voice uploaded", extra={"request_id": request_id(request), "voice": name,
                                       "seconds": round(pcm.shape[0] / voices.sample_rate, 2)})  # fmt: skip
     return web.json_response(entry.describe(voices.sample_rate))
@@ -506,9 +546,18 @@ async def _read_voice_form(request: web.Request, limit: int) -> tuple[str | None
 
 async def delete_voice(request: web.Request) -> web.Response:
     voice_id = request.match_info["voice_id"]
-    voices = request.app[VOICES]
-    if not voices.remove(voice_id):
+    voices, shared = request.app[VOICES], request.app.get(SHARED_VOICES)
+    try:
+        removed = voices.remove(voice_id) if shared is None else await shared.unpublish(voice_id)
+    except EngineError as exc:
+        raise _store_unavailable(exc) from None
+    if not removed:
         entry = voices.lookup(voice_id)
         why = "was not uploaded (voices given at start stay)" if entry is not None else "does not exist"
         raise ApiError(404, f"voice {voice_id!r} {why}", param="voice_id", code="voice_not_found")
     return web.json_response({"id": voice_id, "object": "audio.voice.deleted", "deleted": True})
+
+
+def _store_unavailable(exc: Exception) -> ApiError:
+    return ApiError(503, f"the shared voices are unreachable, try again: {exc}", type=UNAVAILABLE,
+                    code="voices_unavailable", headers={"Retry-After": "1"})  # fmt: skip

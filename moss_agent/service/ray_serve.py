@@ -13,6 +13,11 @@ session socket is one ongoing request), and the deployment autoscales on ongoing
 ``max_replicas``. With CUDA in the cluster every replica asks for one GPU (``num_gpus: 1``), so
 there is one replica per GPU; on the CPU it asks for ``cpus_per_replica`` CPUs.
 
+Batch models (``batch_models``, ``speech-server --batch-model``) are loaded by every replica beside
+its engine, sharing its codec and device thread, as the plain server does. Uploaded voices are
+shared: one small actor per deployment holds them and every replica mirrors them
+(``moss_agent.service.ray_voices``), so a voice uploaded through one replica speaks on all.
+
 A replica that dies takes its streams with it: an HTTP stream ends short (the proxy drops the
 connection), a WebSocket is closed by the proxy (the Python client raises ``EngineError``); new
 requests go to the surviving replicas while Serve starts a replacement.
@@ -35,19 +40,21 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from moss_agent.errors import ConfigError
+from moss_agent.errors import ConfigError, MossError
 
 log = logging.getLogger(__name__)
 
 VOICE_RATE = 24000  # the rate voices travel at to the replicas (every MOSS codec's)
 
 REPLICA_HEADER = "X-Moss-Replica"  # on every response: which replica served it
+APP_NAME = "moss-speech"  # the Serve application deploy() makes
 _HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "transfer-encoding", "upgrade", "host", "content-length",
@@ -66,7 +73,11 @@ class RayServeOptions:
     ``voices``: named voices every replica registers, (name, float32 mono speech at
     ``VOICE_RATE``) pairs decoded once where the deployment is built (``voices=NAME=PATH,...`` for
     ``serve run``; see :func:`read_voices`), so replicas need no access to the files.
-    ``max_input_chars`` / ``max_voice_seconds``: as ``ServiceConfig``.
+    ``max_input_chars`` / ``max_voice_seconds`` / ``max_uploaded_voices``: as ``ServiceConfig`` (the
+    uploaded voices are counted for the whole deployment). ``batch_models``: (name, checkpoint folder
+    or hub id; ``tiny``: the tiny random Delay, with ``tiny``) pairs every replica also serves in
+    ``/v1/audio/speech`` (``batch_models=NAME=PATH,...`` for ``serve run``); their answers are at
+    least ``min_seconds`` long (1 s with ``tiny`` when ``min_seconds`` is 0, as the CLI's ``--tiny``).
     """
 
     model: str | None = None
@@ -90,6 +101,8 @@ class RayServeOptions:
     max_input_chars: int = 4096
     max_voice_seconds: float = 30.0
     max_waiting: int | None = None  # the engine's queue for a slot (None: the engine's default)
+    max_uploaded_voices: int = 64
+    batch_models: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.tiny and not (self.model and self.codec):
@@ -98,6 +111,15 @@ class RayServeOptions:
             raise ConfigError("need slots >= 1 and 1 <= min_replicas <= max_replicas")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ConfigError(f"device must be auto, cuda or cpu, got {self.device!r}")
+        if self.max_uploaded_voices < 1:
+            raise ConfigError(f"max_uploaded_voices must be >= 1, got {self.max_uploaded_voices}")
+        for name, path in self.batch_models:
+            if path == "tiny" and not self.tiny:
+                raise ConfigError(
+                    f"batch model {name}=tiny is the tiny random Delay model: it goes with tiny=true"
+                )
+        if len({name for name, _ in self.batch_models}) != len(self.batch_models):
+            raise ConfigError(f"batch model names must differ, got {[name for name, _ in self.batch_models]}")
         if not 0 <= self.min_seconds <= self.max_seconds or self.max_seconds <= 0:
             raise ConfigError(
                 f"need 0 <= min_seconds <= max_seconds and max_seconds > 0, "
@@ -115,6 +137,12 @@ class RayServeOptions:
         values: dict[str, Any] = {}
         if "voices" in args:
             values["voices"] = read_voices([item for item in str(args.pop("voices")).split(",") if item])
+        if "batch_models" in args:
+            from moss_agent.commands.speech_server import parse_batch_models
+
+            items = [item for item in str(args.pop("batch_models")).split(",") if item]
+            tiny = str(args.get("tiny", "")).lower() in ("1", "true", "yes", "on")
+            values["batch_models"] = tuple(parse_batch_models(items, tiny))
         for key, text in args.items():
             kind, _, optional = str(known[key].type).partition(" | ")
             try:
@@ -151,10 +179,17 @@ class ReplicaASGI:
     """An ASGI app that owns one engine and its aiohttp server (on a private Unix socket) and
     forwards the proxy's requests to it. Started and stopped by the ASGI lifespan (Serve runs it)."""
 
-    def __init__(self, options: RayServeOptions, replica: str | None = None) -> None:
+    def __init__(
+        self, options: RayServeOptions, replica: str | None = None, voice_store: str | None = None
+    ) -> None:
+        """``voice_store``: the name of the deployment's voice store actor (``ray_voices``), which
+        shares uploaded voices with the other replicas; None keeps them on this replica (no Ray)."""
         self.options = options
         self.replica = replica or f"pid{os.getpid()}"
+        self.voice_store = voice_store
         self.engine: Any = None
+        self.batch_engines: dict[str, Any] = {}
+        self._follower: asyncio.Task[None] | None = None
         self._runner: Any = None
         self._http: Any = None
         self._socket: Path | None = None
@@ -172,11 +207,20 @@ class ReplicaASGI:
         opts = self.options
         self.engine = await asyncio.to_thread(self._load_engine)
         config = ServiceConfig(token=opts.token, max_input_chars=opts.max_input_chars,
-                               max_voice_seconds=opts.max_voice_seconds)  # fmt: skip
+                               max_voice_seconds=opts.max_voice_seconds,
+                               max_uploaded_voices=opts.max_uploaded_voices)  # fmt: skip
         voices = VoiceRegistry(self.engine.sample_rate, max_uploaded=config.max_uploaded_voices)
         for name, pcm in opts.voices:
             voices.add(name, resample(pcm, VOICE_RATE, self.engine.sample_rate))
-        app = create_app(self.engine, config, voices=voices)
+        shared = await self._share_voices(voices, config) if self.voice_store else None
+        app = create_app(self.engine, config, voices=voices, shared_voices=shared)
+        if opts.batch_models:
+            from moss_agent.service.batch_speech import add_batch_engines, load_batch_engines
+
+            self.batch_engines = await asyncio.to_thread(
+                load_batch_engines, list(opts.batch_models), self.engine, opts.dtype
+            )
+            add_batch_engines(app, self.batch_engines, min_frames=self._batch_min_frames())
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()  # runs the app's startup: starts warming the engine up
         # The replica takes requests (Serve routes to it) once warm; an engine that cannot start
@@ -191,11 +235,40 @@ class ReplicaASGI:
         )  # fmt: skip
         log.info("replica ready", extra={"replica": self.replica, "slots": self.options.slots})
 
+    async def _share_voices(self, voices: Any, config: Any) -> Any:
+        from moss_agent.service.ray_voices import VoiceMirror, voice_store
+
+        max_samples = math.ceil(config.max_voice_seconds * voices.sample_rate) + 1024  # resampling's rounding
+        store = await asyncio.to_thread(
+            voice_store, str(self.voice_store), config.max_uploaded_voices, max_samples
+        )
+        mirror = VoiceMirror(store, voices)
+        try:
+            await mirror.sync()  # the voices uploaded before this replica started
+        except MossError as exc:  # the follower keeps trying
+            log.warning(
+                "the voice store is unreachable at start", extra={"replica": self.replica, "error": str(exc)}
+            )
+        self._follower = asyncio.create_task(mirror.follow(), name=f"moss-voices-{self.replica}")
+        return mirror
+
+    def _batch_min_frames(self) -> int:
+        from moss_agent.options import FRAME_SECONDS, TINY_MIN_SECONDS
+
+        seconds = self.options.min_seconds or (TINY_MIN_SECONDS if self.options.tiny else 0.0)
+        return round(seconds / FRAME_SECONDS)
+
     async def stop(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
         if self._http is not None:
             await self._http.close()
         if self._runner is not None:
             await self._runner.cleanup()
+        for batch in self.batch_engines.values():
+            batch.close()  # shares the engine's device thread: closes nothing of the engine's
         if self.engine is not None:
             await self.engine.aclose()
         if self._folder is not None:
@@ -385,8 +458,13 @@ def deployment(options: RayServeOptions) -> Any:
     target = options.target_ongoing_requests or max(1.0, 0.75 * options.slots)
 
     def builder() -> ReplicaASGI:
+        from moss_agent.service.ray_voices import store_name
+
         context = serve.get_replica_context()
-        return ReplicaASGI(options, replica=context.replica_id.unique_id if context else None)
+        if context is None:
+            return ReplicaASGI(options)
+        return ReplicaASGI(options, replica=context.replica_id.unique_id,
+                           voice_store=store_name(context.app_name, context.deployment))  # fmt: skip
 
     @serve.deployment(
         name=options.name,
@@ -412,12 +490,17 @@ def build_app(args: dict[str, str]) -> Any:
 
 
 def options_from_cli(
-    args: Any, token: str | None, replicas: tuple[int, int] = (1, 1), voices: tuple[tuple[str, Any], ...] = ()
+    args: Any,
+    token: str | None,
+    replicas: tuple[int, int] = (1, 1),
+    voices: tuple[tuple[str, Any], ...] = (),
+    batch_models: tuple[tuple[str, str], ...] = (),
 ) -> RayServeOptions:
     """RayServeOptions from ``moss-agent speech-server``'s engine options (``--model``, ``--codec``,
     ``--tiny``, ``--slots``, ``--max-seconds``, ``--min-seconds``, ``--greedy``, ``--seed``,
     ``--device``, ``--dtype``, ``--compile``, ``--max-input-chars``, ``--max-voice-seconds``) and its
-    token; ``replicas``: (min, max); ``voices``: from :func:`read_voices`."""
+    token; ``replicas``: (min, max); ``voices``: from :func:`read_voices`; ``batch_models``: from
+    ``--batch-model`` (``parse_batch_models``)."""
     device = str(getattr(args, "device", None) or "auto")
     return RayServeOptions(
         model=None if args.tiny else args.model,
@@ -438,6 +521,7 @@ def options_from_cli(
         max_input_chars=int(getattr(args, "max_input_chars", 4096)),
         max_voice_seconds=float(getattr(args, "max_voice_seconds", 30.0)),
         max_waiting=getattr(args, "max_waiting", None),
+        batch_models=tuple(batch_models),
     )
 
 
@@ -454,15 +538,20 @@ def deploy(
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(deployment(options), name="moss-speech", route_prefix="/")
+    serve.run(deployment(options), name=APP_NAME, route_prefix="/")
     shown = f"[{host}]" if ":" in host else host
     return f"http://{shown}:{port}"
 
 
-def shutdown() -> None:
-    """Remove the deployment and Serve, and disconnect from Ray (a local instance stops)."""
+def shutdown(options: RayServeOptions | None = None) -> None:
+    """Remove the deployment and Serve (with ``options``: also the voice store of the deployment
+    :func:`deploy` made with them), and disconnect from Ray (a local instance stops)."""
     import ray
     from ray import serve
 
     serve.shutdown()
+    if options is not None:
+        from moss_agent.service.ray_voices import remove_voice_store, store_name
+
+        remove_voice_store(store_name(APP_NAME, options.name))
     ray.shutdown()

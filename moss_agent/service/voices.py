@@ -4,6 +4,10 @@ The registry is a read-only ``Mapping`` of name -> float32 mono reference speech
 rate (what ``open_conversation(voice_prompt=...)`` takes), shared by the OpenAI endpoint and the
 session protocol. ``DEFAULT_VOICE`` ("default") is always there and means no reference: the model's
 own voice. Names are 1-64 letters, digits, ``_``, ``-`` or ``.``; a voice's id is its name.
+
+A server whose uploaded voices must be seen by other servers (the replicas of a Ray Serve
+deployment) is given a :class:`SharedVoices`: uploads and deletes then go through it, and it mirrors
+every server's uploads into this registry. Without one (the plain server) an upload stays here.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -84,16 +89,27 @@ class VoiceRegistry(Mapping[str, np.ndarray]):
     def uploaded(self) -> int:
         return sum(entry.uploaded for entry in self._entries.values())
 
-    def add(self, name: str, pcm: np.ndarray, *, uploaded: bool = False) -> VoiceEntry:
+    def check_upload(self, name: str) -> None:
+        """ConfigError unless an upload may take ``name`` (a count limit aside): not the reserved
+        name, nor that of a voice given at start."""
+        check_name(name)
+        if name == DEFAULT_VOICE:
+            raise ConfigError(f"the voice name {DEFAULT_VOICE!r} is reserved for the model's own voice")
+        old = self._entries.get(name)
+        if old is not None and not old.uploaded:
+            raise ConfigError(f"voice {name!r} was given at start and cannot be replaced")
+
+    def add(
+        self, name: str, pcm: np.ndarray, *, uploaded: bool = False, created_at: int | None = None
+    ) -> VoiceEntry:
         """Register ``pcm`` (float32 mono at ``sample_rate``) as ``name``; an uploaded voice may
-        replace an uploaded one, never one given at start."""
+        replace an uploaded one, never one given at start. ``created_at``: its Unix time (default now)."""
         check_name(name)
         if name == DEFAULT_VOICE:
             raise ConfigError(f"the voice name {DEFAULT_VOICE!r} is reserved for the model's own voice")
         old = self._entries.get(name)
         if uploaded:
-            if old is not None and not old.uploaded:
-                raise ConfigError(f"voice {name!r} was given at start and cannot be replaced")
+            self.check_upload(name)
             if old is None and self.uploaded >= self.max_uploaded:
                 raise ConfigError(
                     f"this server already holds {self.max_uploaded} uploaded voices; delete one first"
@@ -101,7 +117,7 @@ class VoiceRegistry(Mapping[str, np.ndarray]):
         samples = np.ascontiguousarray(pcm, dtype=np.float32)
         if samples.ndim != 1 or samples.size == 0:
             raise ConfigError(f"voice {name!r}: expected non-empty mono audio, got shape {samples.shape}")
-        entry = VoiceEntry(name, samples, int(time.time()), uploaded)
+        entry = VoiceEntry(name, samples, int(time.time()) if created_at is None else created_at, uploaded)
         self._entries[name] = entry
         return entry
 
@@ -118,6 +134,26 @@ class VoiceRegistry(Mapping[str, np.ndarray]):
         from moss_agent.audio import load_audio
 
         return self.add(name, load_audio(path, self.sample_rate, max_seconds=max_seconds))
+
+
+class SharedVoices(Protocol):
+    """Uploaded voices kept where every server of a deployment sees them, mirrored into each
+    server's registry (``moss_agent.service.ray_voices`` is the Ray Serve one). The app calls it
+    instead of changing its registry on an upload or a delete, and lets it catch up when a request
+    names a voice the registry lacks."""
+
+    async def publish(self, name: str, pcm: np.ndarray) -> VoiceEntry:
+        """Upload ``pcm`` as ``name`` for every server; returns this registry's new entry.
+        ConfigError when the voices are full (or too long); EngineError when the store is unreachable."""
+        ...
+
+    async def unpublish(self, name: str) -> bool:
+        """Forget the uploaded voice ``name`` everywhere; False when there is none."""
+        ...
+
+    async def sync(self) -> None:
+        """Bring the registry's uploaded voices up to date with the store's (EngineError when unreachable)."""
+        ...
 
 
 def parse_voice_option(text: str) -> tuple[str, Path]:

@@ -68,7 +68,7 @@ def test_the_token_comes_from_a_file_a_variable_or_is_made_up(tmp_path: Path, mo
         (["--max-waiting", "-1"], "--max-waiting must be from 0"),
         (["--batch-model", "/ckpt/MOSS-TTS"], "only the tiny model fits"),
         (["--batch-model", "tiny", "--batch-model", "moss-tts=tiny"], "already taken"),
-        (["--ray", "--batch-model", "tiny"], "not served on Ray Serve"),
+        (["--ray", "--batch-model", "/ckpt/MOSS-TTS"], "only the tiny model fits"),
         (["--ray", "--replicas", "3:1"], "need 1 <= MIN <= MAX"),
         (["--ray", "--replicas", "two"], "expected MIN or MIN:MAX"),
         pytest.param(

@@ -33,8 +33,9 @@ SLOTS = 2
 # running when its replica is killed.
 RAY_OPTIONS = dict(
     slots=SLOTS, greedy=True, min_seconds=20.0, max_seconds=20.0, token=TOKEN, device="cpu",
-    min_replicas=2, max_replicas=2, cpus_per_replica=0.5,
+    min_replicas=2, max_replicas=2, cpus_per_replica=0.5, max_uploaded_voices=2,
 )  # fmt: skip
+BATCH_MODEL = "moss-tts"
 SPEECH = {
     "model": "tts-1",
     "voice": "default",
@@ -66,6 +67,14 @@ def test_options_from_serve_run_and_cli_arguments() -> None:
     assert [name for name, _ in options.voices] == ["a", "b"] and options.dtype == "float32"
     with pytest.raises(ConfigError, match="NAME=PATH"):
         RayServeOptions.from_args({"tiny": "true", "voices": str(HELLO)})
+    # Batch models as speech-server --batch-model takes them (the first unnamed one is moss-tts).
+    options = RayServeOptions.from_args({"tiny": "true", "batch_models": "tiny,small=tiny"})
+    assert options.batch_models == (("moss-tts", "tiny"), ("small", "tiny"))
+    assert options_from_cli(args, None, batch_models=(("moss-tts", "/ckpt/delay"),)).batch_models == (
+        ("moss-tts", "/ckpt/delay"),
+    )
+    with pytest.raises(ConfigError, match="goes with tiny=true"):
+        RayServeOptions(model="m", codec="c", batch_models=(("moss-tts", "tiny"),))
 
 
 # -- the ASGI adapter without Ray -----------------------------------------------------------------
@@ -171,7 +180,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ray_url(tiny_realtime_endless_dir: Path, tiny_codec_dir: Path) -> Iterator[str]:
+def ray_url(
+    tiny_realtime_endless_dir: Path, tiny_codec_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     ray = pytest.importorskip("ray", reason='Ray Serve is an optional extra: pip install "moss-agent[ray]"')
     serve = pytest.importorskip("ray.serve", reason='pip install "moss-agent[ray]"')
     from moss_agent.service.ray_serve import deployment
@@ -180,8 +191,13 @@ def ray_url(tiny_realtime_endless_dir: Path, tiny_codec_dir: Path) -> Iterator[s
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
+        from moss_agent.options import ensure_tiny_batch_checkpoint
+
         voices = read_voices([f"hello={HELLO}"])  # decoded here, shipped to every replica
-        options = tiny(tiny_realtime_endless_dir, tiny_codec_dir, voices=voices, **RAY_OPTIONS)
+        # The tiny Delay on the tiny codec, loaded by every replica (speech-server --ray --tiny --batch-model tiny).
+        delay = str(ensure_tiny_batch_checkpoint(tmp_path_factory.mktemp("batch")))
+        options = tiny(tiny_realtime_endless_dir, tiny_codec_dir, voices=voices,
+                       batch_models=((BATCH_MODEL, delay),), **RAY_OPTIONS)  # fmt: skip
         serve.run(deployment(options), name="speech", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -230,6 +246,93 @@ async def open_session(url: str) -> tuple[Any, Any, Any]:
 
 async def read_all(stream: Any) -> int:
     return len([chunk async for chunk in stream])
+
+
+async def on_both(
+    http: aiohttp.ClientSession, method: str, url: str, tries: int = 40, **kwargs: Any
+) -> dict[str, tuple[int, Any]]:
+    """The same request until both replicas answered it: replica -> (status, JSON body)."""
+    answers: dict[str, tuple[int, Any]] = {}
+    for _ in range(tries):
+        async with http.request(method, url, headers=AUTH, **kwargs) as response:
+            answers[response.headers[REPLICA_HEADER]] = (response.status, await response.json())
+        if len(answers) == 2:
+            return answers
+    raise AssertionError(f"{tries} requests all went to {sorted(answers)}")
+
+
+async def speak_on_both(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> dict[str, int]:
+    """Speech requests until both replicas took one: replica -> status (a stream is closed once its
+    first audio arrived)."""
+    statuses: dict[str, int] = {}
+    for _ in range(40):
+        async with http.post(url + "/v1/audio/speech", json=body, headers=AUTH) as response:
+            statuses[response.headers[REPLICA_HEADER]] = response.status
+            if response.status == 200:
+                assert await asyncio.wait_for(response.content.readany(), 60)
+            else:
+                assert (await response.json())["error"]["code"] == "voice_not_found"
+        if len(statuses) == 2:
+            return statuses
+    raise AssertionError(f"40 requests all went to {sorted(statuses)}")
+
+
+def voice_ids(answers: dict[str, tuple[int, Any]]) -> set[frozenset[str]]:
+    """The voice lists the replicas answered (one set when they agree)."""
+    return {frozenset(voice["id"] for voice in body["data"]) for _, body in answers.values()}
+
+
+@pytest.mark.slow
+async def test_every_replica_serves_the_batch_models_and_every_uploaded_voice(ray_url: str) -> None:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
+        # Both replicas loaded the batch model beside their engine.
+        for status, body in (await on_both(http, "GET", ray_url + "/v1/models")).values():
+            batch = [model["id"] for model in body["data"] if model.get("engine") == "batch"]
+            assert status == 200 and batch == [BATCH_MODEL], body
+
+        # A voice uploaded through one replica speaks on both, through the realtime and the batch model.
+        async with http.post(ray_url + "/v1/audio/voices?name=carol", data=HELLO.read_bytes(),
+                             headers={**AUTH, "Content-Type": "audio/wav"}) as response:  # fmt: skip
+            assert response.status == 200, await response.text()
+            uploaded = await response.json()
+        assert uploaded["id"] == "carol" and uploaded["uploaded"]
+        statuses = await speak_on_both(http, ray_url, dict(SPEECH, voice="carol"))
+        assert set(statuses.values()) == {200}, statuses
+        batch_body = dict(SPEECH, model=BATCH_MODEL, voice="carol", input="hello")
+        async with http.post(ray_url + "/v1/audio/speech", json=batch_body, headers=AUTH) as response:
+            assert response.status == 200, await response.text()
+            assert len(await response.read()) >= 2 * 1920  # whole codec frames of 16-bit pcm
+        listed = await on_both(http, "GET", ray_url + "/v1/audio/voices")
+        assert voice_ids(listed) == {frozenset({"default", "hello", "carol"})}
+        created = {next(v["created_at"] for v in body["data"] if v["id"] == "carol") for _, body in listed.values()}
+        assert created == {uploaded["created_at"]}  # one voice, mirrored
+
+        # The bound on uploaded voices is the deployment's, whichever replica takes the upload.
+        async with http.post(ray_url + "/v1/audio/voices?name=dave", data=HELLO.read_bytes(),
+                             headers={**AUTH, "Content-Type": "audio/wav"}) as response:  # fmt: skip
+            assert response.status == 200, await response.text()
+        for _, (status, body) in (
+            await on_both(http, "POST", ray_url + "/v1/audio/voices?name=erin", data=HELLO.read_bytes())
+        ).items():
+            assert status == 400 and "already holds 2 uploaded voices" in body["error"]["message"], body
+
+        # A delete through one replica is seen by both; the voice is gone from every replica.
+        for name in ("carol", "dave"):
+            async with http.delete(ray_url + f"/v1/audio/voices/{name}", headers=AUTH) as response:
+                assert response.status == 200, await response.text()
+        listed = await on_both(http, "GET", ray_url + "/v1/audio/voices")
+        assert voice_ids(listed) == {frozenset({"default", "hello"})}
+        statuses = await speak_on_both(http, ray_url, dict(SPEECH, voice="carol"))
+        assert set(statuses.values()) == {400}, statuses
+
+        # Leave both replicas idle for the next test.
+        for _ in range(100):
+            ready = await on_both(http, "GET", ray_url + "/readyz")
+            if all(body.get("free_slots") == SLOTS for _, body in ready.values()):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError(f"the replicas still hold slots: {ready}")
 
 
 @pytest.mark.slow
