@@ -64,6 +64,7 @@ from pipecat.frames.frames import (  # noqa: E402
     ErrorFrame,
     Frame,
     InterruptionFrame,
+    LLMFullResponseStartFrame,
     StartFrame,
     TTSAudioRawFrame,
     TTSStoppedFrame,
@@ -183,6 +184,7 @@ class MossTTSService(TTSService):
         self._opening: asyncio.Lock | None = None
         self._open_task: asyncio.Task[None] | None = None
         self._turn: _Turn | None = None
+        self._early: asyncio.Task[SpeechStream] | None = None  # a turn started ahead of its first text
         self._turn_ids = 0
         self._closed = False
 
@@ -246,6 +248,7 @@ class MossTTSService(TTSService):
         await super().stop(frame)
         if self._turn is not None:
             await self._retire(self._turn)
+        await self._drop_early()
         await self._close()
 
     async def cancel(self, frame: CancelFrame) -> None:
@@ -253,6 +256,7 @@ class MossTTSService(TTSService):
         turn, self._turn = self._turn, None
         if turn is not None:
             await self._settle(turn, self.get_clock().get_time())
+        await self._drop_early()
         await self._close()
 
     async def _ensure_conversation(self) -> Conversation:
@@ -337,15 +341,33 @@ class MossTTSService(TTSService):
         turn = self._turn
         if turn is not None and turn.context_id == context_id and not turn.input_ended:
             return turn
-        if turn is not None:
-            await self._retire(turn)
-        conversation = await self._ensure_conversation()
-        self._turn_ids += 1
-        stream = await conversation.start_turn(self._user_turn(), self._turn_ids)
-        turn = _Turn(context_id, stream, WordTimer(conversation.sample_rate), conversation.sample_rate)
+        early, self._early = self._early, None
+        stream = await (early if early is not None else self._start_stream())
+        rate = self._rate
+        turn = _Turn(context_id, stream, WordTimer(rate), rate)
         self._turn = turn
         turn.task = self.create_task(self._receive(turn), f"moss-tts-turn-{self._turn_ids}")
         return turn
+
+    async def _start_stream(self) -> SpeechStream:
+        """The next engine turn, once the previous one is finished (one open turn per conversation)."""
+        if self._turn is not None:
+            await self._retire(self._turn)
+        conversation = await self._ensure_conversation()
+        self._turn_ids += 1
+        return await conversation.start_turn(self._user_turn(), self._turn_ids)
+
+    async def _drop_early(self) -> None:
+        """A turn started ahead of text that never came (a cut reply, the end): settle it at nothing
+        heard, so it leaves nothing in the context."""
+        early, self._early = self._early, None
+        if early is None:
+            return
+        try:
+            stream = await early  # not cancelled: a start given up half way would leave the slot unsure
+            await stream.interrupt(0.0)
+        except MossError as exc:
+            log.warning("settling an unused MOSS-TTS turn failed", extra={"error": str(exc)})
 
     def _user_turn(self) -> UserTurn | None:
         """What the user said since the previous turn, from the shared LLM context (text only)."""
@@ -441,6 +463,11 @@ class MossTTSService(TTSService):
             if turn is not None and self._interruptible(turn):
                 self._turn = None
                 await self._settle(turn, now)
+            await self._drop_early()
+        elif isinstance(frame, LLMFullResponseStartFrame) and self._early is None and not self._closed:
+            # A reply begins: start its engine turn now, so the start (the tick in progress, the
+            # prompt's prefill) overlaps the LLM's time to first token instead of adding to it.
+            self._early = self.create_task(self._start_stream(), f"moss-tts-turn-{self._turn_ids + 1}-start")
         await super().process_frame(frame, direction)
 
     def _interruptible(self, turn: _Turn) -> bool:
