@@ -11,8 +11,9 @@ backend and speak ``--turns`` replies each, streamed token by token as an LLM wo
   first ``AudioChunk``, recorded by a timing proxy between adapter and backend that forwards every
   call unchanged.
 - overhead = adapter first audio - engine first audio: what the framework and the adapter add.
-  ``start_turn`` (a round trip to the engine's device thread, made after the first text arrives)
-  falls inside it, so it has a column of its own.
+  The part of ``start_turn`` (a round trip to the engine's device thread) still running when the
+  first text arrives falls inside it, so it has a column of its own; the adapters start the turn
+  when the reply starts, so with an LLM's time to first token (``--ttft-s``) it is mostly hidden.
 
 Every pipeline ends in a real-time sink (pipecat: an output transport that sleeps each frame's
 length; LiveKit: the plugin's default hold until the turn was played), so the loop carries the
@@ -159,11 +160,13 @@ class Turn:
 
     @property
     def start_turn_s(self) -> float:
-        return self.engine.start_returned - self.engine.start_called
+        """The part of start_turn after the first text arrived: the adapters start the engine turn
+        when the reply starts, so the rest of it overlapped the LLM's time to first token."""
+        return max(0.0, self.engine.start_returned - max(self.engine.start_called, self.text_in))
 
     @property
     def framework_s(self) -> float:
-        """The overhead less start_turn: what is left once the engine's own work is taken out."""
+        """The overhead less that: what is left once the engine's own work is taken out."""
         return self.overhead_s - self.start_turn_s
 
     @property
@@ -251,6 +254,7 @@ async def run_pipecat(backend: SpeechBackend, pipelines: int, args: argparse.Nam
                 await self.push_frame(frame, direction)
                 return
             await self.push_frame(LLMFullResponseStartFrame())
+            await asyncio.sleep(args.ttft_s)  # the LLM's time to first token
             for token in re.findall(r"\s*\S+", args.reply):
                 await self._push_llm_text(token)
                 await asyncio.sleep(args.token_delay_s)
@@ -372,6 +376,7 @@ async def run_livekit(backend: SpeechBackend, streams: int, args: argparse.Names
                 async with tts.stream(conn_options=once) as stream:
 
                     async def forward(stamps: dict[str, float] = stamps) -> None:  # as tts_node does
+                        await asyncio.sleep(args.ttft_s)  # the stream opens as the LLM request goes out
                         for token in tokens:
                             stamps.setdefault("text_in", now())
                             stream.push_text(token)
@@ -503,8 +508,8 @@ async def bench(args: argparse.Namespace) -> int:
     logger.remove()  # pipecat logs every frame at DEBUG through loguru: that would be measured too
     logger.add(sys.stderr, level="WARNING")
     tokens = len(re.findall(r"\s*\S+", args.reply))
-    print(f"backend: {args.backend}; reply of {tokens} tokens, one per "
-          f"{args.token_delay_s * 1000:g} ms; at most {args.max_frames} frames a turn; "
+    print(f"backend: {args.backend}; reply of {tokens} tokens, the first after {args.ttft_s * 1000:g} ms, "
+          f"then one per {args.token_delay_s * 1000:g} ms; at most {args.max_frames} frames a turn; "
           f"{args.turns} turns per pipeline after {args.warmup} warm-up, each after a pause of 0 to "
           f"{args.spread_s:g} s")  # fmt: skip
     print(f"load before: {load()}")
@@ -538,9 +543,9 @@ async def bench(args: argparse.Namespace) -> int:
           "token into the\nadapter -> the first frame out of the framework; overhead = adapter - engine")  # fmt: skip
     print(HEADER)
     print("\n".join(row(f, c, t) for f, c, t, *_ in spoke))
-    print("\nwhere it goes, ms: the first token's way to the engine's first push_text, of which start_turn (the "
+    print("\nwhere it goes, ms: the first token's way to the engine's first push_text, of which start_turn still running (the "
           "engine's\ndevice thread: waiting for the tick in progress, then the prompt's prefill); the first "
-          "chunk's way out;\nthe overhead less start_turn (the frameworks' and adapters' own share); loop lag: "
+          "chunk's way out;\nthe overhead less that (the frameworks' and adapters' own share); loop lag: "
           "how late a 5 ms sleeper\nwoke meanwhile (the GIL and CPU the engine thread takes); tick: the engine's "
           "mean batched step;\ncpu: cores this process used (event loop and engine thread), of the machine's "
           f"{os.cpu_count()}")  # fmt: skip
@@ -564,6 +569,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="turns per pipeline not counted (default 1)")
     parser.add_argument("--reply", default=REPLY, help="what the scripted LLM answers every time")
     parser.add_argument("--token-delay-s", type=float, default=0.01, help="LLM time per token (default 0.01)")
+    parser.add_argument("--ttft-s", type=float, default=0.2,
+                        help="LLM time to first token, from the reply's start (pipecat's "
+                             "LLMFullResponseStartFrame, LiveKit's stream opening); the adapters start "
+                             "the engine turn meanwhile (default 0.2; 0 shows the start's full cost)")  # fmt: skip
     parser.add_argument("--max-frames", type=int, default=8,
                         help="frame cap of a turn (80 ms each on the engine; default 8)")  # fmt: skip
     parser.add_argument("--spread-s", type=float, default=0.5,
