@@ -72,8 +72,9 @@ def add_engine_options(parser: argparse.ArgumentParser, *, slots: int = 4) -> No
     group.add_argument("--voice", type=Path, default=None, help="reference speech whose voice the agent uses")
     group.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     group.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable output")
-    group.add_argument("--max-seconds", type=float, default=60.0,
-                       help=f"hard cap on one reply's audio, at most {MAX_REPLY_SECONDS:g} (default 60)")
+    group.add_argument("--max-seconds", type=float, default=None,
+                       help=f"hard cap on one reply's audio, at most {MAX_REPLY_SECONDS:g} "
+                            f"(default {DEFAULT_MAX_SECONDS:g}; {TINY_MAX_SECONDS:g} with --tiny)")
     group.add_argument("--min-seconds", type=float, default=None,
                        help="shortest reply audio: the model may not end a turn sooner "
                             f"(default 0; {TINY_MIN_SECONDS:g} with --tiny)")
@@ -139,6 +140,8 @@ def check_engine_options(args: argparse.Namespace) -> None:
         check_url(args.engine_url, "--engine-url", ("ws", "wss", "http", "https"), "ws://127.0.0.1:8000")
     else:
         check_device(args.device)
+    if args.max_seconds is None:  # the tiny random model's replies are noise: keep them short
+        args.max_seconds = TINY_MAX_SECONDS if getattr(args, "tiny", False) else DEFAULT_MAX_SECONDS
     if not 1 <= args.slots <= MAX_SLOTS:
         raise ConfigError(f"--slots must be from 1 to {MAX_SLOTS}, got {args.slots}")
     if not 0 < args.max_seconds <= MAX_REPLY_SECONDS:  # False for NaN too
@@ -217,6 +220,8 @@ def add_stt_options(parser: argparse.ArgumentParser) -> None:
 # The untrained tiny models may end a turn on its first frame; --tiny speaks at least this long
 # (--min-seconds overrides it), so the demo always gives audio.
 TINY_MIN_SECONDS = 1.0
+DEFAULT_MAX_SECONDS = 60.0
+TINY_MAX_SECONDS = 8.0
 FRAME_SECONDS = 0.08  # one codec frame (12.5 Hz)
 
 

@@ -281,6 +281,8 @@ class WordTimer:
             if word.end_s > heard_s - margin + 1e-6 or (max_chars is not None and chars > max_chars):
                 break
             count, end = count + 1, char_end
+        if count and count == len(words) and self._text_ended:
+            end = len(self.text)  # every word heard: the text as written, its trailing space too
         return count, end
 
     # ------------------------------------------------------------------ estimation

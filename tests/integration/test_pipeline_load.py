@@ -77,13 +77,14 @@ async def test_closing_sessions_under_load_leaks_nothing(make_backend: Any) -> N
     clock = ScaledClock(50.0)
     backend = await make_backend(clock)
     baseline_tasks = asyncio.all_tasks()
-    await _churn(backend, clock, 5)  # warm up caches and lazy imports
+    engine = hasattr(backend, "free_slots")
+    await _churn(backend, clock, 2 if engine else 5)  # warm up caches and lazy imports
     gc.collect()
     tracemalloc.start()
     before = tracemalloc.take_snapshot()
-    # The real engine runs every turn to its frame cap under tracemalloc (~2 s a round on 2 cores):
-    # 10 rounds (80 turns) of it, 25 (200 turns) of the fake.
-    rounds = 10 if hasattr(backend, "free_slots") else 25
+    # The real engine runs every turn to its frame cap under tracemalloc (~8 s a round on 2 cores):
+    # 5 rounds (40 turns) of it, 25 (200 turns) of the fake; benchmarks/soak.py runs thousands.
+    rounds = 5 if engine else 25
     turns = await _churn(backend, clock, rounds)
     gc.collect()
     after = tracemalloc.take_snapshot()
