@@ -58,8 +58,8 @@ class TurnHandle:
     """A queued or running agent turn.
 
     ``await handle`` gives its :class:`TurnResult`; ``async for event in handle`` yields this turn's
-    events (TurnStarted, TextDelta, AudioChunk, ErrorEvent, TurnEnded or Interrupted, and Metrics
-    last) and ends when the turn ends. Events are kept from the moment the turn is queued, so
+    events (TurnStarted, TextDelta, AudioChunk, WordTimes as words are spoken, ErrorEvent, TurnEnded
+    or Interrupted, the final WordTimes, and Metrics last) and ends when the turn ends. Events are kept from the moment the turn is queued, so
     iterating later still starts at the beginning (up to ``SessionConfig.event_queue_size`` events;
     older ones are dropped while nobody reads). Once iterated, the turn's audio is paced by the
     reader, as with :meth:`Session.events`; a handle nobody iterates never holds the session back.
