@@ -42,6 +42,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent import loop_lag  # the same probe as the pipeline benchmark (benchmarks/ is on sys.path)
+
 from moss_agent.events import AudioChunk
 from moss_agent.streaming.tts import HeardResult, SpeechBackend, UserTurn
 
@@ -429,15 +431,6 @@ async def open_backend(args: argparse.Namespace) -> AsyncIterator[SpeechBackend]
     engine = await asyncio.to_thread(RealtimeEngine.load, model, codec, device=args.device, config=config)
     async with engine:
         yield engine
-
-
-async def loop_lag(lags: list[float]) -> None:
-    """How late the loop wakes a 5 ms sleeper: the scheduling floor under every hop measured here."""
-    loop = asyncio.get_running_loop()
-    while True:
-        start = loop.time()
-        await asyncio.sleep(0.005)
-        lags.append(max(0.0, loop.time() - start - 0.005))
 
 
 def pct(samples: list[float], q: float) -> float:

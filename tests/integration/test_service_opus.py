@@ -17,13 +17,13 @@ import aiohttp
 import numpy as np
 import pytest
 import pytest_asyncio
+from service_engine import endless_engine
 
 from moss_agent import speech_protocol as sp
 from moss_agent.client import RemoteSpeechBackend
-from moss_agent.engine.realtime import RealtimeEngine, RealtimeEngineConfig
+from moss_agent.engine.realtime import RealtimeEngine
 from moss_agent.errors import AudioError, ConfigError
 from moss_agent.events import AudioChunk
-from moss_agent.models.realtime import SamplingConfig
 from moss_agent.opus import OpusFrameDecoder, OpusFrameEncoder, opus_available
 from moss_agent.service.sessions import session_server
 from moss_agent.streaming.session import Session
@@ -52,13 +52,7 @@ def correlation(reference: np.ndarray, decoded: np.ndarray) -> float:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engine(tiny_realtime_endless_dir: Path, tiny_codec_dir: Path) -> AsyncIterator[RealtimeEngine]:
-    config = RealtimeEngineConfig(
-        num_slots=2, max_context=512, max_frames_per_turn=CAP, sampling=SamplingConfig(greedy=True),
-        max_ahead_s=3 * FRAME_S, text_buffer_chars=64, call_timeout_s=5.0,
-    )  # fmt: skip
-    loaded = await asyncio.to_thread(RealtimeEngine.load, tiny_realtime_endless_dir, tiny_codec_dir, device="cpu",
-                                     config=config)  # fmt: skip
-    async with loaded:
+    async with endless_engine(tiny_realtime_endless_dir, tiny_codec_dir, CAP) as loaded:
         yield loaded
 
 
