@@ -60,3 +60,16 @@ def goldens(model_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def loaded(model_dir: Path) -> LoadedTTS:
     return load_tts(model_dir / "checkpoint", device="cpu", dtype="float32")
+
+
+def drain_frames(gen: object, slot: int, limit: int = 400, *, with_eos: bool = True) -> list[torch.Tensor]:
+    """Step a ``RealtimeGenerator`` until it has no work (at most ``limit`` ticks) -> the frames
+    ``slot`` produced, its EOS frame included unless ``with_eos`` is False."""
+    frames = []
+    for _ in range(limit):
+        if not gen.has_work():  # type: ignore[attr-defined]
+            break
+        out = gen.step()  # type: ignore[attr-defined]
+        if out.produced[slot] and (with_eos or not out.eos[slot]):
+            frames.append(out.frames[slot])
+    return frames

@@ -11,6 +11,7 @@ from moss_agent.errors import ConfigError, EngineError
 from moss_agent.models.realtime import DELAY_TOKENS, RealtimeGenerator, SamplingConfig
 from moss_agent.models.realtime.model import model_from_state_dict
 from moss_agent.models.realtime.tiny import random_state_dict, tiny_config
+from tests.models.shared_fixtures import drain_frames
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,14 +42,7 @@ def eos_model():
 
 
 def _drain(gen: RealtimeGenerator, slot: int, limit: int = 400) -> list[torch.Tensor]:
-    frames = []
-    for _ in range(limit):
-        if not gen.has_work():
-            break
-        out = gen.step()
-        if out.produced[slot]:
-            frames.append(out.frames[slot])
-    return frames
+    return drain_frames(gen, slot, limit)
 
 
 def _turn(gen, slot, text=TEXT, sampling=GREEDY, seed=None, max_frames=30, user="How are you?"):

@@ -22,6 +22,7 @@ from moss_agent.models.realtime import DELAY_TOKENS, EncodedTurn, RealtimeGenera
 from moss_agent.models.realtime.model import model_from_state_dict
 from moss_agent.models.realtime.tiny import random_state_dict, tiny_config
 from moss_agent.streaming.tts import PastTurn, UserTurn
+from tests.models.shared_fixtures import drain_frames
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,14 +44,7 @@ def eos_model():
 
 
 def _drain(gen: RealtimeGenerator, slot: int, limit: int = 400) -> list[torch.Tensor]:
-    frames = []
-    for _ in range(limit):
-        if not gen.has_work():
-            break
-        out = gen.step()
-        if out.produced[slot] and not out.eos[slot]:
-            frames.append(out.frames[slot])
-    return frames
+    return drain_frames(gen, slot, limit, with_eos=False)
 
 
 def _turn(gen, slot, user, text, sampling=GREEDY, seed=None, max_frames=60, deltas=7):
