@@ -176,10 +176,12 @@ class MqttWorker:
                     )
                     await self._read(client, yield_every=1)
             finally:
+                # Goodbye first: a clean disconnect sends no last will, so this status is the only
+                # word the clients get, and hanging up many sessions on a busy machine takes time.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(client.publish(status, offline, qos=1), 5)
                 for session in list(self._sessions.values()):
                     session.hang_up()
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(client.publish(status, offline, qos=1), 2)
 
     async def _read(self, client: Any, *, yield_every: int) -> None:
         """Handle one connection's messages. A backlog is drained in slices of ``yield_every``, so a flood

@@ -38,8 +38,11 @@ class Fault:
     times: int | None = 1
     calls: int = 0
     raised: int = 0
+    armed: bool = True  # counts calls only once armed (e.g. after the sessions opened)
 
     def check(self, name: str) -> None:
+        if not self.armed:
+            return
         self.calls += 1
         if self.calls >= self.at and (self.times is None or self.raised < self.times):
             self.raised += 1
@@ -85,12 +88,17 @@ def faulty_engine(
     return RealtimeEngine(Faulty(real.generator, generator or {}), Faulty(codec, codec_faults or {}), config)
 
 
-async def run_turns(engine: RealtimeEngine, sessions: int) -> tuple[list[list[Any]], list[Any], list[Session]]:
-    """Start one turn per session; return each turn's events and results (each within the stall timeout)."""
+async def run_turns(
+    engine: RealtimeEngine, sessions: int, arm: Fault | None = None
+) -> tuple[list[list[Any]], list[Any], list[Session]]:
+    """Start one turn per session; return each turn's events and results (each within the stall timeout).
+    ``arm``: a fault that starts counting once every session is open, so it hits the turns."""
     config = SessionConfig(audio_stall_timeout_s=STALL_S)
     opened = [Session(engine, config=config, name=f"s{k}") for k in range(sessions)]
     for session in opened:
         await session.start()
+    if arm is not None:
+        arm.armed = True
     handles = [session.say(f"{TEXT} Session {k}.") for k, session in enumerate(opened)]
 
     async def collect(handle: Any) -> list[Any]:
@@ -150,13 +158,13 @@ async def test_a_failed_forward_ends_every_turn_and_keeps_what_was_heard(
 async def test_a_fault_while_recovering_fails_the_engine_for_good(tiny_realtime_endless_dir, codec, sessions, where):
     if where == "rollback":  # a tick fails, then cutting the turn to what was heard fails too
         faults = {"step": Fault(at=6), "rollback": Fault(at=1, times=None)}
-    else:  # the device breaks: every later has-work check raises
-        faults = {"has_work": Fault(at=12, times=None)}
+    else:  # the device breaks once the turns run: every later has-work check raises
+        faults = {"has_work": Fault(at=12, times=None, armed=False)}
     engine = faulty_engine(tiny_realtime_endless_dir, codec, generator=faults)
     failures: list[EngineError] = []
     engine.on_failure(failures.append)
     async with engine:
-        events, results, opened = await run_turns(engine, sessions)
+        events, results, opened = await run_turns(engine, sessions, faults.get("has_work"))
         for turn_events, result in zip(events, results, strict=True):
             assert errors_of(turn_events), "a turn ended without an error"
             assert result.error
