@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -48,7 +49,18 @@ def start_worker(broker: Broker, worker_id: str) -> subprocess.Popen[str]:
         "--handler", "transport_signals:tone_agent",
         "--broker", f"127.0.0.1:{broker.port}", "--username", "worker", "--worker-id", worker_id,
     ]  # fmt: skip
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, preexec_fn=_as_from_a_shell
+    )
+
+
+def _as_from_a_shell() -> None:
+    """In the worker, before exec: no blocked or ignored signals. Both survive exec, and this test
+    process's may have been changed by earlier tests' libraries (the JACK tests leave SIGPIPE
+    blocked); a worker that never sees SIGTERM cannot say goodbye."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 async def wait_ready(proc: subprocess.Popen[str], worker_id: str) -> None:
