@@ -338,22 +338,15 @@ class _Turn:
 
     def _send_words(self, words: list[WordTiming]) -> None:
         """Push words as TimedStrings: each carries the text since the previous word (its spaces), as
-        LiveKit's transcript joins them as they are."""
+        LiveKit's transcript joins them as they are. The timer reports the words of its own text in
+        order, so the n-th word reported is the n-th span of that text."""
         if not words:
             return
         spans = split_words(self.timer.text)
         for word in words:
-            index = self._words_sent
+            end = spans[self._words_sent][1]
             self._words_sent += 1
-            if index < len(spans) and self.timer.text[spans[index][0] : spans[index][1]] == word.word:
-                end = spans[index][1]
-            else:  # not where expected (never, with the same splitter): find it, or space it
-                found = self.timer.text.find(word.word, self._text_end)
-                end = found + len(word.word) if found >= 0 else -1
-            if end >= 0:
-                text, self._text_end = self.timer.text[self._text_end : end], end
-            else:
-                text = (" " if self._text_end else "") + word.word
+            text, self._text_end = self.timer.text[self._text_end : end], end
             self.emitter.push_timed_transcript(
                 TimedString(text, start_time=word.start_s, end_time=word.end_s)
             )

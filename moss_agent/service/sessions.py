@@ -619,7 +619,7 @@ class _Socket:
             return
         # the words the listener heard: timed to end by the cut, within the text the kept frames covered
         words = turn.words.heard_words(
-            heard.audio_s if heard_s is None else heard_s, max_chars=len("".join(heard.text.split()))
+            heard.audio_s if heard_s is None else heard_s, within=heard.text
         )
         await self.send({"type": "heard", "id": rid, "conversation": conv.cid, "turn": turn.serial,
                          "frames": heard.frames, "text": heard.text, "audio_s": heard.audio_s,

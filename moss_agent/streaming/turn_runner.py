@@ -271,11 +271,10 @@ class TurnRunner:
         )
         if spoke_everything:  # the model's own stop: all the text was spoken, so the fit is exact
             words.finish()
-        limit = len("".join(model_text.split()))
-        timings = words.words if spoke_everything else words.heard_words(turn.settled_at_s, max_chars=limit)
+        timings = words.words if spoke_everything else words.heard_words(turn.settled_at_s, within=model_text)
         if timings:
             self.hub.emit(WordTimes(turn.id, tuple(timings), final=True))
-        return words.heard_text(turn.settled_at_s, max_chars=limit)
+        return words.heard_text(turn.settled_at_s, within=model_text)
 
     # ------------------------------------------------------------------ failures
 

@@ -258,17 +258,19 @@ class WordTimer:
             return list(self._final)
         return self._streaming_words(first=0)
 
-    def heard_words(self, heard_s: float, *, max_chars: int | None = None) -> list[WordTiming]:
-        """The words spoken by ``heard_s`` seconds, in order; with ``max_chars``, no more than that
-        many non-space characters of text (what the speech engine says its kept audio covered)."""
-        return self.words[: self._heard_count(heard_s, max_chars)[0]]
+    def heard_words(self, heard_s: float, *, within: str | None = None) -> list[WordTiming]:
+        """The words spoken by ``heard_s`` seconds, in order; with ``within`` (the text the speech
+        engine says its kept audio covered), no more of the text than that."""
+        return self.words[: self._heard_count(heard_s, within)[0]]
 
-    def heard_text(self, heard_s: float, *, max_chars: int | None = None) -> str:
+    def heard_text(self, heard_s: float, *, within: str | None = None) -> str:
         """The text of ``heard_words``, as written (spaces kept)."""
-        return self.text[: self._heard_count(heard_s, max_chars)[1]]
+        return self.text[: self._heard_count(heard_s, within)[1]]
 
-    def _heard_count(self, heard_s: float, max_chars: int | None) -> tuple[int, int]:
+    def _heard_count(self, heard_s: float, within: str | None) -> tuple[int, int]:
         """(words heard, the character index in ``text`` just past the last of them)."""
+        # compared without spaces: the engine's text is its tokens decoded, spacing may differ
+        max_chars = None if within is None else len("".join(within.split()))
         count, end, chars = 0, 0, 0
         # While streaming the estimate is looser: claim a word only once it is safely past, by a
         # margin and at a slower rate than the best estimate.

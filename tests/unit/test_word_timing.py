@@ -119,7 +119,7 @@ def test_heard_text_is_whole_words_spoken_by_the_cut_and_within_the_model_text()
         assert len(timer.heard_words(float(cut))) >= spoken
         assert all(end <= cut + 0.03 for (_, end) in truth[: len(timer.heard_words(float(cut)))])
     assert timer.heard_text(100.0) == TEXT
-    assert timer.heard_text(100.0, max_chars=len("Well,this")) == "Well, this"
+    assert timer.heard_text(100.0, within="Well, this") == "Well, this"
 
 
 def test_silence_and_empty_text_do_not_break_it() -> None:
