@@ -112,8 +112,7 @@ class _Turn:
     timer: WordTimer
     sample_rate: int
     task: asyncio.Task[None] | None = None
-    input_ended: bool = False
-    input_done: asyncio.Event = field(default_factory=asyncio.Event)  # set with input_ended
+    input_done: asyncio.Event = field(default_factory=asyncio.Event)  # the reply's text is complete
     generated: bool = False  # its audio iteration ended (last frame, failure or cut)
     settled: bool = False  # interrupt() or aclose() was called
     closed: asyncio.Event = field(default_factory=asyncio.Event)  # ... and has returned
@@ -243,7 +242,7 @@ class MossTTSService(TTSService):
         # The reply in flight is spoken to its end before the pipeline ends: its input is closed
         # here, so the base's playback (which waits for every audio context) does not stall.
         turn = self._turn
-        if turn is not None and not turn.input_ended:
+        if turn is not None and not turn.input_done.is_set():
             await self._end_input(turn)
         await super().stop(frame)
         if self._turn is not None:
@@ -324,12 +323,11 @@ class MossTTSService(TTSService):
         if (
             turn is not None
             and (context_id is None or turn.context_id == context_id)
-            and not turn.input_ended
+            and not turn.input_done.is_set()
         ):
             await self._end_input(turn)
 
     async def _end_input(self, turn: _Turn) -> None:
-        turn.input_ended = True
         turn.input_done.set()
         turn.timer.end_text()
         try:
@@ -339,7 +337,7 @@ class MossTTSService(TTSService):
 
     async def _turn_for(self, context_id: str) -> _Turn:
         turn = self._turn
-        if turn is not None and turn.context_id == context_id and not turn.input_ended:
+        if turn is not None and turn.context_id == context_id and not turn.input_done.is_set():
             return turn
         early, self._early = self._early, None
         stream = await (early if early is not None else self._start_stream())
@@ -385,7 +383,7 @@ class MossTTSService(TTSService):
         """Finish the previous turn before the next starts (one open turn per conversation): its
         text is complete, so it is spoken to the end, and closed as heard in full. Text of a new
         context waits meanwhile; pipecat plays contexts in order anyway."""
-        if not turn.input_ended:
+        if not turn.input_done.is_set():
             await self._end_input(turn)
         if turn.task is not None:
             # asyncio.wait, not await: an interruption may cancel the task, which is not ours to raise.
