@@ -178,8 +178,11 @@ class MqttWorker:
             finally:
                 # Goodbye first: a clean disconnect sends no last will, so this status is the only
                 # word the clients get, and hanging up many sessions on a busy machine takes time.
-                with contextlib.suppress(Exception):
+                try:
                     await asyncio.wait_for(client.publish(status, offline, qos=1), 5)
+                    logger.info("mqtt worker said it goes offline", extra={"worker": self.worker_id})
+                except Exception as exc:
+                    logger.warning("mqtt worker could not say it goes offline", extra={"error": repr(exc)})
                 for session in list(self._sessions.values()):
                     session.hang_up()
 

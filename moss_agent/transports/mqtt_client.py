@@ -230,16 +230,26 @@ class MqttClient:
             yield await self._client_events.get()
 
     async def _read(self) -> None:
-        async for message in self.mqtt.messages:
-            try:
-                self._route(str(message.topic), bytes(message.payload))
-            except TransportError as exc:
-                self._client_events.put_nowait(error_event(str(exc)))
-            except Exception as exc:  # one bad message must not end the device's connection
-                logger.exception("mqtt message could not be handled", extra={"topic": str(message.topic)})
-                self._client_events.put_nowait(
-                    error_event(f"could not handle a message: {exc!r}", code="internal")
-                )
+        try:
+            async for message in self.mqtt.messages:
+                try:
+                    self._route(str(message.topic), bytes(message.payload))
+                except TransportError as exc:
+                    self._client_events.put_nowait(error_event(str(exc)))
+                except Exception as exc:  # one bad message must not end the device's connection
+                    logger.exception("mqtt message could not be handled", extra={"topic": str(message.topic)})
+                    self._client_events.put_nowait(
+                        error_event(f"could not handle a message: {exc!r}", code="internal")
+                    )
+        except require("aiomqtt", "mqtt").MqttError as exc:
+            # Nothing more can arrive: end every session now rather than leave its reader waiting.
+            logger.warning("mqtt client lost the broker", extra={"client": self.client_id, "error": str(exc)})
+            lost = error_event(f"lost the connection to the MQTT broker ({exc}); reconnect", code="broker_lost", fatal=True)
+            for session in list(self._sessions.values()):
+                if not session.started.done():
+                    session.started.set_exception(TransportError(lost["message"]))
+                session._on_event(dict(lost))
+            self._client_events.put_nowait(lost)
 
     def _route(self, topic: str, payload: bytes) -> None:
         levels = self._topics.parse(topic)

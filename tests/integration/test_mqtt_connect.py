@@ -1,5 +1,6 @@
 """Connecting to a real mosquitto: a worker waits for a broker that starts late and comes back after a
-restart; TLS with the CA given by ``--ca-file``; a certificate nobody vouches for is refused in words."""
+restart; a device that loses the broker ends its sessions; TLS with the CA given by ``--ca-file``; a
+certificate nobody vouches for is refused in words."""
 
 from __future__ import annotations
 
@@ -79,6 +80,26 @@ async def test_a_worker_waits_for_a_late_broker_and_comes_back_after_a_restart(t
     finally:
         stop_process(proc)
         print(proc.stderr.read() if proc.stderr else "")  # shown by pytest when the test failed
+
+
+async def test_a_device_that_loses_the_broker_ends_its_sessions_with_an_error(tmp_path: Path) -> None:
+    with run_broker(tmp_path, USERS) as broker:
+        serving = MqttWorker(tone_agent, settings_for(broker, "worker"), worker_id="steady")
+        task = asyncio.create_task(serving.run())
+        try:
+            async with asyncio.timeout(30), MqttClient(settings_for(broker, "dev1")) as client:
+                await serving.ready.wait()
+                session = await client.open_session(codec="pcm16")
+                assert (await next_event(session, "hello"))["client"] == "dev1"
+                # A connection with the same MQTT client id takes over: the broker drops the device's.
+                async with settings_for(broker, "dev1").client(f"moss-client-dev1-{client.instance}"):
+                    error = await next_event(session, "error")
+                    assert error["code"] == "broker_lost" and error["fatal"], error
+                    await asyncio.wait_for(session.ended.wait(), 5)
+            assert not task.done(), "the worker serves on: only the device lost its connection"
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 def make_certificates(folder: Path) -> tuple[Path, Path, Path]:

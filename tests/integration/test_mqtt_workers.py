@@ -38,7 +38,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory):
         yield running
 
 
-def start_worker(broker: Broker, worker_id: str) -> subprocess.Popen[str]:
+def start_worker(broker: Broker, worker_id: str, log: Path) -> subprocess.Popen[str]:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "integration"), str(REPO)]),
@@ -49,9 +49,10 @@ def start_worker(broker: Broker, worker_id: str) -> subprocess.Popen[str]:
         "--handler", "transport_signals:tone_agent",
         "--broker", f"127.0.0.1:{broker.port}", "--username", "worker", "--worker-id", worker_id,
     ]  # fmt: skip
-    return subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, preexec_fn=_as_from_a_shell
-    )
+    with log.open("w") as stderr:  # the worker's log, shown if the test fails
+        return subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True, preexec_fn=_as_from_a_shell
+        )
 
 
 def _as_from_a_shell() -> None:
@@ -92,8 +93,11 @@ async def converse(session: MqttClientSession, client_id: str) -> dict:
     return report
 
 
-async def test_two_worker_processes_serve_six_clients_and_survive_a_killed_worker(broker: Broker) -> None:
-    workers = {wid: start_worker(broker, wid) for wid in ("w1", "w2")}
+async def test_two_worker_processes_serve_six_clients_and_survive_a_killed_worker(
+    broker: Broker, tmp_path: Path
+) -> None:
+    logs = {wid: tmp_path / f"{wid}.log" for wid in ("w1", "w2")}
+    workers = {wid: start_worker(broker, wid, log) for wid, log in logs.items()}
     try:
         async with asyncio.timeout(TIMEOUT_S), contextlib.AsyncExitStack() as stack:
             await asyncio.gather(*(wait_ready(proc, wid) for wid, proc in workers.items()))
@@ -122,6 +126,10 @@ async def test_two_worker_processes_serve_six_clients_and_survive_a_killed_worke
             for session in [*retried, *(sessions[i] for i in set(range(len(CLIENTS))) - set(orphaned))]:
                 assert (await next_event(session, "error"))["code"] == "worker_lost"
             assert await asyncio.to_thread(workers["w2"].wait, 10) == 0
+    except BaseException:
+        for wid, log in logs.items():
+            print(f"--- worker {wid} (exit {workers[wid].poll()}) ---\n{log.read_text()[-4000:]}")
+        raise
     finally:
         for proc in workers.values():
             if proc.poll() is None:
