@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 
@@ -9,7 +10,10 @@ import pytest
 
 from moss_agent.config import LLMConfig
 from moss_agent.errors import LLMError
+from moss_agent.events import ErrorEvent
 from moss_agent.streaming.llm import EchoResponder, LLMRequestError, OpenAIChatLLM
+from moss_agent.streaming.session import Session
+from moss_agent.testing.backend import FakeSpeechBackend
 from moss_agent.testing.openai_server import FakeOpenAIServer, ScriptedReply
 
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
@@ -188,6 +192,22 @@ async def test_check_refuses_a_server_that_answers_a_web_page() -> None:
         ):
             await llm.check()
         await llm.aclose()
+
+
+async def test_a_turn_on_a_web_page_llm_ends_with_the_error_and_an_error_event() -> None:
+    """Issue 15: a session turn whose LLM URL answered 200 text/html was a silent empty turn."""
+    page = b"<html><body>Welcome to nginx!</body></html>"
+    async with FixedAnswerServer("text/html", page) as base_url:
+        llm = OpenAIChatLLM(LLMConfig(base_url=base_url, model="tiny", idle_timeout_s=2.0))
+        async with Session(FakeSpeechBackend(), llm=llm) as session:
+            events = session.events()
+            result = await asyncio.wait_for(session.respond(user_text="hello"), 10)
+            errors = [event for event in events.drain() if isinstance(event, ErrorEvent)]
+        await llm.aclose()
+    assert result.error is not None and "'text/html'" in result.error and "Welcome to nginx!" in result.error
+    assert result.text == "" and result.audio_s == 0.0
+    assert [(e.turn_id, e.fatal) for e in errors] == [(result.turn_id, False)], errors
+    assert "'text/html'" in errors[0].message
 
 
 @pytest.mark.parametrize(
