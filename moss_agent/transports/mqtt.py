@@ -138,6 +138,10 @@ class MqttWorker:
         self._client: Any = None
         self._audio_client: Any = None
         self._tasks: asyncio.TaskGroup | None = None
+        self._offline = (  # this worker's status topic and its goodbye (also its last will)
+            self._topics.worker_status(self.worker_id), encode_json({"worker": self.worker_id, "online": False})
+        )
+        self._said_offline = False
         self.ready = asyncio.Event()
 
     @property
@@ -146,12 +150,12 @@ class MqttWorker:
 
     async def run(self) -> None:
         """Serve until cancelled; then tell every client this worker is gone."""
-        status = self._topics.worker_status(self.worker_id)
-        offline = encode_json({"worker": self.worker_id, "online": False})
+        status = self._offline[0]
+        self._said_offline = False
         mqtt_error = require("aiomqtt", "mqtt").MqttError
         client = self._settings.client(
             f"moss-worker-{self.worker_id}",
-            will=(status, offline),
+            will=self._offline,
             max_queued=self.limits.max_queued_messages,
         )
         audio = self._settings.client(
@@ -174,17 +178,33 @@ class MqttWorker:
                     tasks.create_task(
                         self._read(audio, yield_every=64), name=f"mqtt-worker-audio-{self.worker_id}"
                     )
-                    await self._read(client, yield_every=1)
+                    try:
+                        await self._read(client, yield_every=1)
+                    finally:
+                        await self._wind_down()  # before the task group waits for the sessions
             finally:
-                # Goodbye first: a clean disconnect sends no last will, so this status is the only
-                # word the clients get, and hanging up many sessions on a busy machine takes time.
-                try:
-                    await asyncio.wait_for(client.publish(status, offline, qos=1), 5)
-                    logger.info("mqtt worker said it goes offline", extra={"worker": self.worker_id})
-                except Exception as exc:
-                    logger.warning("mqtt worker could not say it goes offline", extra={"error": repr(exc)})
-                for session in list(self._sessions.values()):
-                    session.hang_up()
+                await self._wind_down()
+
+    async def _wind_down(self) -> None:
+        """Goodbye, then hang up every session, so that each one ends by itself. Cancelling them is
+        not enough: Python 3.11's ``asyncio.wait_for`` (inside aiomqtt's publish) can swallow a
+        cancellation that arrives as its wait completes, and a session would then serve on."""
+        await self.say_offline()
+        for session in list(self._sessions.values()):
+            session.hang_up()
+
+    async def say_offline(self) -> None:
+        """Tell every client this worker is going (once; bounded to 5 s). A clean disconnect sends no
+        last will, so this is the only word clients get: say it before stopping anything (stopping
+        the sessions can take long on a busy machine), as ``serve_workers`` does on a signal."""
+        if self._said_offline or self._client is None:
+            return
+        self._said_offline = True
+        try:
+            await asyncio.wait_for(self._client.publish(*self._offline, qos=1), 5)
+            logger.info("mqtt worker said it goes offline", extra={"worker": self.worker_id})
+        except Exception as exc:
+            logger.warning("mqtt worker could not say it goes offline", extra={"error": repr(exc)})
 
     async def _read(self, client: Any, *, yield_every: int) -> None:
         """Handle one connection's messages. A backlog is drained in slices of ``yield_every``, so a flood
@@ -429,6 +449,7 @@ class _WorkerSession:
                         error_event(f"the agent failed: {exc}", code="internal", fatal=True)
                     )
                 finally:
+                    self.output.close()  # ends _send_audio's loop even if its cancellation is swallowed
                     for helper in helpers:
                         helper.cancel()
             await self._send_event({"type": "session.ended", "session": self.session_id})

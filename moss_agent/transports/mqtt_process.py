@@ -158,6 +158,8 @@ async def _serve_until_stopped(worker: MqttWorker, stop: asyncio.Future[Any]) ->
         if worker.ready.is_set():
             print(f"ready {worker.worker_id}", flush=True)
         await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.done() and not task.done():
+            await worker.say_offline()
     finally:
         ready.cancel()
         if not task.done():
