@@ -99,6 +99,9 @@ class MqttLimits:
     max_queued_audio: int = 5_000
     """Audio packets received but not yet handled (about 1.5 s of 64 sessions). Audio has a connection
     of its own, so when a flood outruns the worker's CPU only audio is dropped, never control."""
+    sessions_per_device: int = 8
+    """Sessions one device (MQTT username) may hold on a worker at once; a request beyond it is refused
+    with ``too_many_sessions``, so one device cannot take every slot of a worker."""
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -303,6 +306,17 @@ class MqttWorker:
         key = (client_id, request.session)
         if key in self._sessions:
             return  # a retried request this worker already serves
+        held = sum(1 for owner, _ in self._sessions if owner == client_id)
+        if held >= self.limits.sessions_per_device:
+            message = (
+                f"this device already holds {held} sessions on this worker (the limit); close one first"
+            )
+            self._send_error(
+                client_id,
+                self._topics.client_event(client_id),
+                {**error_event(message, code="too_many_sessions"), "session": request.session},
+            )
+            return
         if len(self._sessions) >= self._max_sessions:
             self._send_error(
                 client_id,

@@ -45,6 +45,8 @@ _LIMIT_FLAGS: tuple[tuple[str, str, float, type, str], ...] = (
      "requests and control messages received but not yet handled; more are dropped"),
     ("--max-queued-audio", "max_queued_audio", 5_000, int,
      "audio packets received but not yet handled; more are dropped (never control)"),
+    ("--sessions-per-device", "sessions_per_device", 8, int,
+     "sessions one device (MQTT username) may hold on this worker at once; more are refused"),
 )  # fmt: skip
 
 

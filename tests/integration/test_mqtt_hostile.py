@@ -54,9 +54,9 @@ def raw_client(broker: Broker, user: str) -> aiomqtt.Client:
 @contextlib.asynccontextmanager
 async def serving(broker: Broker, **options: object) -> AsyncIterator[MqttWorker]:
     """An in-process worker with short limits, stopped (and checked alive) at the end."""
+    limits = options.pop("limits", MqttLimits(session_idle_s=IDLE_S))
     worker = MqttWorker(
-        tone_agent, settings_for(broker, "worker"), worker_id="hostile",
-        limits=MqttLimits(session_idle_s=IDLE_S), **options,  # type: ignore[arg-type]
+        tone_agent, settings_for(broker, "worker"), worker_id="hostile", limits=limits, **options,  # type: ignore[arg-type]
     )  # fmt: skip
     task = asyncio.create_task(worker.run(), name="test-worker")
     await asyncio.wait_for(worker.ready.wait(), 10)
@@ -175,6 +175,26 @@ async def test_two_clients_of_one_device_keep_their_own_sessions(broker: Broker)
         assert (await next_event(mine, "session.ended"))["session"] == mine.id
         await served_normally(theirs)
         assert not theirs.ended.is_set()
+
+
+async def test_one_device_cannot_take_every_session_of_a_worker(broker: Broker) -> None:
+    limits = MqttLimits(session_idle_s=IDLE_S, sessions_per_device=2)
+    async with (
+        asyncio.timeout(TIMEOUT_S),
+        serving(broker, limits=limits, max_sessions=4) as worker,
+        MqttClient(settings_for(broker, "dev1")) as greedy,
+        MqttClient(settings_for(broker, "dev2")) as other,
+    ):
+        held = [await greedy.open_session(codec="pcm16") for _ in range(2)]
+        with pytest.raises(TransportError, match="already holds 2 sessions"):
+            await greedy.open_session(codec="pcm16", attempts=1)
+        assert worker.session_count == 2
+        await served_normally(await other.open_session(codec="pcm16"))
+        # Once the device closes one of its sessions, it may open another.
+        await held[0].close()
+        while worker.session_count > 2:  # the other device's session stays
+            await asyncio.sleep(0.05)
+        await served_normally(await greedy.open_session(codec="pcm16"))
 
 
 def publish_reason(broker: Broker, user: str, topic: str, payload: bytes) -> str:
