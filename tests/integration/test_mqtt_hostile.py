@@ -332,7 +332,10 @@ async def test_an_audio_flood_is_dropped_once_reported_and_delays_no_one(broker:
                 f"{sorted(during)[len(during) // 2] * 1000:.0f} ms during (max {max(during) * 1000:.0f} ms, "
                 f"n={len(during)})"
             )
-            assert [e["code"] for e in errors] == ["rate_limited"], errors
+            # One report per episode: a worker stalled for longer than burst / rate (1 s; a loaded
+            # machine) sees the flood resume as a new episode, so a few reports, never one per packet.
+            assert errors and {e["code"] for e in errors} == {"rate_limited"}, errors
+            assert len(errors) <= 1 + flood_s, f"{len(errors)} reports for {sent} packets in {flood_s:.1f} s"
             assert rss_after - rss_before < 100
             await served_normally(victim, hz=1100.0, agent_speaking=False)
             # Once the worker has drained what the flood left queued, the flooder is back within its
