@@ -14,23 +14,32 @@ For 1, 4 and 16 concurrent slots of one ``RealtimeGenerator`` it reports
 - state_mib_slot: preallocated state per slot (KV caches, rows, sampling state).
 ``--stagger ROWS`` makes slot s's context about s * ROWS rows longer (a longer system prompt), so
 the slots attend over different lengths, as in a real mix of conversations.
-Upstream's single-session loop runs about 155 ms/frame (tiny) and 280 ms/frame (small) on 2 cores.
+``--breakdown`` times the parts of a tick instead (backbone row, local positions, sampling, host
+work, and the codec's streaming decode step beside it); ``tick_breakdown.py`` says how.
+Figures beside upstream's realtime loop come only from one side-by-side run, by the method of
+``../shared/bench/README.md`` (outside this repository); the README's speed table carries them.
 
     .venv/bin/python benchmarks/realtime.py                    # 2 threads, both configs, eager
     .venv/bin/python benchmarks/realtime.py --compile          # the tick through torch.compile
     .venv/bin/python benchmarks/realtime.py --threads 1 --configs tiny --slots 1 16
     .venv/bin/python benchmarks/realtime.py --slots 16 --stagger 32    # mixed context lengths
+    .venv/bin/python benchmarks/realtime.py --breakdown --slots 1 16   # where a tick's time goes
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tick_breakdown import make_codec, print_breakdown  # benchmarks/tick_breakdown.py: --breakdown
 
 from moss_agent.models.realtime import RealtimeGenerator, SamplingConfig, load_realtime, save_tiny_realtime
 from moss_agent.models.realtime.model import load_realtime_tokenizer
@@ -52,10 +61,15 @@ TEXT = (
 FRAME_S = 0.08
 
 
-def run(
-    model, tokenizer, slots: int, ticks: int, warmup: int, max_context: int, compile: bool, stagger: int = 0
-) -> dict[str, float]:
-    gen = RealtimeGenerator(model, tokenizer, num_slots=slots, max_context=max_context, compile=compile)
+def ready(
+    model, tokenizer, slots: int, warmup: int, max_context: int, compile: bool, stagger: int = 0,
+    cuda_graph: bool = True,
+) -> tuple[RealtimeGenerator, list[float]]:
+    """A warm generator whose every slot generates on every tick from now on, and the first-frame
+    times (s) of the three turns it measured on the way."""
+    gen = RealtimeGenerator(
+        model, tokenizer, num_slots=slots, max_context=max_context, compile=compile, cuda_graph=cuda_graph
+    )
     sampling = SamplingConfig()
     for slot in range(slots):  # warm-up turn (allocator, thread pools), not measured
         gen.start_conversation(slot, "Speak." + " word" * (stagger * slot) if stagger else None)
@@ -84,6 +98,13 @@ def run(
         gen.end_text(slot)  # then <|text_pad|> rows: the model never stops (no EOS), every tick is full
     for _ in range(warmup):
         gen.step()
+    return gen, ttff
+
+
+def run(
+    model, tokenizer, slots: int, ticks: int, warmup: int, max_context: int, compile: bool, stagger: int = 0
+) -> dict[str, float]:
+    gen, ttff = ready(model, tokenizer, slots, warmup, max_context, compile, stagger)
     times = []
     for _ in range(ticks):
         began = time.perf_counter()
@@ -115,6 +136,40 @@ def load(name: str, folder: Path, device: str) -> tuple[torch.nn.Module, object]
     return model, load_realtime_tokenizer(folder, config)
 
 
+def table(
+    name: str, device: str, model, tokenizer, slot_counts: list[int], args: argparse.Namespace
+) -> None:
+    print(
+        f"{'config':<7}{'device':>7}{'slots':>6}{'ttff_ms':>9}{'tick_ms':>9}{'best_ms':>9}{'frames/s':>10}"
+        f"{'rtf':>7}{'x1slot':>8}{'MiB/slot':>10}"
+    )
+    single = None
+    for slots in slot_counts:
+        result = run(
+            model, tokenizer, slots, args.ticks, args.warmup, args.max_context, args.compile, args.stagger
+        )
+        single = single or (result["frames_s"] if slots == 1 else None)
+        scale = f"{result['frames_s'] / single:.1f}" if single else "-"
+        print(
+            f"{name:<7}{device:>7}{slots:>6}{result['ttff_ms']:>9.1f}{result['tick_ms']:>9.2f}"
+            f"{result['best_ms']:>9.2f}{result['frames_s']:>10.1f}{result['rtf']:>7.3f}{scale:>8}"
+            f"{result['state_mib_slot']:>10.2f}"
+        )
+
+
+def breakdowns(
+    name: str, device: str, model, tokenizer, slot_counts: list[int], args: argparse.Namespace
+) -> None:
+    codec = make_codec(name, model.device, model.dtype)
+    for slots in slot_counts:  # eager on CUDA too: a replayed graph has no parts to time
+        gen, _ = ready(
+            model, tokenizer, slots, args.warmup, args.max_context, args.compile, args.stagger,
+            cuda_graph=False,
+        )
+        title = f"{name}, {device}, {slots} slot{'s' if slots > 1 else ''}"
+        print_breakdown(title, gen, codec, args.ticks)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -133,16 +188,13 @@ def main() -> None:
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile the tick (first tick of each size compiles)"
     )
+    parser.add_argument("--breakdown", action="store_true", help="time a tick's parts (tick_breakdown.py)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, {args.threads} CPU threads, max_context {args.max_context}, "
         f"{'compiled' if args.compile else 'eager'}, median of {args.ticks} ticks"
         + (f", slot s {args.stagger} * s rows longer" if args.stagger else "")
-    )
-    header = (
-        f"{'config':<7}{'device':>7}{'slots':>6}{'ttff_ms':>9}{'tick_ms':>9}{'best_ms':>9}{'frames/s':>10}"
-        f"{'rtf':>7}{'x1slot':>8}{'MiB/slot':>10}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.configs:
@@ -151,20 +203,11 @@ def main() -> None:
                 print(f"{name}: skipped, no CUDA device (pass --device cpu to run it on the CPU)")
                 continue
             model, tokenizer = load(name, Path(tmp) / name, device)
-            print(header)
-            single = None
             slot_counts = args.slots or ([1, 4, 16, 64] if device.startswith("cuda") else [1, 4, 16])
-            for slots in slot_counts:
-                result = run(
-                    model, tokenizer, slots, args.ticks, args.warmup, args.max_context, args.compile, args.stagger
-                )
-                single = single or (result["frames_s"] if slots == 1 else None)
-                scale = f"{result['frames_s'] / single:.1f}" if single else "-"
-                print(
-                    f"{name:<7}{device:>7}{slots:>6}{result['ttff_ms']:>9.1f}{result['tick_ms']:>9.2f}"
-                    f"{result['best_ms']:>9.2f}{result['frames_s']:>10.1f}{result['rtf']:>7.3f}{scale:>8}"
-                    f"{result['state_mib_slot']:>10.2f}"
-                )
+            if args.breakdown:
+                breakdowns(name, device, model, tokenizer, slot_counts, args)
+            else:
+                table(name, device, model, tokenizer, slot_counts, args)
             del model
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
