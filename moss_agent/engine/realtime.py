@@ -128,6 +128,7 @@ class RealtimeEngine:
             raise ConfigError(
                 f"the generator has {generator.num_slots} slots but the config asks for {self.config.num_slots}"
             )
+        generator.check_sampling(self.config.sampling)  # at construction, not at the first turn
         self.generator = generator
         self.codec = codec
         self.sample_rate = codec.sample_rate

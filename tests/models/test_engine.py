@@ -175,6 +175,10 @@ def test_engine_rejects_a_mismatched_config(tiny_realtime_dir, codec):
     generator = RealtimeGenerator(model, tokenizer, num_slots=2, max_context=256)
     with pytest.raises(ConfigError, match="slots"):
         RealtimeEngine(generator, codec, RealtimeEngineConfig(num_slots=3))
+    # Sampling the generator's buffers cannot hold is refused when the engine is built, not at a turn.
+    for sampling, words in ((SamplingConfig(top_k=65), "max_top_k 64"), (SamplingConfig(repetition_window=65), "window")):
+        with pytest.raises(ConfigError, match=words):
+            RealtimeEngine(generator, codec, RealtimeEngineConfig(num_slots=2, sampling=sampling))
 
 
 async def test_long_conversations_drop_old_turns_but_keep_the_prefix(tiny_realtime_dir, codec):

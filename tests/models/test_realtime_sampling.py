@@ -121,6 +121,7 @@ def test_repetition_window_matches_upstream_penalty() -> None:
 
 def test_config_validation() -> None:
     assert SamplingConfig(temperature=0).is_greedy and SamplingConfig(greedy=True).is_greedy
+    assert SamplingConfig(top_k=None, greedy=True).is_greedy  # greedy needs no top-k
     for bad in (
         {"temperature": -1},
         {"top_p": 0.0},
@@ -128,6 +129,7 @@ def test_config_validation() -> None:
         {"repetition_penalty": 0},
         {"repetition_window": -1},
         {"min_frames": -1},
+        {"top_k": None},  # the sampler draws from a fixed top-k list: None cannot disable it
     ):
         with pytest.raises(ConfigError):
             SamplingConfig(**bad)  # type: ignore[arg-type]

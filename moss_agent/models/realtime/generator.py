@@ -248,16 +248,7 @@ class RealtimeGenerator:
         if not record.active:
             raise EngineError(f"slot {slot} has no conversation; call start_conversation() first")
         sampling = sampling or SamplingConfig()
-        if sampling.repetition_window > self._max_window:
-            raise ConfigError(
-                f"repetition_window {sampling.repetition_window} exceeds this generator's "
-                f"max_repetition_window {self._max_window}"
-            )
-        if not sampling.is_greedy and (sampling.top_k is None or sampling.top_k > self._top_k_cap):
-            raise ConfigError(
-                f"top_k {sampling.top_k} exceeds this generator's max_top_k {self._top_k_cap}; "
-                "build the generator with a larger max_top_k"
-            )
+        self.check_sampling(sampling)
         cap = self.max_frames_per_turn if max_frames is None else max_frames
         if cap < 1:
             raise ConfigError(f"max_frames must be >= 1, got {cap}")
@@ -291,6 +282,19 @@ class RealtimeGenerator:
         state.ended_eos[slot] = False
         state.running[slot] = True
         self._set_sampling(slot, sampling, seed)
+
+    def check_sampling(self, sampling: SamplingConfig) -> None:
+        """ConfigError unless this generator's fixed buffers can hold ``sampling`` (top-k, window)."""
+        if sampling.repetition_window > self._max_window:
+            raise ConfigError(
+                f"repetition_window {sampling.repetition_window} exceeds this generator's "
+                f"max_repetition_window {self._max_window}"
+            )
+        if not sampling.is_greedy and (sampling.top_k is None or sampling.top_k > self._top_k_cap):
+            raise ConfigError(
+                f"top_k {sampling.top_k} exceeds this generator's max_top_k {self._top_k_cap}; "
+                "build the generator with a larger max_top_k"
+            )
 
     def _close_open_turn(self, slot: int) -> None:
         turn = self.state.slots[slot].turn
