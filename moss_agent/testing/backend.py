@@ -41,16 +41,20 @@ class FakeSpeechBackend:
         clock: Clock | None = None,
         fail_at_frame: int | None = None,
         max_frames_per_turn: int | None = None,
+        model_stop_after: str | None = None,
         max_history_chars: int | None = None,
     ) -> None:
         """``fail_at_frame``: every stream raises EngineError when it reaches that frame (fault injection).
         ``max_frames_per_turn``: a turn stops after that many frames, whatever text is left (the
-        engine's frame cap). ``max_history_chars``: the most history text ``open_conversation``
+        engine's frame cap). ``model_stop_after``: the model ends a turn by itself once it has spoken
+        the first occurrence of this text (as the real one stops at EOS, whatever text is left).
+        ``max_history_chars``: the most history text ``open_conversation``
         takes (the engine's limit is its context), None: no limit."""
         self.max_history_chars = max_history_chars
         self.sample_rate = sample_rate
         self.fail_at_frame = fail_at_frame
         self.max_frames_per_turn = max_frames_per_turn
+        self.model_stop_after = model_stop_after
         self.frame_s = frame_s
         self.frame_samples = round(frame_s * sample_rate)
         self.frames_per_chunk = frames_per_chunk
@@ -156,9 +160,17 @@ class FakeSpeechStream:
     def _pending(self) -> int:
         return len(self.text) - self.frames
 
+    def _frame_limit(self) -> int | None:
+        """The frames this turn can have: the frame cap, or where the model stops by itself."""
+        limits = [] if self.backend.max_frames_per_turn is None else [self.backend.max_frames_per_turn]
+        stop = self.backend.model_stop_after
+        if stop is not None and (at := self.text.find(stop)) >= 0:
+            limits.append(at + len(stop))
+        return min(limits, default=None)
+
     def _capped(self) -> bool:
-        cap = self.backend.max_frames_per_turn
-        return cap is not None and self.frames >= cap
+        limit = self._frame_limit()
+        return limit is not None and self.frames >= limit
 
     async def push_text(self, delta: str) -> None:
         if self.ended:
@@ -191,8 +203,8 @@ class FakeSpeechStream:
             self._changed.clear()
             await self._changed.wait()
         count = min(self._pending(), backend.frames_per_chunk)
-        if backend.max_frames_per_turn is not None:
-            count = min(count, backend.max_frames_per_turn - self.frames)
+        if (limit := self._frame_limit()) is not None:
+            count = min(count, limit - self.frames)
         if self.frames == 0:
             await backend.clock.sleep(backend.ttfa_s)
         await backend.clock.sleep(backend.frame_s * backend.rtf * count)

@@ -287,3 +287,43 @@ async def test_a_turn_ends_with_its_speech_and_hears_only_what_was_spoken(clock:
         # backpressure: the text budget, what was spoken, the delta that waited and one more
         assert len(result.text) <= backend.text_buffer_chars + 10 + 2 * len("never ending text ")
         assert session.history[-1] == {"role": "assistant", "content": "never"}
+
+
+async def test_any_llm_gets_the_session_system_prompt_first(backend: FakeSpeechBackend, clock: ScaledClock) -> None:
+    """The system prompt lives in SessionConfig alone and reaches an LLM of one's own, not only OpenAI's."""
+    received: list[list[dict]] = []
+
+    class EchoLLM:  # the whole LLM protocol: messages in, text deltas out
+        async def stream(self, messages: list) -> AsyncIterator[str]:
+            received.append([dict(m) for m in messages])
+            yield "You said " + messages[-1]["content"]
+
+    config = SessionConfig(system_prompt="Answer in one short sentence.")
+    async with Session(backend, llm=EchoLLM(), config=config, clock=clock) as session:
+        first = await session.respond(user_text="hello")
+        second = await session.respond(user_text="again")
+    assert first.heard_text == "You said hello" and second.heard_text == "You said again"
+    assert [m["role"] for m in received[1]] == ["system", "user", "assistant", "user"]
+    assert all(messages[0] == {"role": "system", "content": "Answer in one short sentence."} for messages in received)
+
+
+async def test_a_turn_ends_at_the_models_own_stop_while_the_llm_streams_on(clock: ScaledClock) -> None:
+    """The model stops by itself (EOS) after the first sentence: the turn ends there, the endless LLM
+    stream is closed, and only that sentence is heard."""
+    backend = FakeSpeechBackend(clock=clock, model_stop_after=".")
+    closed = asyncio.Event()
+
+    async def endless() -> AsyncIterator[str]:
+        try:
+            yield "Fine, thanks. "
+            while True:
+                yield "And there is more to say "
+        finally:
+            closed.set()
+
+    async with Session(backend, clock=clock) as session:
+        result = await asyncio.wait_for(session.respond(endless()), 5)
+        assert closed.is_set(), "the LLM stream was left open after the model stopped"
+        assert not result.interrupted and result.error is None
+        assert result.heard_text == "Fine, thanks." and result.heard_s == pytest.approx(0.08 * len("Fine, thanks."))
+        assert session.history[-1] == {"role": "assistant", "content": "Fine, thanks."}
