@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up everything moss-agent and its tests use, on a fresh Debian/Ubuntu machine:
-#   1. Debian packages (PortAudio, JACK, mosquitto, espeak-ng, sox, ffmpeg, Chromium) through apt-get,
+#   1. Debian packages (PortAudio, JACK, mosquitto, espeak-ng, Chromium) through apt-get,
 #      as root or through sudo; otherwise it prints the apt-get command to run and goes on.
 #      Skip this step with --no-system or MOSS_SKIP_SYSTEM=1.
 #   2. .venv with moss-agent, every extra and the dev tools. Without an NVIDIA GPU (or with
@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SYSTEM_PACKAGES=(libportaudio2 jackd2 mosquitto espeak-ng sox ffmpeg chromium chromium-driver)
+SYSTEM_PACKAGES=(libportaudio2 jackd2 mosquitto espeak-ng chromium)
 skip_system=${MOSS_SKIP_SYSTEM:-0}
 for arg in "$@"; do
   case "$arg" in

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from functools import cache
 from pathlib import Path
@@ -60,14 +61,15 @@ def case_kind(case: dict) -> str:
     return "unknown"
 
 
-def manifest_ids(model: str, kind: str | None = None) -> list[str]:
-    """Case ids of ``model`` (and ``kind``), read at collection so another fixture set runs unchanged.
-    With no parity folder one placeholder id stands in; the parity_dir fixture then skips it."""
+def manifest_ids(model: str, kind: str | None = None, where: Callable[[dict], bool] | None = None) -> list[str]:
+    """Case ids of ``model`` (and ``kind``, and cases ``where`` accepts), read at collection so another
+    fixture set runs unchanged. With no parity folder one placeholder id stands in; the parity_dir
+    fixture then skips it."""
     root = _parity_root()
     if root is None or not (root / "manifest.json").is_file():
         return [f"{model}.<no parity goldens>"]
     cases = model_cases(root, model).values()
-    return [c["id"] for c in cases if kind is None or case_kind(c) == kind]
+    return [c["id"] for c in cases if (kind is None or case_kind(c) == kind) and (where is None or where(c))]
 
 
 def require(case_id: str, cases: dict[str, dict]) -> dict:
