@@ -181,6 +181,14 @@ async def checked_llm(args: argparse.Namespace) -> Any:
     return llm
 
 
+async def check_llm_server(args: argparse.Namespace) -> None:
+    """For commands that build an LLM per conversation: refuse an LLM server that cannot answer now,
+    before the models load, rather than at each conversation's first turn."""
+    llm = await checked_llm(args)
+    if hasattr(llm, "aclose"):
+        await llm.aclose()
+
+
 def load_voice(args: argparse.Namespace) -> Any:
     from moss_agent.audio import load_audio
 

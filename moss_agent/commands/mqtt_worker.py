@@ -63,6 +63,7 @@ async def _work(args: argparse.Namespace) -> int:
     max_sessions = args.max_sessions or args.slots
     if max_sessions < 1:
         raise ConfigError(f"--max-sessions must be >= 1, got {max_sessions}")
+    await common.check_llm_server(args)
     log.info("mqtt worker starting", extra={"broker": args.broker, "login": describe_login(args)})
     engine, stt, voice = await common.build_speech_stack(args)
     handler = session_handler(

@@ -54,9 +54,7 @@ async def _serve(args: argparse.Namespace) -> int:
     for module in ("aiortc", "aiohttp.web"):  # before the models load
         require(module, "webrtc")
     common.check_port(args.host, args.port)
-    llm = await common.checked_llm(args)  # each conversation gets its own; this one only checks the server
-    if hasattr(llm, "aclose"):
-        await llm.aclose()
+    await common.check_llm_server(args)
     token = args.token or secrets.token_urlsafe(16)
     credential = args.ice_credential or os.environ.get("MOSS_TURN_CREDENTIAL")
     ice_servers = ice_servers_from_urls(args.ice_server, args.ice_username, credential)

@@ -245,11 +245,18 @@ def test_chat_without_the_portaudio_library(tmp_path, offline):
 # 5. an LLM URL that refuses connections
 
 
-def test_reply_with_an_llm_that_refuses_connections(tmp_path, offline):
+@pytest.mark.parametrize("command", ["reply", "serve", "mqtt-worker"])
+def test_an_llm_that_refuses_connections_is_said_before_the_models_load(command, tmp_path, offline):
     url = f"http://127.0.0.1:{closed_port()}/v1"
-    proc = moss_agent("reply", "--tiny", "-i", HELLO, "-o", tmp_path / "r.wav", "--llm-url", url, env=offline)
-    line = error_line(proc, "reply")
+    where = {
+        "reply": ["-i", HELLO, "-o", tmp_path / "r.wav"],
+        "serve": ["--port", "0"],
+        "mqtt-worker": ["--broker", f"127.0.0.1:{closed_port()}"],
+    }[command]
+    proc = moss_agent(command, "--tiny", *where, "--llm-url", url, env=offline)
+    line = error_line(proc, command)
     assert line.startswith(f"cannot connect to the LLM server at {url} (connection refused")
+    assert "loading" not in proc.stderr, "the models loaded before the LLM server was checked"
     assert not (tmp_path / "r.wav").exists()
 
 
