@@ -66,7 +66,8 @@ async def _say(args: argparse.Namespace) -> int:
             resolve_device(args.output_device, "output")  # before the models load
         except TransportError as exc:
             raise TransportError(f"{exc}; or drop --play to write a wav") from exc
-    engine = await asyncio.to_thread(common.build_engine, args)
+    async with common.progress("loading the models"):
+        engine = await asyncio.to_thread(common.build_engine, args)
     voice = common.load_voice(args)
     async with engine:
         if args.play:
