@@ -7,8 +7,10 @@ alone on the same engine (same texts, same end of input, settled at the same hea
 every turn's audio is compared with what the loaded run delivered.
 
 Prints: cross-talk (turns whose audio differs from the solo replay, exactly and beyond 1e-3;
-chunks tagged with another turn's id), RSS at start / middle / end, tasks and slots left after
-every session closed, p50/p95 first audio (first text -> first chunk out).
+chunks tagged with another turn's id), RSS at start / warm (10% of the turns, once contexts have
+filled) / middle / end with the growth from start and from warm, tasks and slots left after every
+session closed, p50/p95 first audio (first text -> first chunk out). The audio kept for the replay
+goes to a temporary file, so RSS measures the engine and sessions, not the benchmark's records.
 
     .venv/bin/python benchmarks/soak.py --sessions 8 --turns 50
     .venv/bin/python benchmarks/soak.py --sessions 32 --turns 1000 --replay-sessions 2
@@ -25,9 +27,10 @@ import asyncio
 import logging
 import random
 import statistics
+import tempfile
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +55,30 @@ class TurnRecord:
     ended_input: bool = False  # the text pump reached end_input (not cut before)
     heard_s: float = 0.0
     chunks: int = 0
-    audio: list[AudioChunk] = field(default_factory=list)  # kept only for conversations replayed later
+    audio: tuple[int, int] = (0, 0)  # (offset, samples) in its session's AudioSpill, if replayed later
     first_audio_s: float | None = None
     wrong_turn_chunks: int = 0
+
+
+class AudioSpill:
+    """One session's kept audio in a temporary file (appended turn after turn), not in memory."""
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile()  # noqa: SIM115 (open for the whole run; close() ends it)
+        self.samples = 0
+
+    def close(self) -> None:
+        self._file.close()
+
+    def append(self, pcm: np.ndarray) -> None:
+        self._file.write(np.ascontiguousarray(pcm, dtype=np.float32).tobytes())
+        self.samples += len(pcm)
+
+    def read(self, span: tuple[int, int]) -> np.ndarray:
+        self._file.seek(4 * span[0])
+        data = np.frombuffer(self._file.read(4 * span[1]), dtype=np.float32)
+        self._file.seek(0, 2)  # appending goes on at the end
+        return data
 
 
 @dataclass
@@ -68,21 +92,21 @@ class SoakReport:
     cross_talk_exact: int
     cross_talk_1e3: int
     wrong_turn_chunks: int
-    rss_mb: tuple[float, float, float]
+    rss_mb: tuple[float, float, float, float]  # start, warm (10% of turns), middle, end
     leaked_tasks: int
     leaked_slots: int
     first_audio_p50_ms: float
     first_audio_p95_ms: float
 
     def lines(self) -> list[str]:
-        start, middle, end = self.rss_mb
+        start, warm, middle, end = self.rss_mb
         return [
             f"sessions x turns   {self.sessions} x {self.turns} in {self.seconds:.1f} s "
             f"({self.interrupted} interrupted, {self.llm_failures} LLM failures)",
             f"cross-talk         {self.cross_talk_exact} turns of {self.replayed} sessions differ from the solo replay "
             f"({self.cross_talk_1e3} beyond 1e-3), {self.wrong_turn_chunks} chunks with another turn's id",
-            f"RSS MB             start {start:.0f}, middle {middle:.0f}, end {end:.0f} "
-            f"({100 * (end - start) / start:+.1f}%)",
+            f"RSS MB             start {start:.0f}, warm {warm:.0f}, middle {middle:.0f}, end {end:.0f} "
+            f"({100 * (end - start) / start:+.1f}% from start, {100 * (end - warm) / warm:+.1f}% from warm)",
             f"leaked             {self.leaked_tasks} tasks, {self.leaked_slots} slots",
             f"first audio ms     p50 {self.first_audio_p50_ms:.1f}, p95 {self.first_audio_p95_ms:.1f}",
         ]
@@ -106,8 +130,9 @@ async def tokens(words: list[str], fail_after: int | None) -> AsyncIterator[str]
 
 async def run_session(
     engine: Any, index: int, turns: int, rng: random.Random, interrupt_p: float, fail_p: float,
-    counters: dict[str, int], on_turn: Any, keep_audio: bool = True,
+    counters: dict[str, int], on_turn: Any, spill: AudioSpill | None = None,
 ) -> list[TurnRecord]:
+    """The session's turns; with ``spill``, each turn's audio is kept there for the solo replay."""
     records: list[TurnRecord] = []
     config = SessionConfig(system_prompt=None, audio_stall_timeout_s=60.0)
     async with Session(engine, config=config, name=f"soak{index}") as session:
@@ -116,6 +141,7 @@ async def run_session(
             fail_after = rng.randint(0, len(words) - 1) if rng.random() < fail_p else None
             cut_after = rng.randint(1, 8) if rng.random() < interrupt_p else None
             record = TurnRecord(user_text=f"user {index} asks question {turn}?")
+            first_sample = spill.samples if spill is not None else 0
             handle = session.respond(tokens(words, fail_after), user_text=record.user_text)
             async for event in handle:
                 if isinstance(event, AudioChunk):
@@ -123,14 +149,16 @@ async def run_session(
                         record.wrong_turn_chunks += 1
                         continue
                     record.chunks += 1
-                    if keep_audio:
-                        record.audio.append(event)
+                    if spill is not None:
+                        spill.append(event.pcm)
                     if cut_after is not None and record.chunks == cut_after:
                         await handle.interrupt()
                 elif isinstance(event, TextDelta) and event.final:
                     record.ended_input = True
             result = await handle
             record.text, record.heard_s = result.text, result.heard_s
+            if spill is not None:
+                record.audio = (first_sample, spill.samples - first_sample)
             if result.metrics is not None:
                 record.first_audio_s = result.metrics.values.get("first_audio_out_s")  # type: ignore[assignment]
             counters["interrupted"] += result.interrupted and result.error is None
@@ -173,16 +201,16 @@ async def replay_alone(engine: Any, records: list[TurnRecord]) -> list[list[Audi
     return audio
 
 
-def differs(loaded: list[AudioChunk], alone: list[AudioChunk], tolerance: float) -> bool:
+def differs(loaded: np.ndarray, alone: list[AudioChunk], tolerance: float) -> bool:
     """Whether the session's output differs from the engine's solo audio sent through the same
     output limiter. The session holds back the limiter's look-ahead (and drops it when a turn is
     cut), and the solo replay may run past what the session delivered, so the session's audio must
     be a prefix of the limited solo audio."""
-    if not loaded:
+    if not len(loaded):
         return False
     if not alone:
         return True
-    a = np.concatenate([c.pcm for c in loaded])
+    a = loaded
     limiter = PeakLimiter(alone[0].sample_rate)
     b = np.concatenate([limiter.process(np.concatenate([c.pcm for c in alone])), limiter.flush()])
     return len(b) < len(a) or float(np.abs(a - b[: len(a)]).max()) > tolerance
@@ -203,16 +231,19 @@ async def run_soak(
     counters = {"interrupted": 0, "llm_failures": 0}
     total = sessions * turns
     done = 0
-    rss = [0.0, 0.0, 0.0]
+    rss = [0.0, 0.0, 0.0, 0.0]
 
     def on_turn() -> None:
         nonlocal done
         done += 1
-        if done == total // 2:
+        if done == max(1, total // 10):
             rss[1] = rss_mb()
+        if done == total // 2:
+            rss[3] = rss_mb()
 
-    # Chosen up front: only these keep their audio, so RSS measures the engine, not the records.
+    # Chosen up front: only these keep their audio (on disk, so RSS measures the engine, not the records).
     replayed = sorted(random.Random(seed).sample(range(sessions), min(sessions, replay_sessions or sessions)))
+    spills = {i: AudioSpill() for i in replayed}
     async with engine:
         rss[0] = rss_mb()
         started = time.perf_counter()
@@ -221,7 +252,7 @@ async def run_soak(
                 tg.create_task(
                     run_session(
                         engine, i, turns, random.Random(seed * 1000 + i), interrupt_p, fail_p, counters, on_turn,
-                        keep_audio=i in replayed,
+                        spill=spills.get(i),
                     ),
                     name=f"soak-session{i}",
                 )
@@ -233,17 +264,19 @@ async def run_soak(
         leaked_slots = engine.config.num_slots - engine.free_slots
         records = [run.result() for run in runs]
         exact = loose = 0
-        for session_records in (records[i] for i in replayed):
-            alone = await replay_alone(engine, session_records)
-            for record, solo in zip(session_records, alone, strict=True):
-                exact += differs(record.audio, solo, 0.0)
-                loose += differs(record.audio, solo, 1e-3)
+        for i in replayed:
+            alone = await replay_alone(engine, records[i])
+            for record, solo in zip(records[i], alone, strict=True):
+                delivered = spills[i].read(record.audio)
+                exact += differs(delivered, solo, 0.0)
+                loose += differs(delivered, solo, 1e-3)
+            spills[i].close()
     first = sorted(1000 * r.first_audio_s for rs in records for r in rs if r.first_audio_s is not None)
     return SoakReport(
         sessions=sessions, turns=turns, replayed=len(replayed), seconds=seconds, interrupted=counters["interrupted"],
         llm_failures=counters["llm_failures"], cross_talk_exact=exact, cross_talk_1e3=loose,
         wrong_turn_chunks=sum(r.wrong_turn_chunks for rs in records for r in rs),
-        rss_mb=(rss[0], rss[1], rss[2]), leaked_tasks=leaked_tasks, leaked_slots=leaked_slots,
+        rss_mb=(rss[0], rss[1], rss[2], rss[3]), leaked_tasks=leaked_tasks, leaked_slots=leaked_slots,
         first_audio_p50_ms=statistics.median(first) if first else float("nan"),
         first_audio_p95_ms=first[min(len(first) - 1, int(0.95 * len(first)))] if first else float("nan"),
     )
