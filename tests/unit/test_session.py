@@ -16,6 +16,7 @@ from moss_agent.errors import ConfigError, OverloadError, SessionClosedError
 from moss_agent.events import AudioChunk, ErrorEvent, UserStartedSpeaking, UserStoppedSpeaking
 from moss_agent.streaming.clock import ScaledClock
 from moss_agent.streaming.session import Session
+from moss_agent.streaming.turn_runner import TurnResult
 from moss_agent.testing.audio_io import FakeAudioInput, FakeAudioOutput
 from moss_agent.testing.backend import FakeSpeechBackend
 from moss_agent.testing.vad import EnergyVad
@@ -270,23 +271,33 @@ async def test_a_turn_ends_with_its_speech_and_hears_only_what_was_spoken(clock:
     """At the frame cap the turn ends, the endless LLM stream is closed, and only the spoken text
     (one character per frame here: "never endi") joins the history, as whole words."""
     backend = FakeSpeechBackend(clock=clock, max_frames_per_turn=10)
+    result, last, closed = await endless_llm_turn(backend, clock, "never ending text ", "never ending text ")
+    assert closed, "the LLM stream was left open after the speech ended"
+    assert not result.interrupted and result.error is None
+    assert result.heard_text == "never" and result.heard_s == pytest.approx(0.8)
+    # backpressure: the text budget, what was spoken, the delta that waited and one more
+    assert len(result.text) <= backend.text_buffer_chars + 10 + 2 * len("never ending text ")
+    assert last == {"role": "assistant", "content": "never"}
+
+
+async def endless_llm_turn(
+    backend: FakeSpeechBackend, clock: ScaledClock, opening: str, rest: str
+) -> tuple[TurnResult, dict, bool]:
+    """One turn on an LLM that never ends (``opening``, then ``rest`` forever): its result, the
+    history's last entry, and whether the LLM stream was closed."""
     closed = asyncio.Event()
 
     async def endless() -> AsyncIterator[str]:
         try:
+            yield opening
             while True:
-                yield "never ending text "
+                yield rest
         finally:
             closed.set()
 
     async with Session(backend, clock=clock) as session:
         result = await asyncio.wait_for(session.respond(endless()), 5)
-        assert closed.is_set(), "the LLM stream was left open after the speech ended"
-        assert not result.interrupted and result.error is None
-        assert result.heard_text == "never" and result.heard_s == pytest.approx(0.8)
-        # backpressure: the text budget, what was spoken, the delta that waited and one more
-        assert len(result.text) <= backend.text_buffer_chars + 10 + 2 * len("never ending text ")
-        assert session.history[-1] == {"role": "assistant", "content": "never"}
+        return result, session.history[-1], closed.is_set()
 
 
 async def test_any_llm_gets_the_session_system_prompt_first(backend: FakeSpeechBackend, clock: ScaledClock) -> None:
@@ -311,19 +322,8 @@ async def test_a_turn_ends_at_the_models_own_stop_while_the_llm_streams_on(clock
     """The model stops by itself (EOS) after the first sentence: the turn ends there, the endless LLM
     stream is closed, and only that sentence is heard."""
     backend = FakeSpeechBackend(clock=clock, model_stop_after=".")
-    closed = asyncio.Event()
-
-    async def endless() -> AsyncIterator[str]:
-        try:
-            yield "Fine, thanks. "
-            while True:
-                yield "And there is more to say "
-        finally:
-            closed.set()
-
-    async with Session(backend, clock=clock) as session:
-        result = await asyncio.wait_for(session.respond(endless()), 5)
-        assert closed.is_set(), "the LLM stream was left open after the model stopped"
-        assert not result.interrupted and result.error is None
-        assert result.heard_text == "Fine, thanks." and result.heard_s == pytest.approx(0.08 * len("Fine, thanks."))
-        assert session.history[-1] == {"role": "assistant", "content": "Fine, thanks."}
+    result, last, closed = await endless_llm_turn(backend, clock, "Fine, thanks. ", "And there is more to say ")
+    assert closed, "the LLM stream was left open after the model stopped"
+    assert not result.interrupted and result.error is None
+    assert result.heard_text == "Fine, thanks." and result.heard_s == pytest.approx(0.08 * len("Fine, thanks."))
+    assert last == {"role": "assistant", "content": "Fine, thanks."}
