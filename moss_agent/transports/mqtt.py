@@ -154,7 +154,6 @@ class MqttWorker:
     async def run(self) -> None:
         """Serve until cancelled; then tell every client this worker is gone."""
         status = self._offline[0]
-        self._said_offline = False
         mqtt_error = require("aiomqtt", "mqtt").MqttError
         client = self._settings.client(
             f"moss-worker-{self.worker_id}",
