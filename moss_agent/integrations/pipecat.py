@@ -115,6 +115,7 @@ class _Turn:
     input_done: asyncio.Event = field(default_factory=asyncio.Event)  # the reply's text is complete
     generated: bool = False  # its audio iteration ended (last frame, failure or cut)
     settled: bool = False  # interrupt() or aclose() was called
+    cut: bool = False  # interrupted: nothing more of it goes downstream
     closed: asyncio.Event = field(default_factory=asyncio.Event)  # ... and has returned
     samples_pushed: int = 0  # audio of this turn pushed downstream so far
     first_push_ns: int | None = None  # pipeline clock when its first audio frame was pushed
@@ -184,6 +185,7 @@ class MossTTSService(TTSService):
         self._open_task: asyncio.Task[None] | None = None
         self._turn: _Turn | None = None
         self._early: asyncio.Task[SpeechStream] | None = None  # a turn started ahead of its first text
+        self._cutting: asyncio.Task[None] | None = None  # an interruption being settled
         self._turn_ids = 0
         self._closed = False
 
@@ -245,6 +247,7 @@ class MossTTSService(TTSService):
         if turn is not None and not turn.input_done.is_set():
             await self._end_input(turn)
         await super().stop(frame)
+        await self._cut_done()
         if self._turn is not None:
             await self._retire(self._turn)
         await self._drop_early()
@@ -255,6 +258,7 @@ class MossTTSService(TTSService):
         turn, self._turn = self._turn, None
         if turn is not None:
             await self._settle(turn, self.get_clock().get_time())
+        await self._cut_done()
         await self._drop_early()
         await self._close()
 
@@ -351,6 +355,7 @@ class MossTTSService(TTSService):
         """The next engine turn, once the previous one is finished (one open turn per conversation)."""
         if self._turn is not None:
             await self._retire(self._turn)
+        await self._cut_done()
         conversation = await self._ensure_conversation()
         self._turn_ids += 1
         return await conversation.start_turn(self._user_turn(), self._turn_ids)
@@ -359,6 +364,9 @@ class MossTTSService(TTSService):
         """A turn started ahead of text that never came (a cut reply, the end): settle it at nothing
         heard, so it leaves nothing in the context."""
         early, self._early = self._early, None
+        await self._settle_unused(early)
+
+    async def _settle_unused(self, early: asyncio.Task[SpeechStream] | None) -> None:
         if early is None:
             return
         try:
@@ -407,6 +415,8 @@ class MossTTSService(TTSService):
         first = True
         try:
             async for chunk in turn.stream:
+                if turn.cut:
+                    return
                 if first:
                     first = False
                     await self.stop_ttfb_metrics()
@@ -427,6 +437,8 @@ class MossTTSService(TTSService):
         # stays open until the reply's end, or the base would open a new audio context for the
         # next token of the same context id, which no audio ever fills (a 3 s stall, then an error).
         await turn.input_done.wait()
+        if turn.cut:
+            return
         await self.append_to_audio_context(context_id, TTSStoppedFrame(context_id=context_id))
         if self.audio_context_available(context_id):
             await self.remove_audio_context(context_id)
@@ -460,13 +472,41 @@ class MossTTSService(TTSService):
             turn = self._turn
             if turn is not None and self._interruptible(turn):
                 self._turn = None
-                await self._settle(turn, now)
-            await self._drop_early()
+                turn.cut = True
+            else:
+                turn = None
+            early, self._early = self._early, None
+            if turn is not None or early is not None:
+                # Settled in the background, so the interruption goes on downstream at once: while
+                # the engine is cut back, words already timed could otherwise still be released and
+                # overtaken by the interruption further down (ending up in the next reply). The next
+                # engine turn waits for this one (_start_stream).
+                previous = self._cutting
+                self._cutting = self.create_task(self._cut(previous, turn, now, early), "moss-tts-interrupt")
         elif isinstance(frame, LLMFullResponseStartFrame) and self._early is None and not self._closed:
             # A reply begins: start its engine turn now, so the start (the tick in progress, the
             # prompt's prefill) overlaps the LLM's time to first token instead of adding to it.
             self._early = self.create_task(self._start_stream(), f"moss-tts-turn-{self._turn_ids + 1}-start")
         await super().process_frame(frame, direction)
+
+    async def _cut(
+        self,
+        previous: asyncio.Task[None] | None,
+        turn: _Turn | None,
+        now_ns: int,
+        early: asyncio.Task[SpeechStream] | None,
+    ) -> None:
+        if previous is not None:
+            await asyncio.wait({previous})
+        if turn is not None:
+            await self._settle(turn, now_ns)
+        await self._settle_unused(early)
+
+    async def _cut_done(self) -> None:
+        """Wait for an interruption being settled (never cancelling it: a half-settled turn would
+        leave the engine's context unsure)."""
+        if self._cutting is not None:
+            await asyncio.wait({self._cutting})
 
     def _interruptible(self, turn: _Turn) -> bool:
         """A TTSSpeakFrame(interruptible=False) keeps playing through an interruption; so does its turn."""

@@ -102,9 +102,11 @@ class Speaker(BaseOutputTransport):
         await self.set_transport_ready(frame)
 
     async def write_audio_frame(self, frame: OutputAudioRawFrame) -> bool:
+        # A chunk counts as played once its duration has passed, as on a real line: counted before
+        # that, 0.5 s "played" could be less than 0.5 s of wall time since the first push.
+        await asyncio.sleep(len(frame.audio) / 2 / frame.sample_rate)
         self.played += frame.audio
         self._progress.set()
-        await asyncio.sleep(len(frame.audio) / 2 / frame.sample_rate)
         return True
 
     async def wait_played(self, seconds: float, timeout: float = 30.0) -> None:
